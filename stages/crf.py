@@ -87,7 +87,7 @@ def dense_crf(image: Any, logits: Any, *, iterations: int = MAX_ITER, gaussian_s
     ``bilateral_w``), Potts compatibility, ``iterations`` mean-field steps. Returns float32
     marginals ``[C, H, W]`` (callers take ``argmax(0)``).
     """
-    import pydensecrf.densecrf as dcrf
+    import pydensecrf.densecrf as dcrf  # here, so importing this module never needs the extension
 
     img = _to_numpy(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:

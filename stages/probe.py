@@ -184,7 +184,6 @@ class ProbeTrainer:
         code = code.detach().to(self.device, torch.float32)
         _check_code(code, self.linear.dim)
         labels = labels.to(self.device)
-        self.linear.train()
         linear_loss = self.linear.loss(code, labels)
         if torch.isfinite(linear_loss):
             self.linear_opt.zero_grad(set_to_none=True)
