@@ -190,7 +190,8 @@ def test_killed_write_leaves_shard_rewritable(tmp_path):
 
 def test_create_errors(tmp_path):
     path = tmp_path / "t.zarr"
-    kw = dict(n=N, grid=GRID, dim=DIM, label_hw=LHW, shard_size=SHARD, with_rgb=False, with_flip=False)
+    kw = {"n": N, "grid": GRID, "dim": DIM, "label_hw": LHW, "shard_size": SHARD, "with_rgb": False,
+          "with_flip": False}
     with pytest.raises(ConfigError, match="dim"):
         create_token_store(path, **{**kw, "dim": 0})
     with pytest.raises(ConfigError, match="reserved"):

@@ -1,0 +1,212 @@
+"""Interop with stego-studies' Squirrel feature stores (spec §10.2).
+
+A Squirrel ``MessagepackDriver`` store is a folder of ``{key}.gz`` shards, each a gzip stream of
+msgpack(-numpy) records, one record per sample::
+
+    ind         int64   [1]            sample index
+    img         float32 [1,3,H,W]      image normalised with the ImageNet mean/std
+    label       int64   [1,H,W]        -1 = ignore
+    dino_feats  float32 [1,D,h,w]      backbone tokens, channels first
+
+plus ``status.txt`` (``WRITING`` / ``SUCCESS``). :func:`export_squirrel` writes this schema from a token
+store (shard keys ``000000``, ``000001``, ... in store order) and a ``stegopipe.json`` sidecar with the
+sample ids and store attributes, which Squirrel readers ignore (they read ``*.gz`` only).
+:func:`import_squirrel` builds a token store from such a folder in one streaming pass: rows follow the
+sorted shard keys and the record order inside each shard (the write order; stego-studies shuffled its
+train stores, so ``ind`` is then not the row number), ids come from the sidecar when present, else
+``str(ind)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+from squirrel.driver import MessagepackDriver
+
+from pipeline.errors import InputError
+from stages.store import (
+    create_token_store,
+    open_token_store,
+    resize_token_store,
+    write_shard,
+)
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+SQUIRREL_SHARD_SIZE = 500
+"""stego-studies' ``SHARD_SIZE``: samples per Squirrel shard."""
+SIDECAR = "stegopipe.json"
+STATUS = "status.txt"
+
+
+@dataclass
+class SquirrelExport:
+    """What :func:`export_squirrel` wrote."""
+
+    url: str
+    n: int
+    shards: int
+    notes: list[str] = field(default_factory=list)
+
+
+def normalize_rgb(rgb: np.ndarray) -> np.ndarray:
+    """uint8 ``[k,H,W,3]`` → float32 ``[k,3,H,W]`` ImageNet-normalised (the ``img`` of the schema)."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+
+
+def denormalize_img(img: np.ndarray) -> np.ndarray:
+    """float32 ``[k,3,H,W]`` ImageNet-normalised → uint8 ``[k,H,W,3]`` (rounded, clipped)."""
+    x = img.transpose(0, 2, 3, 1).astype(np.float32) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def export_squirrel(
+    token_store_path: str | os.PathLike[str], url: str, *, shard_size: int = SQUIRREL_SHARD_SIZE
+) -> SquirrelExport:
+    """Write a token store as a stego-studies Squirrel store at ``url`` (a new or empty folder / fsspec URL).
+
+    ``img`` is derived from the store's ``rgb``; a store without ``rgb`` gets all-zero ``img`` and a note
+    saying so. ``ind`` is the row number. Memory: one Squirrel shard of float32 samples at a time.
+    """
+    store = open_token_store(token_store_path)
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.exists(root) and fs.ls(root):
+        raise InputError(f"squirrel store {url}: folder exists and is not empty; remove it or choose a new url")
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{STATUS}", b"WRITING")
+    notes: list[str] = []
+    if not store.has_rgb:
+        notes.append(f"token store {store.path} has no 'rgb' array: 'img' was written as zeros")
+    H, W = store.label_hw
+    driver = MessagepackDriver(url)
+    arrays = ("tokens", "labels", "rgb") if store.has_rgb else ("tokens", "labels")
+    shards = 0
+    for shards, batch in enumerate(store.iter_batches(shard_size, arrays=arrays), start=1):
+        k = len(batch["index"])
+        feats = batch["tokens"].transpose(0, 3, 1, 2)  # [k,D,h,w] float32
+        img = normalize_rgb(batch["rgb"]) if store.has_rgb else np.zeros((k, 3, H, W), dtype=np.float32)
+        samples = [
+            {
+                "ind": batch["index"][i : i + 1].astype(np.int64),
+                "img": np.ascontiguousarray(img[i : i + 1]),
+                "label": batch["labels"][i : i + 1].astype(np.int64),
+                "dino_feats": np.ascontiguousarray(feats[i : i + 1]),
+            }
+            for i in range(k)
+        ]
+        driver.store.set(samples, key=f"{shards - 1:06d}")
+    sidecar = {"n": store.n, "ids": store.ids, "attrs": store.attrs, "has_rgb": store.has_rgb,
+               "source": store.path}
+    fs.pipe_file(f"{root}/{SIDECAR}", json.dumps(sidecar).encode())
+    fs.pipe_file(f"{root}/{STATUS}", b"SUCCESS")
+    return SquirrelExport(url=url, n=store.n, shards=shards, notes=notes)
+
+
+def _check_sample(sample: Any, where: str, first: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    """Validate one record against the schema (and the first record's shapes); return its shapes."""
+    if not isinstance(sample, dict):
+        raise InputError(f"{where}: record is a {type(sample).__name__}, expected a dict")
+    for key in ("ind", "label", "dino_feats"):
+        if key not in sample:
+            raise InputError(f"{where}: record lacks {key!r} (has {', '.join(map(str, sample))})")
+    shapes = {key: tuple(np.shape(sample[key])) for key in ("ind", "img", "label", "dino_feats") if key in sample}
+    feats, label = shapes["dino_feats"], shapes["label"]
+    if shapes["ind"] != (1,) or len(feats) != 4 or feats[0] != 1 or len(label) != 3 or label[0] != 1:
+        raise InputError(f"{where}: shapes {shapes} do not match the schema ind [1], label [1,H,W], "
+                         f"dino_feats [1,D,h,w]")
+    if "img" in shapes and shapes["img"] != (1, 3, *label[1:]):
+        raise InputError(f"{where}: 'img' has shape {shapes['img']}, expected {(1, 3, *label[1:])}")
+    if first is not None and shapes != first:
+        raise InputError(f"{where}: shapes {shapes} differ from the first record's {first}")
+    return shapes
+
+
+def import_squirrel(url: str, dest_path: str | os.PathLike[str], *, shard_size: int = SQUIRREL_SHARD_SIZE) -> str:
+    """Build a token store at ``dest_path`` (must not exist) from the Squirrel store at ``url``.
+
+    A failed import removes ``dest_path`` again. Tokens are stored float16, labels int16; ``rgb`` is recovered by un-normalising ``img`` when the records
+    have it (and the exporter did not mark it as zeros). One streaming pass, one token-store shard of
+    ``shard_size`` samples in memory. Returns ``dest_path``.
+    """
+    if Path(dest_path).exists():
+        raise InputError(f"token store {dest_path}: path already exists; remove it or choose a new path")
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        raise InputError(f"squirrel store {url}: folder does not exist")
+    if fs.exists(f"{root}/{STATUS}"):
+        status = fs.cat_file(f"{root}/{STATUS}").decode().strip()
+        if status != "SUCCESS":
+            raise InputError(f"squirrel store {url}: {STATUS} says {status!r}, not 'SUCCESS' (a partial store); "
+                             f"re-run the export")
+    sidecar = json.loads(fs.cat_file(f"{root}/{SIDECAR}")) if fs.exists(f"{root}/{SIDECAR}") else None
+    sidecar_ids = list(map(str, sidecar["ids"])) if sidecar and "ids" in sidecar else None
+    driver = MessagepackDriver(url)
+    keys = sorted(driver.keys())
+    if not keys:
+        raise InputError(f"squirrel store {url}: has no *.gz shards")
+
+    first: dict[str, tuple[int, ...]] | None = None
+    buf: dict[str, list[np.ndarray]] = {"tokens": [], "labels": [], "rgb": [], "ind": []}
+    written = 0
+    with_rgb = False
+
+    def flush() -> None:
+        nonlocal written
+        k = len(buf["tokens"])
+        if sidecar_ids is None:
+            ids = [str(int(i)) for i in buf["ind"]]
+        elif len(sidecar_ids) >= written + k:
+            ids = sidecar_ids[written : written + k]
+        else:
+            raise InputError(f"squirrel store {url}: {SIDECAR} lists {len(sidecar_ids)} ids but the shards hold "
+                             f"more records; the folder was modified after export")
+        resize_token_store(dest_path, written + k)
+        write_shard(
+            dest_path, written // shard_size,
+            tokens=np.stack(buf["tokens"]), labels=np.stack(buf["labels"]),
+            rgb=denormalize_img(np.stack(buf["rgb"])) if with_rgb else None,
+            ids=ids,
+        )
+        written += k
+        for v in buf.values():
+            v.clear()
+
+    try:
+        for key in keys:
+            for j, sample in enumerate(driver.store.get(key)):
+                where = f"squirrel store {url}, shard {key}.gz, record {j}"
+                shapes = _check_sample(sample, where, first)
+                if first is None:
+                    first = shapes
+                    _, D, h, w = shapes["dino_feats"]
+                    with_rgb = "img" in shapes and (sidecar is None or bool(sidecar.get("has_rgb", True)))
+                    attrs = dict(sidecar.get("attrs", {})) if sidecar else {}
+                    attrs["imported_from"] = url
+                    create_token_store(dest_path, n=0, grid=(h, w), dim=D, label_hw=shapes["label"][1:],
+                                       shard_size=shard_size, with_rgb=with_rgb, with_flip=False, attrs=attrs)
+                buf["tokens"].append(np.asarray(sample["dino_feats"][0]).transpose(1, 2, 0))
+                buf["labels"].append(np.asarray(sample["label"][0]))
+                buf["ind"].append(np.asarray(sample["ind"])[0])
+                if with_rgb:
+                    buf["rgb"].append(np.asarray(sample["img"][0]))
+                if len(buf["tokens"]) == shard_size:
+                    flush()
+        if buf["tokens"]:
+            flush()
+        if first is None:
+            raise InputError(f"squirrel store {url}: its shards hold no records")
+        if sidecar_ids is not None and written != len(sidecar_ids):
+            raise InputError(f"squirrel store {url}: {SIDECAR} lists {len(sidecar_ids)} ids but the shards hold "
+                             f"{written} records; the folder was modified after export")
+    except BaseException:
+        shutil.rmtree(dest_path, ignore_errors=True)  # publish nothing half-built
+        raise
+    return str(dest_path)
+

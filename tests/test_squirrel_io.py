@@ -1,0 +1,157 @@
+"""Squirrel interop: stego-studies sample schema, round trip through a MessagepackDriver store."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from squirrel.driver import MessagepackDriver
+
+from pipeline.errors import InputError
+from stages.squirrel_io import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    denormalize_img,
+    export_squirrel,
+    import_squirrel,
+    normalize_rgb,
+)
+from stages.store import create_token_store, open_token_store, shard_ranges, write_shard
+
+N, GRID, DIM, R = 7, (2, 2), 5, 8
+
+
+def _store(path: Path, *, with_rgb: bool) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    d = {
+        "tokens": rng.standard_normal((N, *GRID, DIM)).astype(np.float32),
+        "labels": rng.integers(-1, 27, (N, R, R)),
+        "rgb": rng.integers(0, 256, (N, R, R, 3)).astype(np.uint8),
+    }
+    create_token_store(path, n=N, grid=GRID, dim=DIM, label_hw=(R, R), shard_size=4, with_rgb=with_rgb,
+                       with_flip=False, attrs={"dataset": "toy"})
+    for k, (a, b) in enumerate(shard_ranges(N, 4)):
+        write_shard(path, k, tokens=d["tokens"][a:b], labels=d["labels"][a:b],
+                    rgb=d["rgb"][a:b] if with_rgb else None, ids=[f"im{i}" for i in range(a, b)])
+    return d
+
+
+def test_normalisation_roundtrip():
+    rgb = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
+    img = normalize_rgb(rgb)
+    assert img.shape == (1, 3, 16, 16) and img.dtype == np.float32
+    np.testing.assert_allclose(img[0, :, 0, 0], -IMAGENET_MEAN / IMAGENET_STD, rtol=1e-6)
+    np.testing.assert_array_equal(denormalize_img(img), rgb)
+
+
+def test_export_schema(tmp_path):
+    src = tmp_path / "t.zarr"
+    d = _store(src, with_rgb=True)
+    url = str(tmp_path / "sq")
+    res = export_squirrel(src, url, shard_size=3)
+    assert (res.n, res.shards, res.notes) == (N, 3, [])
+    assert (Path(url) / "status.txt").read_text() == "SUCCESS"
+    driver = MessagepackDriver(url)
+    assert sorted(driver.keys()) == ["000000", "000001", "000002"]
+    samples = list(driver.store.get("000001"))
+    assert len(samples) == 3
+    s = samples[0]
+    assert set(s) == {"ind", "img", "label", "dino_feats"}
+    assert s["ind"].dtype == np.int64 and s["ind"].tolist() == [3]
+    assert s["img"].dtype == np.float32 and s["img"].shape == (1, 3, R, R)
+    assert s["label"].dtype == np.int64 and s["label"].shape == (1, R, R)
+    assert s["dino_feats"].dtype == np.float32 and s["dino_feats"].shape == (1, DIM, *GRID)
+    np.testing.assert_array_equal(s["label"][0], d["labels"][3])
+    np.testing.assert_array_equal(s["dino_feats"][0], d["tokens"][3].astype(np.float16).astype(np.float32)
+                                  .transpose(2, 0, 1))
+    np.testing.assert_allclose(s["img"], normalize_rgb(d["rgb"][3:4]))
+    # the stream API stego-studies reads with
+    assert [int(x["ind"][0]) for x in driver.get_iter(keys_iterable=sorted(driver.keys()))] == list(range(N))
+    with pytest.raises(InputError, match="not empty"):
+        export_squirrel(src, url)
+
+
+def test_roundtrip(tmp_path):
+    src = tmp_path / "t.zarr"
+    d = _store(src, with_rgb=True)
+    url = str(tmp_path / "sq")
+    export_squirrel(src, url, shard_size=3)
+    dest = tmp_path / "back.zarr"
+    import_squirrel(url, dest, shard_size=5)
+    s = open_token_store(dest)
+    assert (s.n, s.grid, s.dim, s.label_hw, s.shard_size) == (N, GRID, DIM, (R, R), 5)
+    assert s.ids == [f"im{i}" for i in range(N)]
+    assert s.attrs["dataset"] == "toy" and s.attrs["imported_from"] == url
+    np.testing.assert_array_equal(s.get_tokens(range(N)), d["tokens"].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(s.get_labels(range(N)), d["labels"])
+    np.testing.assert_array_equal(s.get_rgb(range(N)), d["rgb"])
+
+
+def test_export_without_rgb_notes_zeros(tmp_path):
+    src = tmp_path / "t.zarr"
+    _store(src, with_rgb=False)
+    url = str(tmp_path / "sq")
+    res = export_squirrel(src, url)
+    assert res.shards == 1 and len(res.notes) == 1 and "zeros" in res.notes[0]
+    sample = next(iter(MessagepackDriver(url).store.get("000000")))
+    assert (sample["img"] == 0).all()
+    dest = tmp_path / "back.zarr"
+    import_squirrel(url, dest, shard_size=4)
+    assert not open_token_store(dest).has_rgb  # zeros are not turned into a fake image
+
+
+def _foreign_store(url: str, inds: list[int], *, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    """A store as stego-studies wrote it: random shard keys, shuffled ``ind``, no sidecar."""
+    samples = [
+        {
+            "ind": np.array([i], dtype=np.int64),
+            "img": normalize_rgb(rng.integers(0, 256, (1, R, R, 3)).astype(np.uint8)),
+            "label": rng.integers(-1, 3, (1, R, R)).astype(np.int64),
+            "dino_feats": rng.standard_normal((1, DIM, *GRID)).astype(np.float32),
+        }
+        for i in inds
+    ]
+    driver = MessagepackDriver(url)
+    driver.store.set(samples[:3], key="b7f3")
+    driver.store.set(samples[3:], key="a1c9")
+    Path(url, "status.txt").write_text("SUCCESS")
+    return samples
+
+
+def test_import_foreign_store(tmp_path):
+    url = str(tmp_path / "mxm")
+    samples = _foreign_store(url, [4, 0, 2, 1, 3], rng=np.random.default_rng(1))
+    dest = tmp_path / "t.zarr"
+    import_squirrel(url, dest, shard_size=2)
+    s = open_token_store(dest)
+    order = [3, 4, 0, 1, 2]  # key "a1c9" sorts before "b7f3"; record order kept inside a shard
+    assert s.ids == [str(int(samples[j]["ind"][0])) for j in order] == ["1", "3", "4", "0", "2"]
+    feats = np.stack([samples[j]["dino_feats"][0].transpose(1, 2, 0) for j in order])
+    np.testing.assert_array_equal(s.get_tokens(range(5)), feats.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(s.get_labels(range(5)), np.stack([samples[j]["label"][0] for j in order]))
+    np.testing.assert_array_equal(s.get_rgb([0]), denormalize_img(samples[3]["img"]))
+
+
+def test_import_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        import_squirrel(str(tmp_path / "nope"), tmp_path / "a.zarr")
+    url = str(tmp_path / "partial")
+    _foreign_store(url, [0, 1, 2, 3], rng=np.random.default_rng(2))
+    Path(url, "status.txt").write_text("WRITING")
+    with pytest.raises(InputError, match="WRITING"):
+        import_squirrel(url, tmp_path / "b.zarr")
+    url = str(tmp_path / "bad")
+    MessagepackDriver(url).store.set([{"ind": np.array([0]), "label": np.zeros((1, R, R), np.int64)}], key="k")
+    with pytest.raises(InputError, match="lacks 'dino_feats'"):
+        import_squirrel(url, tmp_path / "c.zarr")
+    url = str(tmp_path / "mixed")
+    good = {"ind": np.array([0]), "label": np.zeros((1, R, R), np.int64),
+            "dino_feats": np.zeros((1, DIM, *GRID), np.float32)}
+    MessagepackDriver(url).store.set([good, {**good, "dino_feats": np.zeros((1, DIM + 1, *GRID), np.float32)}],
+                                     key="k")
+    with pytest.raises(InputError, match="record 1"):
+        import_squirrel(url, tmp_path / "d.zarr")
+    assert not (tmp_path / "d.zarr").exists()  # the half-built store was removed
+    (tmp_path / "e.zarr").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        import_squirrel(str(tmp_path / "partial"), tmp_path / "e.zarr")
