@@ -24,7 +24,8 @@ def _manual_code(head: StegoHead, x1: torch.Tensor, x2: torch.Tensor) -> torch.T
         return torch.einsum("oi,bihw->bohw", w[:, :, 0, 0], x) + b[None, :, None, None]
 
     hidden = torch.relu(conv(p["cluster2.0.weight"], p["cluster2.0.bias"], x2))
-    return conv(p["cluster1.0.weight"], p["cluster1.0.bias"], x1) + conv(p["cluster2.2.weight"], p["cluster2.2.bias"], hidden)
+    linear = conv(p["cluster1.0.weight"], p["cluster1.0.bias"], x1)
+    return linear + conv(p["cluster2.2.weight"], p["cluster2.2.bias"], hidden)
 
 
 def test_parameter_names_and_shapes_match_stego_checkpoints():

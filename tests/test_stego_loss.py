@@ -200,7 +200,14 @@ def _rv3_inputs():
     return feats, feats_pos, code, code_pos
 
 
-RV3_OPTS = {"feature_samples": 3, "neg_samples": 2, "shifts": COCO_SHIFTS, "pointwise": True, "zero_clamp": True, "stabilize": False}
+RV3_OPTS = {
+    "feature_samples": 3,
+    "neg_samples": 2,
+    "shifts": COCO_SHIFTS,
+    "pointwise": True,
+    "zero_clamp": True,
+    "stabilize": False,
+}
 
 
 def _bilinear(t: np.ndarray, x: float, y: float) -> np.ndarray:
@@ -267,9 +274,11 @@ def test_rv3_rng_order_rand_rand_then_one_randperm_per_negative():
     coords1 = torch.rand(4, 3, 3, 2) * 2 - 1
     coords2 = torch.rand(4, 3, 3, 2) * 2 - 1
     perms = [super_perm(4), super_perm(4)]
-    injected = correlation_loss(feats, feats_pos, code, code_pos, coords1=coords1, coords2=coords2, perms=perms, **RV3_OPTS)
+    draws = {"coords1": coords1, "coords2": coords2, "perms": perms}
+    injected = correlation_loss(feats, feats_pos, code, code_pos, **draws, **RV3_OPTS)
     ref = _ref_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms, COCO_SHIFTS, pointwise=True)
-    with_gen = correlation_loss(feats, feats_pos, code, code_pos, generator=torch.Generator().manual_seed(2), **RV3_OPTS)
+    gen = torch.Generator().manual_seed(2)
+    with_gen = correlation_loss(feats, feats_pos, code, code_pos, generator=gen, **RV3_OPTS)
     for key in ref:
         assert torch.equal(drawn[key], injected[key]), key
         assert torch.equal(drawn[key], with_gen[key]), key
