@@ -27,6 +27,7 @@ from stages.stego.head import StegoHead
 
 
 def _inert_class(qualified: str) -> tuple[type, str]:
+    """An empty stand-in class registered under ``qualified``: the real class is never imported."""
     name = qualified.rsplit(".", 1)[1]
     placeholder = type(name, (), {"__module__": "stages.stego.checkpoint.inert", "foreign_name": qualified})
     return placeholder, qualified
