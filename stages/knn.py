@@ -7,7 +7,8 @@ Ordering contract of :func:`topk_neighbors`: each row's neighbours are sorted by
 ties broken by the smaller column index, and the row itself is forced into column 0 (also when other
 rows duplicate it). Both are exact: candidates are ranked by a unique int64 key
 ``(order-preserving int of the float32 similarity) * 2**32 + (2**32 - 1 - column)``, so ``torch.topk``
-never has to break a tie.
+never has to break a tie (per column block a float ``topk`` preselects candidates; rows whose k-th
+value is tied with an excluded one are ranked by key over the whole block).
 """
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols, sims
 
 
+def _block_topk_keys(sims: torch.Tensor, c0: int, k: int) -> torch.Tensor:
+    """Keys of each row's exact top-``k`` (by similarity desc, column asc) within one column block.
+
+    Fast path: a float ``topk``; its set is exact unless the k-th value is tied with a value left out,
+    so only rows with such a boundary tie are re-ranked over the whole block by the unique keys.
+    """
+    c = sims.shape[1]
+    cols = torch.arange(c0, c0 + c, device=sims.device)
+    kk = min(k, c)
+    if kk == c:
+        return _sort_keys(sims, cols)
+    vals, pos = torch.topk(sims, kk, dim=1, sorted=False)
+    keys = _sort_keys(vals, pos + c0)
+    kth = vals.min(dim=1, keepdim=True).values
+    tied = ((sims >= kth).sum(dim=1) != kk).nonzero().flatten()
+    if tied.numel():
+        keys[tied] = torch.topk(_sort_keys(sims[tied], cols), kk, dim=1).values
+    return keys
+
+
 def topk_neighbors(
     descriptors: ArrayLike | torch.Tensor,
     k: int,
@@ -115,8 +136,7 @@ def topk_neighbors(
                 if lo < hi:  # force self to the top
                     diag = torch.arange(lo, hi, device=dev)
                     sims[diag - r0, diag - c0] = float("inf")
-                keys = _sort_keys(sims, torch.arange(c0, c1, device=dev))
-                merged = torch.cat([best, keys], dim=1)
+                merged = torch.cat([best, _block_topk_keys(sims, c0, k)], dim=1)
                 best = torch.topk(merged, min(k, merged.shape[1]), dim=1, sorted=True).values
             cols, vals = _decode_keys(best)
             vals[:, 0] = (rows * rows).sum(dim=1)  # column 0 is self; report its true similarity

@@ -320,7 +320,12 @@ class TokenStore:
         if idx.size == 0:
             return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        return arr.get_orthogonal_selection((uniq,))[inverse]
+        # Read runs of consecutive samples with basic slices: zarr's orthogonal (fancy) selection is ~15x
+        # slower here, and a slice of a sharded array decodes only the chunks (samples) it covers.
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts)]
+        parts = [arr[a:b] for a, b in runs]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
 
     def get_tokens(self, indices: ArrayLike, *, flip: bool = False) -> np.ndarray:
         """Tokens of samples ``indices`` as float32 ``[k,h,w,D]`` (``flip``: of the flipped images)."""

@@ -108,6 +108,14 @@ def test_ties_are_deterministic_and_self_first(block_size):
     np.testing.assert_array_equal(sims[2], [1, 0, 0, -1, -1])
 
 
+@pytest.mark.parametrize("block_size", [5, 7, 16, 64])
+def test_many_ties_match_reference_order(block_size):
+    # one-hot rows: cosines are exactly 0 or 1, so every row has many exact ties at the k boundary
+    cats = np.random.default_rng(6).integers(0, 5, 40)
+    x = np.eye(5, dtype=np.float32)[cats]
+    np.testing.assert_array_equal(topk_neighbors(x, 8, block_size=block_size), _brute_force(x, 8)[0])
+
+
 def test_self_forced_when_not_most_similar():
     # zero vector: cosine 0 with everything (including itself) — still column 0
     x = np.array([[0, 0], [1, 0], [1, 1]], dtype=np.float32)
