@@ -1,0 +1,5 @@
+"""The science of stegopipe: datasets, backbones, stages and pure math.
+
+Importing this package registers every stage and config section with :mod:`pipeline`.
+"""
+from stages import prepare  # noqa: F401  (registers synthesize, prepare)

@@ -1,0 +1,208 @@
+"""Configuration: OmegaConf structured configs, YAML presets, Hydra-style dotted overrides.
+
+The root config is assembled from *sections*: ``run`` (defined here) plus one dataclass per section
+that stage plugins register with :func:`register_section`. A preset is a YAML file under
+``configs/`` (``configs/datasets/<name>.yaml``, ``configs/<name>.yaml``) or a path; overrides are
+``key.sub=value`` strings. Unknown keys and wrong types raise :class:`ConfigError` naming the key,
+the value, the expected type and the nearest valid keys.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field, is_dataclass, make_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from pipeline.artifacts import canonical_json
+from pipeline.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class SlurmConfig:
+    """Site directives for ``--cluster slurm`` (passed to dask-jobqueue's SLURMCluster)."""
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = 8
+    memory: str = "32GB"
+    walltime: str = "04:00:00"
+    jobs: int = 2
+    gpus_per_job: int = 0
+    job_extra_directives: list[str] = field(default_factory=list)
+    local_directory: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """How and where stages run; nothing here changes an artifact's content or id."""
+
+    root: str = "${oc.env:STEGOPIPE_ROOT,artifacts}"
+    executor: str = "auto"  # auto | local | dask
+    scheduler: str | None = None  # tcp://host:port of an existing Dask scheduler
+    cluster: str = "local"  # local | slurm (when executor is dask)
+    workers: int = 0  # 0 = one per core
+    device: str = "auto"  # auto | cpu | cuda
+    lock_timeout_s: float = 3600.0
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig}
+
+
+def register_section(name: str, schema: type) -> None:
+    """Add a top-level config section (a dataclass) to the root schema."""
+    if not is_dataclass(schema):
+        raise TypeError(f"section {name} must be a dataclass")
+    existing = SECTIONS.get(name)
+    if existing is not None and existing is not schema and existing.__qualname__ != schema.__qualname__:
+        raise ValueError(f"config section '{name}' registered twice")
+    SECTIONS[name] = schema
+
+
+def schema() -> DictConfig:
+    """The empty root config with every registered section at its defaults."""
+    root_cls = make_dataclass("Root", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()])
+    return OmegaConf.structured(root_cls)
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (leaves and nodes)."""
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            dotted = f"{prefix}{key}"
+            keys.append(dotted)
+            node = cfg._get_node(key)
+            if isinstance(node, DictConfig):
+                keys += all_keys(node, dotted + ".")
+    return keys
+
+
+def _nearest(key: str, cfg: DictConfig) -> str:
+    candidates = all_keys(cfg)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf][:3]
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _expected_type(cfg: DictConfig, key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig) and node._get_node(leaf) is not None:
+        ref = node._get_node(leaf)._metadata.ref_type
+        return getattr(ref, "__name__", str(ref)).replace("typing.", "")
+    return "?"
+
+
+def resolve_preset(preset: str) -> Path:
+    """A preset name (``cocostuff27``, ``experiments/fig4``) or a YAML path → the file."""
+    candidates = [Path(preset)]
+    for sub in ("", "datasets", "experiments"):
+        candidates.append(CONFIG_DIR / sub / f"{preset}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return path
+    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    raise ConfigError(f"unknown preset '{preset}': no such file and not one of {', '.join(names)}")
+
+
+def _merge_checked(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        key = str(exc.full_key) if getattr(exc, "full_key", None) else str(exc)
+        raise ConfigError(f"{origin}: unknown config key '{key}'{_nearest(key, cfg)}") from None
+    except ValidationError as exc:
+        key = str(exc.full_key)
+        raise ConfigError(
+            f"{origin}: key '{key}' got {exc.value!r}, expected type {_expected_type(cfg, key)}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` → (``a.b``, YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("+")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. head.dim=90)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    for text in overrides:
+        key, value = parse_override(text)
+        head = key.split(".")[0]
+        if head not in cfg:
+            raise ConfigError(f"override '{text}': unknown config key '{key}'{_nearest(key, cfg)}")
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        cfg = _merge_checked(cfg, nested, f"override '{text}'")
+    return cfg
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    """A preset and the presets it ``extends:`` (base first)."""
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' cycle through {', '.join(map(str, seen))}")
+    data = load_yaml(path)
+    bases = data.pop("extends", None) or []
+    layers = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        layers += load_preset_layers(resolve_preset(base), seen + (path,))
+    return layers + [(path, data)]
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The root config: defaults ← preset (and what it extends) ← overrides, validated."""
+    cfg = schema()
+    if preset:
+        for path, data in load_preset_layers(resolve_preset(preset)):
+            data.pop("experiment", None)
+            cfg = _merge_checked(cfg, data, str(path))
+    cfg = apply_overrides(cfg, overrides)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config interpolation failed: {exc}") from None
+    return cfg
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain dict/list copy of a config node (resolved)."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def config_digest(cfg: Any) -> str:
+    return hashlib.sha256(canonical_json(to_container(cfg)).encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+

@@ -1,0 +1,117 @@
+"""Experiments: a matrix of configs expanded into stage requests, deduplicated by artifact id.
+
+An experiment file (``configs/experiments/<name>.yaml``)::
+
+    experiment: fig4                 # its name
+    description: ...
+    preset: cocostuff27              # base preset (optional) ...
+    overrides: [run.workers=2]       # ... and base overrides
+    matrix:                          # a list of blocks; each block is a cartesian product of axes,
+      - preset: [cocostuff27]        # the experiment is the union of the blocks. The axis `preset`
+        projection.method: [pca, rp] # swaps the base preset; other axes are dotted config keys.
+        projection.dim: [3, 6, 12]
+    targets: [evaluate]              # stages (or {stage:, args:}) requested at every matrix point
+    collect: report                  # optional stage that receives every target artifact as input
+
+Points that resolve to the same artifact id run once (e.g. one tokens artifact and one PCA fit shared
+by every dim of a sweep).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import CONFIG_DIR, load_config, load_yaml
+from pipeline.errors import ConfigError
+from pipeline.runner import Request, Task, get_stage, plan
+
+EXPERIMENT_DIR = CONFIG_DIR / "experiments"
+KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect"}
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def experiment_path(name: str) -> Path | None:
+    for path in (Path(name), EXPERIMENT_DIR / f"{name}.yaml"):
+        if path.suffix == ".yaml" and path.is_file():
+            return path
+    return None
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: Path
+    spec: dict[str, Any]
+
+    @classmethod
+    def load(cls, name: str) -> Experiment:
+        path = experiment_path(name)
+        if path is None:
+            raise ConfigError(f"unknown experiment '{name}'; experiments: {', '.join(experiment_names())}")
+        spec = load_yaml(path)
+        unknown = set(spec) - KNOWN_KEYS
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(KNOWN_KEYS)}")
+        if not spec.get("targets"):
+            raise ConfigError(f"{path}: 'targets' must list at least one stage")
+        return cls(spec.get("experiment", path.stem), path, spec)
+
+    def points(self) -> list[tuple[str | None, list[str]]]:
+        """(preset, overrides) for every matrix point, in file order, duplicates removed."""
+        blocks = self.spec.get("matrix") or [{}]
+        if isinstance(blocks, dict):
+            blocks = [blocks]
+        seen, points = set(), []
+        for block in blocks:
+            if not isinstance(block, dict):
+                raise ConfigError(f"{self.path}: every matrix block must be a mapping of axis: [values]")
+            axes = {k: v if isinstance(v, list) else [v] for k, v in block.items()}
+            for combo in itertools.product(*axes.values()):
+                chosen = dict(zip(axes, combo))
+                preset = chosen.pop("preset", self.spec.get("preset"))
+                overrides = [f"{k}={json.dumps(v)}" for k, v in chosen.items()]
+                key = (preset, tuple(overrides))
+                if key not in seen:
+                    seen.add(key)
+                    points.append((preset, overrides))
+        return points
+
+    def targets(self) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for target in self.spec["targets"]:
+            if isinstance(target, str):
+                out.append((target, {}))
+            elif isinstance(target, dict) and "stage" in target:
+                out.append((target["stage"], dict(target.get("args") or {})))
+            else:
+                raise ConfigError(f"{self.path}: target {target!r} must be a stage name or {{stage:, args:}}")
+        return out
+
+    def plan(self, overrides: Iterable[str] = ()) -> tuple[list[Task], list[str]]:
+        """Tasks of the whole experiment (dependency order) and the ids of its final artifacts."""
+        overrides = list(overrides)
+        base = list(self.spec.get("overrides") or [])
+        requests = []
+        for preset, point in self.points():
+            cfg = load_config(preset, base + point + overrides)
+            requests += [Request(stage, cfg, args) for stage, args in self.targets()]
+        collect = self.spec.get("collect")
+        if not collect:
+            return plan(requests)
+        tasks, targets = plan(requests)
+        get_stage(collect)
+        cfg = load_config(self.spec.get("preset"), base + overrides)
+        first: dict[str, int] = {}
+        for index, target in enumerate(targets):
+            first.setdefault(target, index)
+        extra = {f"{n:04d}": requests[i] for n, i in enumerate(first.values())}
+        collect_tasks, collect_ids = plan([Request(collect, cfg, {"experiment": self.name}, extra)])
+        known = {t.id for t in tasks}
+        return tasks + [t for t in collect_tasks if t.id not in known], collect_ids

@@ -1,0 +1,433 @@
+"""Stage registry, DAG resolution, skip-if-done execution, local or Dask.
+
+A stage registers a ``run(ctx)`` function with its name, code version, artifact kind, a ``params``
+function (config + request args → the params that change its output) and an ``inputs`` function
+(config + args → upstream :class:`Request` s). :func:`plan` turns requests into a deduplicated,
+topologically sorted list of :class:`Task` s whose ids are content addresses; :func:`run_tasks`
+executes only tasks whose artifact is missing (DVC ``repro`` semantics), in-process or on a Dask
+cluster (LocalCluster, an existing scheduler, or SLURM through dask-jobqueue), independent tasks in
+parallel. A task runs under its artifact's lock in a staging folder; the runner validates the result
+against the kind's storage spec and publishes it with a manifest. A failed stage publishes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import specs
+from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
+from pipeline.config import to_container
+from pipeline.errors import ConfigError, MissingArtifactError, StageError, StegopipeError
+
+log = logging.getLogger("stegopipe")
+
+ParamsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, Any]]
+InputsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, "Request"]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: str
+    kind: str
+    run: Callable[[StageContext], dict[str, Any] | None]
+    params: ParamsFn
+    inputs: InputsFn
+    args: Mapping[str, Any]
+    resumable: bool
+    make_target: str
+    resources: Mapping[str, float]
+    description: str
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(
+    name: str,
+    *,
+    version: str,
+    kind: str,
+    params: ParamsFn,
+    inputs: InputsFn | None = None,
+    args: Mapping[str, Any] | None = None,
+    resumable: bool = False,
+    make_target: str | None = None,
+    resources: Mapping[str, float] | None = None,
+    description: str = "",
+) -> Callable[[Callable[[StageContext], Any]], Callable[[StageContext], Any]]:
+    """Decorator registering ``run(ctx)`` as a stage (see module docstring)."""
+
+    def decorate(run: Callable[[StageContext], Any]) -> Callable[[StageContext], Any]:
+        STAGES[name] = Stage(
+            name=name, version=version, kind=kind, run=run, params=params,
+            inputs=inputs or (lambda cfg, args: {}), args=dict(args or {}), resumable=resumable,
+            make_target=make_target or f"make {name}", resources=dict(resources or {}),
+            description=description or (run.__doc__ or "").strip().split("\n")[0],
+        )
+        return run
+
+    return decorate
+
+
+def plugin_names() -> list[str]:
+    """Modules that register stages and config sections: ``STEGOPIPE_PLUGINS`` (comma list), default ``stages``."""
+    return [p for p in os.environ.get("STEGOPIPE_PLUGINS", "stages").split(",") if p]
+
+
+def load_plugins(names: Iterable[str]) -> None:
+    """Import the plugin modules (idempotent)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"STEGOPIPE_PLUGINS: cannot import plugin module '{name}' ({exc})") from exc
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}'; stages: {', '.join(sorted(STAGES)) or '(none registered)'}")
+    return STAGES[name]
+
+
+@dataclass(frozen=True)
+class Request:
+    """Ask for the artifact of ``stage`` under ``cfg`` with request ``args`` (e.g. split=val)."""
+
+    stage: str
+    cfg: DictConfig = field(compare=False, hash=False)
+    args: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    extra_inputs: Mapping[str, Request] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Task:
+    """One stage run, fully resolved; plain data so it can travel to a Dask worker."""
+
+    stage: str
+    id: str
+    params: dict[str, Any]
+    args: dict[str, Any]
+    cfg: dict[str, Any]
+    inputs: dict[str, str]
+
+
+def _resolve(request: Request, tasks: dict[str, Task], order: list[str]) -> str:
+    stage = get_stage(request.stage)
+    unknown = set(request.args) - set(stage.args)
+    if unknown:
+        raise ConfigError(f"stage '{stage.name}' takes no argument {', '.join(sorted(unknown))}; "
+                          f"arguments: {', '.join(sorted(stage.args)) or 'none'}")
+    args = {**stage.args, **request.args}
+    upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
+    inputs = {name: _resolve(req, tasks, order) for name, req in upstream.items()}
+    params = stage.params(request.cfg, args)
+    task_id = artifact_id(stage.name, stage.version, params, inputs)
+    if task_id not in tasks:
+        tasks[task_id] = Task(stage.name, task_id, params, args, to_container(request.cfg), inputs)
+        order.append(task_id)
+    return task_id
+
+
+def plan(requests: Iterable[Request]) -> tuple[list[Task], list[str]]:
+    """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to."""
+    tasks: dict[str, Task] = {}
+    order: list[str] = []
+    targets = [_resolve(request, tasks, order) for request in requests]
+    return [tasks[t] for t in order], targets
+
+
+# --------------------------------------------------------------------------------------------------
+# execution of one task
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputArtifact:
+    id: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: params, inputs, a staging folder, shard markers, the manifest extras."""
+
+    task: Task
+    store: ArtifactStore
+    staging: Staging
+    inputs: dict[str, InputArtifact]
+    device: str
+    extras: dict[str, Any] = field(default_factory=dict)
+    shards_computed: int = 0
+    shards_reused: int = 0
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.task.params
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.task.args
+
+    @property
+    def cfg(self) -> DictConfig:
+        return OmegaConf.create(self.task.cfg)
+
+    @property
+    def out(self) -> Path:
+        """The staging folder the stage writes its files into."""
+        return self.staging.dir
+
+    def input(self, name: str) -> InputArtifact:
+        if name not in self.inputs:
+            raise StageError(f"stage {self.task.stage} has no input '{name}' (inputs: {', '.join(self.inputs)})")
+        return self.inputs[name]
+
+    def shards(self, keys: Iterable[str]) -> Iterator[str]:
+        """Yield the shard keys still to compute (finished ones are skipped and counted as reused).
+
+        The stage must call :meth:`shard_finished` after a yielded shard's data is durably written.
+        """
+        for key in keys:
+            if self.staging.shard_done(key):
+                self.shards_reused += 1
+                continue
+            yield key
+
+    def shard_finished(self, key: str) -> None:
+        self.staging.mark_shard_done(key)
+        self.shards_computed += 1
+        log.debug("shard %s of %s done", key, self.task.id)
+
+    def record(self, **values: Any) -> None:
+        """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest."""
+        self.extras.update(values)
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    with contextlib.suppress(ImportError):
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+@cache
+def code_version() -> dict[str, Any]:
+    """git sha and dirty flag of the checkout the code runs from (``unknown`` outside git)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": "unknown", "dirty": None}
+    return {"git_sha": sha, "dirty": dirty}
+
+
+PACKAGES = ("stegopipe", "torch", "numpy", "zarr", "dask", "distributed", "timm", "scikit-learn", "scipy",
+            "hnne", "pydensecrf2", "omegaconf", "safetensors", "squirrel-core")
+
+
+@cache
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+@dataclass
+class TaskResult:
+    id: str
+    stage: str
+    status: str  # "hit" | "ran"
+    path: Path
+    wall_s: float
+
+
+def execute(task: Task, root: str, *, force: bool = False, device: str = "auto",
+            lock_timeout_s: float | None = None) -> TaskResult:
+    """Run one task unless its artifact exists; under the artifact's lock; publish atomically."""
+    store = ArtifactStore(root)
+    stage = get_stage(task.stage)
+    if store.exists(task.id) and not force:
+        return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
+    lock = store.lock(task.id)
+    lock.acquire(timeout_s=lock_timeout_s)
+    try:
+        if store.exists(task.id) and not force:  # another process finished it while we waited
+            return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
+        inputs = {}
+        for name, dep in task.inputs.items():
+            if not store.exists(dep):
+                raise MissingArtifactError(
+                    f"stage {task.stage} needs input '{name}' ({dep}), which is not built; "
+                    f"run `{get_stage(stage_of(dep)).make_target}` (or `stegopipe run` without --no-upstream)")
+            inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
+        staging = store.staging(task.id, fresh=not stage.resumable or force)
+        ctx = StageContext(task, store, staging, inputs, resolve_device(device))
+        log.info("[run] %s", task.id)
+        start = time.perf_counter()
+        try:
+            result = stage.run(ctx) or {}
+        except StegopipeError:
+            raise
+        except Exception as exc:  # a stage bug or an environment failure: say which stage, keep the cause
+            raise StageError(f"stage {task.stage} ({task.id}) failed: {type(exc).__name__}: {exc}") from exc
+        wall = time.perf_counter() - start
+        specs.validate(stage.kind, staging.dir)
+        manifest = {
+            "stage": task.stage, "kind": stage.kind, "version": stage.version, "params": task.params,
+            "args": task.args, "inputs": task.inputs, "created": utc_now(), "wall_time_s": round(wall, 3),
+            "host": socket.gethostname(), "device": ctx.device, "code": code_version(),
+            "packages": package_versions(),
+            "shards": {"computed": ctx.shards_computed, "reused": ctx.shards_reused},
+            **ctx.extras, **result,
+        }
+        path = store.publish(task.id, staging, manifest)
+    finally:
+        lock.release()
+    log.info("[done] %s in %.1fs", task.id, wall)
+    return TaskResult(task.id, task.stage, "ran", path, wall)
+
+
+# --------------------------------------------------------------------------------------------------
+# execution of many tasks
+# --------------------------------------------------------------------------------------------------
+
+
+def _execute_remote(task: Task, root: str, plugins: list[str], force: bool, device: str,
+                    lock_timeout_s: float | None) -> TaskResult:
+    """Dask entry point: a worker process imports the stage plugins, then runs the task."""
+    load_plugins(plugins)
+    return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
+
+
+def _has_parallelism(pending: list[Task]) -> bool:
+    """True when two pending tasks could run at the same time (neither depends on the other)."""
+    ids = {t.id for t in pending}
+    depth: dict[str, int] = {}
+    for task in pending:  # tasks are in dependency order
+        depth[task.id] = 1 + max((depth[d] for d in task.inputs.values() if d in ids), default=-1)
+    levels = list(depth.values())
+    return len(levels) != len(set(levels))
+
+
+@contextlib.contextmanager
+def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
+    """A Dask client for ``run.scheduler`` (existing cluster), ``run.cluster=slurm`` or a LocalCluster."""
+    from distributed import Client, LocalCluster
+
+    if run_cfg.scheduler:
+        with Client(run_cfg.scheduler) as client:
+            yield client
+        return
+    if run_cfg.cluster == "slurm":
+        try:
+            from dask_jobqueue import SLURMCluster
+        except ImportError as exc:
+            raise ConfigError("run.cluster=slurm needs dask-jobqueue: pip install 'stegopipe[slurm]'") from exc
+        slurm = run_cfg.slurm
+        extra = list(slurm.job_extra_directives) + ([f"--gres=gpu:{slurm.gpus_per_job}"] if slurm.gpus_per_job else [])
+        worker_extra = ["--resources", f"GPU={slurm.gpus_per_job}"] if slurm.gpus_per_job else []
+        with SLURMCluster(queue=slurm.queue, account=slurm.account, cores=slurm.cores, memory=slurm.memory,
+                          walltime=slurm.walltime, job_extra_directives=extra, worker_extra_args=worker_extra,
+                          local_directory=slurm.local_directory) as cluster:
+            cluster.scale(jobs=slurm.jobs)
+            with Client(cluster) as client:
+                yield client
+        return
+    if run_cfg.cluster != "local":
+        raise ConfigError(f"run.cluster={run_cfg.cluster!r}: expected 'local' or 'slurm'")
+    import dask
+
+    workers = run_cfg.workers or os.cpu_count() or 1
+    resources = {"GPU": 1} if resolve_device(run_cfg.device) == "cuda" else {}
+    # saturation 1.0: a single-threaded worker holds one stage task, so independent stages spread out
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      resources=resources or None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: set[str],
+                 results: dict[str, TaskResult]) -> None:
+    """Submit each task once its inputs are done (so tasks are balanced over workers, not pinned to
+    the worker that ran their input), and collect results as they complete."""
+    from distributed import as_completed
+
+    waiting = list(pending)
+    pending_ids = {t.id for t in pending}
+    gpu = resolve_device(run_cfg.device) == "cuda"  # CPU clusters advertise no GPU resource
+    completed = as_completed()
+
+    def submit_ready() -> None:
+        for task in list(waiting):
+            if all(d in results or d not in pending_ids for d in task.inputs.values()):
+                waiting.remove(task)
+                stage = get_stage(task.stage)
+                completed.add(client.submit(
+                    _execute_remote, task, str(run_cfg.root), plugin_names(), task.stage in forced,
+                    run_cfg.device, run_cfg.lock_timeout_s, key=f"{task.id}-{time.time_ns()}", pure=False,
+                    resources=(dict(stage.resources) or None) if gpu else None))
+
+    submit_ready()
+    for future in completed:
+        result = future.result()
+        results[result.id] = result
+        submit_ready()
+
+
+def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[str] = (),
+              only: set[str] | None = None) -> list[TaskResult]:
+    """Execute the tasks that are missing (or whose stage is forced), in dependency order.
+
+    ``only`` restricts execution to those ids (``--no-upstream``); their inputs must already exist.
+    """
+    forced = set(force_stages)
+    store = ArtifactStore(run_cfg.root)
+    results: dict[str, TaskResult] = {}
+    pending = []
+    for task in tasks:
+        if only is not None and task.id not in only:
+            continue
+        if store.exists(task.id) and task.stage not in forced:
+            results[task.id] = TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
+            log.info("[hit] %s", task.id)
+        else:
+            pending.append(task)
+    executor = run_cfg.executor
+    if executor not in ("auto", "local", "dask"):
+        raise ConfigError(f"run.executor={executor!r}: expected auto, local or dask")
+    if executor == "auto":
+        executor = "dask" if (run_cfg.scheduler or run_cfg.cluster == "slurm" or _has_parallelism(pending)) else "local"
+    timeout = run_cfg.lock_timeout_s
+    if pending and executor == "local":
+        for task in pending:
+            results[task.id] = execute(task, str(run_cfg.root), force=task.stage in forced,
+                                       device=run_cfg.device, lock_timeout_s=timeout)
+    elif pending:
+        with dask_client(run_cfg) as client:
+            _run_on_dask(client, pending, run_cfg, forced, results)
+    return [results[t.id] for t in tasks if t.id in results]

@@ -1,0 +1,219 @@
+"""``synthesize`` and ``prepare`` stages: a dataset on disk → an ``index`` artifact.
+
+``synthesize`` writes the built-in synthetic dataset (generic folder layout) into a ``dataset``
+artifact. ``prepare`` lists one split of a dataset through its reader, decodes every image and
+label once to validate them, checksums the files and writes ``index.json``: one row per sample (id,
+image path + sha256, virtual crop box, label path + sha256, size) plus what is needed to reopen the
+reader. Bad inputs raise one :class:`InputError` naming the file, or with ``on_bad_input=skip`` are
+left out and listed with reasons in the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.artifacts import sha256_file
+from pipeline.config import register_section
+from pipeline.errors import ConfigError, InputError
+from pipeline.runner import Request, StageContext, register_stage
+from stages.datasets.base import DatasetReader, SampleRef, check_sample
+from stages.datasets.registry import dataset_names, get_reader
+from stages.datasets.synthetic import generate_synthetic
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class SyntheticConfig:
+    n_train: int = 48
+    n_val: int = 16
+    height: int = 96
+    width: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Which dataset and how to read it (``dataset.*``)."""
+
+    name: str = "synthetic"  # cocostuff27 | cityscapes | potsdam | folder | synthetic
+    root: str | None = None  # dataset root on disk (unused for synthetic)
+    n_classes: int | None = None  # folder datasets only
+    class_names: list[str] | None = None  # folder datasets only
+    train_crop: str = "none"  # none | five (virtual five-crops of the train split, ratio 0.5)
+    jpeg_roundtrip: bool = False  # reproduce the reference's JPEG-75 five-crop re-encode
+    on_bad_input: str = "error"  # error | skip
+    check_workers: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+register_section("dataset", DatasetConfig)
+
+
+def _split(args: dict[str, Any]) -> str:
+    if args["split"] not in SPLITS:
+        raise ConfigError(f"split={args['split']!r}: expected one of {', '.join(SPLITS)}")
+    return args["split"]
+
+
+def reader_options(dataset: Any, split: str) -> dict[str, Any]:
+    """Reader constructor options for a split (five-crop only ever applies to train)."""
+    options: dict[str, Any] = {"crop": dataset.train_crop if split == "train" else "none",
+                               "jpeg_roundtrip": bool(dataset.jpeg_roundtrip)}
+    if dataset.name == "folder":
+        if dataset.n_classes is None:
+            raise ConfigError("dataset.n_classes is required for dataset.name=folder")
+        options["n_classes"] = int(dataset.n_classes)
+        if dataset.class_names is not None:
+            options["class_names"] = list(dataset.class_names)
+    return options
+
+
+# --------------------------------------------------------------------------------------------------
+# synthesize
+# --------------------------------------------------------------------------------------------------
+
+
+def synthesize_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
+    return dict(cfg.dataset.synthetic)
+
+
+@register_stage("synthesize", version="1", kind="dataset", params=synthesize_params,
+                make_target="make prepare DATASET=synthetic")
+def synthesize(ctx: StageContext) -> dict[str, Any]:
+    """Generate the built-in synthetic dataset (folder layout)."""
+    p = ctx.params
+    generate_synthetic(ctx.out, n_train=p["n_train"], n_val=p["n_val"], size=(p["height"], p["width"]),
+                       seed=p["seed"])
+    return {"counts": {"train": p["n_train"], "val": p["n_val"]}, "seeds": {"synthetic": p["seed"]}}
+
+
+# --------------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
+    return {"data": Request("synthesize", cfg)} if cfg.dataset.name == "synthetic" else {}
+
+
+def prepare_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
+    dataset = cfg.dataset
+    split = _split(args)
+    if dataset.name not in dataset_names():
+        raise ConfigError(f"dataset.name={dataset.name!r}: expected one of {', '.join(dataset_names())}")
+    if dataset.on_bad_input not in ("error", "skip"):
+        raise ConfigError(f"dataset.on_bad_input={dataset.on_bad_input!r}: expected error or skip")
+    params: dict[str, Any] = {"dataset": dataset.name, "split": split, "options": reader_options(dataset, split),
+                              "on_bad_input": dataset.on_bad_input}
+    if dataset.name != "synthetic":
+        if not dataset.root:
+            raise ConfigError(f"dataset.root is required for dataset.name={dataset.name} "
+                              f"(e.g. `make prepare DATASET={dataset.name} DATA_ROOT=/path/to/data`)")
+        root = Path(dataset.root).expanduser().resolve()
+        params["root"] = str(root)
+        params["fingerprint"] = tree_fingerprint(root)
+    return params
+
+
+def tree_fingerprint(root: Path) -> str | None:
+    """Digest of every file's relative path, size and mtime under ``root`` (None if it is missing).
+
+    Part of the prepare params, so an edited, added or removed file gives a new index id.
+    """
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(directory, name))
+            rel = os.path.relpath(os.path.join(directory, name), root)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Index:
+    """A prepared split: the reader to load samples with and the sample rows."""
+
+    dataset: str
+    split: str
+    n_classes: int
+    class_names: list[str]
+    reader: DatasetReader
+    samples: list[SampleRef]
+    sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def load_index(artifact_dir: Path) -> Index:
+    """Open an ``index`` artifact (and the reader it was built with)."""
+    data = json.loads((Path(artifact_dir) / "index.json").read_text())
+    reader = get_reader(data["dataset"], data["root"], **data["options"])
+    samples = [SampleRef(s["id"], s["image"], s["label"], tuple(s["crop"]) if s["crop"] else None)
+               for s in data["samples"]]
+    return Index(data["dataset"], data["split"], data["n_classes"], data["class_names"], reader, samples,
+                 [tuple(s["size"]) for s in data["samples"]])
+
+
+@cache
+def _file_digest(path: Path) -> str:
+    return sha256_file(path)
+
+
+def _check(reader: DatasetReader, ref: SampleRef) -> dict[str, Any]:
+    size = check_sample(reader, ref)
+    row = asdict(ref)
+    row["size"] = list(size)
+    row["image_sha256"] = _file_digest(reader.root / ref.image)
+    row["label_sha256"] = _file_digest(reader.root / ref.label) if ref.label else None
+    return row
+
+
+@register_stage("prepare", version="1", kind="index", params=prepare_params, inputs=prepare_inputs,
+                args={"split": "train"}, make_target="make prepare")
+def prepare(ctx: StageContext) -> dict[str, Any]:
+    """Index and validate one split of a dataset."""
+    p = ctx.params
+    root = ctx.input("data").path if "data" in ctx.inputs else Path(p["root"])
+    if not root.is_dir():
+        raise InputError(f"dataset root {root} does not exist or is not a directory")
+    reader = get_reader(p["dataset"], root, **p["options"])
+    refs = reader.list_samples(p["split"])
+    if not refs:
+        raise InputError(f"{root}: split '{p['split']}' of dataset {p['dataset']} lists no samples")
+    rows, skipped = [], []
+    workers = max(1, int(ctx.cfg.dataset.check_workers))
+
+    def checked(ref: SampleRef) -> dict[str, Any] | InputError:
+        try:
+            return _check(reader, ref)
+        except InputError as exc:
+            return exc
+
+    with ThreadPoolExecutor(workers) as pool:
+        for ref, row in tqdm(zip(refs, pool.map(checked, refs)), total=len(refs), unit="img",
+                             desc=f"prepare {p['dataset']}/{p['split']}", leave=False):
+            if isinstance(row, InputError):
+                if p["on_bad_input"] == "error":
+                    raise InputError(f"{row} (set dataset.on_bad_input=skip to leave such samples out)")
+                skipped.append({"id": ref.id, "reason": str(row)})
+            else:
+                rows.append(row)
+    if not rows:
+        raise InputError(f"{root}: every sample of split '{p['split']}' is bad; first: {skipped[0]['reason']}")
+    index = {"dataset": p["dataset"], "split": p["split"], "root": str(root), "options": p["options"],
+             "n_classes": reader.n_classes, "class_names": list(reader.class_names), "samples": rows}
+    (ctx.out / "index.json").write_text(json.dumps(index))
+    return {"counts": {"samples": len(rows), "skipped": len(skipped)}, "skipped": skipped}
