@@ -316,9 +316,12 @@ def test_hnne_save_load_identical_and_seeded(tmp_path: Path) -> None:
 
 
 def test_hnne_memory_guard() -> None:
-    assert hnne_memory_estimate(1_000_000, 768) == 16 * 768 * 10**6 + 1024 * 10**6
-    check_hnne_memory(1000, 8, available_bytes=10**9)
-    with pytest.raises(ConfigError, match=r"h-NNE on a subsample of 1000000 tokens × 768 needs about 12\.4 GiB"):
+    assert hnne_memory_estimate(1_000_000, 768) == 16 * 768 * 10**6 + 1024 * 10**6 + 2**30
+    # below h-NNE's exact-1-NN threshold FINCH holds dense n×n distances
+    assert hnne_memory_estimate(1000, 10) == 16 * 10 * 1000 + 1024 * 1000 + 12 * 1000**2 + 2**30
+    assert hnne_memory_estimate(20_001, 10) < hnne_memory_estimate(20_000, 10)
+    check_hnne_memory(1000, 8, available_bytes=2**31)
+    with pytest.raises(ConfigError, match=r"h-NNE on a subsample of 1000000 tokens × 768 needs about 13\.4 GiB"):
         check_hnne_memory(1_000_000, 768, available_bytes=8 * 2**30)
     with pytest.raises(ConfigError, match="lower the number of tokens"):
         HNNEProjection.fit(clustered(600), dim=2, seed=0, available_bytes=1024)
