@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
 from pipeline.errors import ConfigError, InputError
-from stages.store import TokenStore, open_token_store
+
+if TYPE_CHECKING:
+    from stages.store import TokenStore
 
 STEGO_NUM_NEIGHBORS = 30
 """Columns of STEGO's ``nns`` files (``torch.topk(sims, 30)``)."""
@@ -50,6 +53,11 @@ def _normalize_np(x: np.ndarray) -> np.ndarray:
 
 def descriptors_from_store(store: TokenStore | str | os.PathLike[str], batch_size: int = 256) -> np.ndarray:
     """Global descriptors ``[N,D]`` float32 of every sample of a token store, streamed shard by shard."""
+    from stages.store import (  # zarr only where a store is read
+        TokenStore,
+        open_token_store,
+    )
+
     ts = store if isinstance(store, TokenStore) else open_token_store(store)
     out = np.empty((ts.n, ts.dim), dtype=np.float32)
     for batch in ts.iter_batches(batch_size, arrays=("tokens",), tokens_dtype=np.float16):
