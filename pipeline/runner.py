@@ -270,8 +270,26 @@ class TaskResult:
 def execute(task: Task, root: str, *, force: bool = False, device: str = "auto",
             lock_timeout_s: float | None = None) -> TaskResult:
     """Run one task unless its artifact exists; under the artifact's lock; publish atomically."""
+    return _execute(task, get_stage(task.stage), root, force=force, device=device, lock_timeout_s=lock_timeout_s)
+
+
+def import_artifact(root: str, *, stage: str, kind: str, version: str, params: dict[str, Any],
+                    write: Callable[[StageContext], dict[str, Any] | None], description: str = "") -> TaskResult:
+    """Publish an artifact made outside the stage graph (an imported checkpoint or store).
+
+    The id is content-addressed from ``stage``/``version``/``params`` like any other; ``write(ctx)``
+    fills ``ctx.out``; the result is checked against the ``kind`` spec and published atomically.
+    """
+    task = Task(stage, artifact_id(stage, version, params, {}), params, {}, {}, {})
+    pseudo = Stage(name=stage, version=version, kind=kind, run=write, params=lambda cfg, args: params,
+                   inputs=lambda cfg, args: {}, args={}, resumable=False, make_target=f"stegopipe {stage}",
+                   resources={}, description=description)
+    return _execute(task, pseudo, root)
+
+
+def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device: str = "auto",
+             lock_timeout_s: float | None = None) -> TaskResult:
     store = ArtifactStore(root)
-    stage = get_stage(task.stage)
     if store.exists(task.id) and not force:
         return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
     lock = store.lock(task.id)

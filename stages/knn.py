@@ -13,17 +13,27 @@ value is tied with an excluded one are ranked by key over the whole block).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import click
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from pipeline.cli import register_command
+from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
+from pipeline.runner import Request, StageContext, register_stage
 
 if TYPE_CHECKING:
     from stages.store import TokenStore
+
+TOKENS_STORE = "tokens.zarr"
+"""Name of the Zarr group inside a ``tokens`` artifact."""
 
 STEGO_NUM_NEIGHBORS = 30
 """Columns of STEGO's ``nns`` files (``torch.topk(sims, 30)``)."""
@@ -194,3 +204,75 @@ def load_nns_npz(path: str | os.PathLike[str], expected_n: int | None = None) ->
     if expected_n is not None and nns.shape[0] != expected_n:
         raise InputError(f"kNN file {p}: has {nns.shape[0]} rows but the dataset has {expected_n} samples")
     return nns.astype(np.int64, copy=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the knn stage
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KnnConfig:
+    """kNN pairs for STEGO positives (``knn.*``)."""
+
+    k: int = STEGO_NUM_NEIGHBORS  # neighbours per sample (column 0 is the sample itself)
+    block_size: int = 4096  # rows/columns per similarity block (memory ~ block_size²); runtime only
+    batch_size: int = 256  # samples per read when pooling descriptors; runtime only
+
+
+register_section("knn", KnnConfig)
+
+
+def _knn_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    if cfg.knn.k < 1:
+        raise ConfigError(f"knn.k={cfg.knn.k}: must be at least 1")
+    return {"k": int(cfg.knn.k)}
+
+
+def _knn_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
+    return {"tokens": Request("extract", cfg, {"split": "train"})}
+
+
+@register_stage("knn", version="1", kind="knn", params=_knn_params, inputs=_knn_inputs, make_target="make knn")
+def knn_stage(ctx: StageContext) -> dict[str, Any]:
+    """Cosine top-k neighbours of the pooled train tokens (STEGO's nns file)."""
+    from stages.store import open_token_store
+
+    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
+    start = time.perf_counter()
+    descriptors = descriptors_from_store(store, batch_size=ctx.cfg.knn.batch_size)
+    k = min(ctx.params["k"], store.n)
+    nns, sims = topk_neighbors(descriptors, k, block_size=ctx.cfg.knn.block_size,
+                               device=ctx.device, return_similarities=True)
+    save_nns_npz(ctx.out / "nns.npz", nns, sims)
+    notes = [f"knn.k={ctx.params['k']} exceeds the {store.n} train samples; stored k={k}"] if k < ctx.params["k"] else []
+    return {"counts": {"samples": store.n, "k": k}, "notes": notes,
+            "throughput": {"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)}}
+
+
+def stego_nns_name(attrs: Mapping[str, Any]) -> str:
+    """STEGO's file name for a kNN file, e.g. ``nns_vit_base_cocostuff27_train_five_224.npz``."""
+    model = "vit_base" if str(attrs.get("backbone", "")).startswith("vit_base") else "vit_small"
+    crop = attrs.get("crop") or "None"
+    return f"nns_{model}_{attrs.get('dataset')}_{attrs.get('split', 'train')}_{crop}_{attrs.get('res')}.npz"
+
+
+@register_command
+@click.command("export-nns")
+@click.argument("artifact")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def export_nns_cmd(artifact: str, directory: Path) -> None:
+    """Copy a knn ARTIFACT's neighbours into DIRECTORY under STEGO's nns_*.npz file name."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.config import load_config
+    from stages.store import open_token_store
+
+    store = ArtifactStore(load_config().run.root)
+    artifact = store.resolve(artifact)
+    manifest = store.manifest(artifact)
+    if manifest.get("stage") != "knn":
+        raise InputError(f"{artifact} is a {manifest.get('stage')} artifact, not a knn artifact")
+    tokens = open_token_store(store.path(manifest["inputs"]["tokens"]) / TOKENS_STORE)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = save_nns_npz(directory / stego_nns_name(tokens.attrs), load_nns_npz(store.path(artifact) / "nns.npz"))
+    click.echo(str(out))
