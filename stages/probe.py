@@ -1,26 +1,40 @@
 """Probes on a (frozen) code: the cosine cluster probe, the 1×1 linear probe, their training, and
 the prediction helpers used by evaluation (spec §5, §6.1, §7, §9).
 
-Layout: pure torch modules and math first (no I/O); the probe *stage* (artifacts, token store)
-builds on :class:`ProbeTrainer` and :func:`predict_batch`.
+Layout: pure torch modules and math first (no I/O); then the probe files (:func:`save_probes`,
+:func:`load_probes`, shared with ``train-head``) and the ``probe`` stage, which trains both probes
+on the codes of cached train tokens with :class:`ProbeTrainer`.
 
 Shapes: ``code`` is ``[B, dim, h, w]`` float; ``labels`` is ``[B, H, W]`` integer with ignored
 pixels outside ``[0, n_classes)`` (e.g. -1).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
-from pipeline.errors import ConfigError, InputError
+from pipeline.config import register_section
+from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.runner import Request, StageContext, register_stage
+from stages.select import open_projection, projection_params, projection_request
+from stages.store import open_token_store
 
 __all__ = [
     "PROBE_LR", "CLUSTER_CRF_ALPHA", "ClusterProbe", "LinearProbe", "ProbeTrainer",
     "upsample_code", "predict_batch",
+    "PROBES_FORMAT", "ProbeConfig", "Probes", "save_probes", "load_probes", "probe_request",
 ]
 
 PROBE_LR = 5e-3  # Adam learning rate of both probes (spec §5, §9.1)
@@ -262,3 +276,212 @@ def predict_batch(code_upsampled: torch.Tensor, linear: LinearProbe, cluster: Cl
         out["linear_unary"] = F.log_softmax(logits, dim=1)
         out["cluster_unary"] = F.log_softmax(CLUSTER_CRF_ALPHA * inner, dim=1)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# probe files (shared with train-head) and the ``probe`` stage
+# --------------------------------------------------------------------------------------------------
+#
+# Probe files: a folder holding
+#   probes.safetensors  float32 tensors ``linear.weight [n_classes, dim]``, ``linear.bias [n_classes]``,
+#                       ``cluster.clusters [n_clusters, dim]`` (un-normalised centroids);
+#   probes.json         ``{"format": 1, "n_classes", "n_clusters", "dim", "class_names",
+#                       "projection": {"kind", "in_dim", "dim"}, ...}`` (extra keys are free).
+# The probe artifact holds them at its root; a train-head artifact in ``<artifact>/probes/``.
+
+PROBES_FORMAT = 1
+PROBES_TENSORS = "probes.safetensors"
+PROBES_META = "probes.json"
+TOKENS_STORE = "tokens.zarr"  # the token store inside an ``extract`` artifact
+
+
+@dataclass
+class ProbeConfig:
+    """Probe training on cached tokens (``probe.*``); everything here changes the probes."""
+
+    steps: int = 5000  # optimisation steps (one step = one batch), spec §9.1 / §10.6
+    batch_size: int = 16  # training samples per step
+    lr: float = PROBE_LR  # Adam learning rate of both probes
+    extra_clusters: int = 0  # cluster probe gets n_classes + extra_clusters centroids
+    cluster_fit: str = "adam"  # adam (reference) | kmeans (mini-batch spherical k-means)
+
+
+register_section("probe", ProbeConfig)
+
+
+@dataclass
+class Probes:
+    """A loaded pair of probes and the metadata of their ``probes.json``."""
+
+    linear: LinearProbe
+    cluster: ClusterProbe
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.linear.dim
+
+    @property
+    def n_classes(self) -> int:
+        return self.linear.n_classes
+
+    @property
+    def n_clusters(self) -> int:
+        return self.cluster.n_clusters
+
+
+def save_probes(directory: Path, linear: LinearProbe, cluster: ClusterProbe, *, class_names: Sequence[str],
+                projection: Any, extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``probes.safetensors`` + ``probes.json`` (format above) into ``directory``.
+
+    ``projection`` is the projection the probes read codes from (its ``kind``, ``in_dim``, ``dim``
+    are recorded); ``extra`` adds JSON fields (training settings, losses, ...).
+    """
+    if linear.dim != cluster.dim or linear.dim != projection.dim:
+        raise InputError(f"probes: linear probe dim {linear.dim}, cluster probe dim {cluster.dim} and "
+                         f"projection dim {projection.dim} must agree")
+    if len(class_names) != linear.n_classes:
+        raise InputError(f"probes: {len(class_names)} class names for a linear probe of {linear.n_classes} classes")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "linear.weight": linear.weight.detach().reshape(linear.n_classes, linear.dim).cpu().float().numpy(),
+        "linear.bias": linear.bias.detach().cpu().float().numpy(),
+        "cluster.clusters": cluster.clusters.detach().cpu().float().numpy(),
+    }
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / PROBES_TENSORS))
+    meta = {**dict(extra or {}), "format": PROBES_FORMAT, "n_classes": linear.n_classes,
+            "n_clusters": cluster.n_clusters, "dim": linear.dim, "class_names": [str(c) for c in class_names],
+            "projection": {"kind": projection.kind, "in_dim": int(projection.in_dim), "dim": int(projection.dim)}}
+    (directory / PROBES_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_probes(directory: Path) -> Probes:
+    """Load probes saved by :func:`save_probes` (a probe artifact folder, or ``<head artifact>/probes``)."""
+    directory = Path(directory)
+    meta_path, tensors_path = directory / PROBES_META, directory / PROBES_TENSORS
+    if not meta_path.is_file() or not tensors_path.is_file():
+        raise ArtifactError(f"{directory}: holds no probes ({PROBES_META} and {PROBES_TENSORS} expected)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensors_path))
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{directory}: unreadable probe files ({exc})") from exc
+    if meta.get("format") != PROBES_FORMAT:
+        raise ArtifactError(f"{meta_path}: format {meta.get('format')!r}, this code reads {PROBES_FORMAT}")
+    try:
+        n, k, d = int(meta["n_classes"]), int(meta["n_clusters"]), int(meta["dim"])
+        weight, bias, clusters = tensors["linear.weight"], tensors["linear.bias"], tensors["cluster.clusters"]
+    except KeyError as exc:
+        raise ArtifactError(f"{directory}: probe files lack {exc}") from exc
+    if weight.shape != (n, d) or bias.shape != (n,) or clusters.shape != (k, d):
+        raise ArtifactError(f"{tensors_path}: tensor shapes {weight.shape}, {bias.shape}, {clusters.shape} do "
+                            f"not match n_classes={n}, n_clusters={k}, dim={d} of {meta_path}")
+    linear, cluster = LinearProbe(d, n), ClusterProbe(d, k)
+    linear.load_stego(torch.from_numpy(weight), torch.from_numpy(bias))
+    with torch.no_grad():
+        cluster.clusters.copy_(torch.from_numpy(clusters))
+    return Probes(linear.eval(), cluster.eval(), meta)
+
+
+def probe_request(cfg: Any) -> Request:
+    """The ``probe`` artifact (trained on the train split) for the projection selected by ``cfg``."""
+    return Request("probe", cfg)
+
+
+def _probe_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
+    return {"tokens": Request("extract", cfg, {"split": "train"}), **projection_request(cfg)}
+
+
+def _probe_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    p = cfg.probe
+    if p.cluster_fit not in ("adam", "kmeans"):
+        raise ConfigError(f"probe.cluster_fit={p.cluster_fit!r}: allowed values are adam, kmeans")
+    for key, low in (("steps", 1), ("batch_size", 1), ("extra_clusters", 0)):
+        if int(p[key]) < low:
+            raise ConfigError(f"probe.{key}={p[key]}: must be an integer >= {low}")
+    if not float(p.lr) > 0:
+        raise ConfigError(f"probe.lr={p.lr}: must be > 0")
+    return {"steps": int(p.steps), "batch_size": int(p.batch_size), "lr": float(p.lr),
+            "extra_clusters": int(p.extra_clusters), "cluster_fit": str(p.cluster_fit),
+            "projection": projection_params(cfg), "seed": int(cfg.projection.seed)}
+
+
+def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` batches of sample indices: seeded shuffled epochs (a short batch ends each epoch, as a
+    ``DataLoader(shuffle=True)`` would give)."""
+    rng = np.random.default_rng(seed)
+    batches: list[np.ndarray] = []
+    while len(batches) < steps:
+        order = rng.permutation(n)
+        batches += [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:steps]
+
+
+def _finite_or_none(values: Sequence[float]) -> list[float | None]:
+    return [v if np.isfinite(v) else None for v in values]
+
+
+@register_stage("probe", version="1", kind="probes", params=_probe_params, inputs=_probe_inputs,
+                make_target="make probe")
+def probe_stage(ctx: StageContext) -> dict[str, Any]:
+    """Train fresh linear + cluster probes on the codes of the cached train tokens.
+
+    Codes = projection(tokens) at feature resolution, random seeded batches; the linear loss upsamples
+    its logits to the label size (§5.2), the cluster loss is the hard cosine k-means loss at feature
+    resolution (§5.1). For ``projection.method=stego`` the head artifact already holds probes trained
+    concurrently with the head (§5.3); fresh ones are trained here anyway, so every projection is
+    probed with the same protocol.
+    """
+    p = ctx.params
+    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
+    attrs = store.attrs
+    for key in ("n_classes", "class_names"):
+        if key not in attrs:
+            raise InputError(f"token store {store.path}: group attribute {key!r} is missing")
+    n_classes, class_names = int(attrs["n_classes"]), list(attrs["class_names"])
+    provider = ctx.input("projection").path if "projection" in ctx.inputs else None
+    projection = open_projection(provider, store.dim, p["projection"]["dim"])
+    device = torch.device(ctx.device)
+    trainer = ProbeTrainer(projection.dim, n_classes, n_clusters=n_classes + p["extra_clusters"], lr=p["lr"],
+                           seed=p["seed"], cluster_fit=p["cluster_fit"], device=device)
+    batches = _batch_indices(store.n, p["batch_size"], p["steps"], p["seed"])
+
+    def read(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(store.get_tokens(indices)).permute(0, 3, 1, 2)
+        return tokens, torch.from_numpy(store.get_labels(indices).astype(np.int64))
+
+    history: list[dict[str, float]] = []
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tqdm(total=len(batches), desc="probe", unit="step", leave=False) as bar:
+        future = pool.submit(read, batches[0])
+        for step in range(len(batches)):
+            tokens, labels = future.result()
+            if step + 1 < len(batches):
+                future = pool.submit(read, batches[step + 1])
+            with torch.no_grad():
+                code = projection.transform_map(tokens.to(device))
+            history.append(trainer.step(code, labels))
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    trainer.linear.eval()
+    trainer.cluster.eval()
+    losses = {name: _finite_or_none([h[name] for h in history]) for name in ("linear", "cluster")}
+    note = ("the head artifact also holds probes trained with the head (§5.3); these are fresh probes"
+            if p["projection"]["method"] == "stego" else None)
+    save_probes(ctx.out, trainer.linear, trainer.cluster, class_names=class_names, projection=projection,
+                extra={"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
+                       "cluster_fit": p["cluster_fit"], "extra_clusters": p["extra_clusters"], "seed": p["seed"],
+                       "projection_method": p["projection"]["method"],
+                       "final_loss": {k: v[-1] for k, v in losses.items()}})
+    (ctx.out / "history.json").write_text(json.dumps(losses) + "\n")
+    h, w = store.grid
+    ctx.record(counts={"steps": len(history), "train_samples": store.n, "n_classes": n_classes,
+                       "n_clusters": trainer.cluster.n_clusters, "dim": projection.dim},
+               seeds={"probe": p["seed"]},
+               throughput={"steps_per_s": round(len(history) / seconds, 3),
+                           "tokens_per_s": round(sum(len(b) for b in batches) * h * w / seconds, 1)},
+               final_loss={k: v[-1] for k, v in losses.items()}, **({"note": note} if note else {}))
+    return {}
+
