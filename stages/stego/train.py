@@ -1,0 +1,531 @@
+"""``train-head``: STEGO segmentation heads trained from the token cache (spec §2, §3, §5.3, §9.1).
+
+The backbone is frozen and Dropout2d follows it, so training on cached tokens with the three channel
+dropout masks drawn on the fly is exactly STEGO's training. One step = one batch:
+
+1. ``batch_size`` anchors: consecutive slices of a seeded per-epoch permutation of the train samples
+   (an incomplete last slice is dropped); each anchor's kNN partner is ``nns[i, k]`` with ``k`` uniform
+   in ``1..num_neighbors`` (column 0 is the sample itself). Tokens of both are read from the token
+   store (random access, float16 → float32 ``[B, D, h, w]``), the next batch prefetched in a thread.
+2. Head forward of the anchors, then of the partners, with dropout masks (cluster1, cluster2,
+   returned features; spec §1.4), then the correlation loss (§3.3) and its weighted total (§3.4).
+3. Adam step of the head; the linear and cluster probes take one Adam step each on the detached code
+   (stop-gradient, §5.3) with the anchors' labels.
+4. Every ``val_every`` steps (and after the last one) the code of every cached val sample is
+   upsampled to the label size and both probes are scored (linear and Hungarian-matched cluster mIoU).
+   ``selection=best_val_cluster_miou`` keeps the state with the best val cluster mIoU (STEGO's model
+   selection, spec §9.1, §12.4); ``last`` keeps the final one. The chosen step goes in the manifest.
+
+Everything random derives from ``projection.seed``: head init, the batch/partner sampler, the dropout
+masks and loss samples (a generator on the device), the probe init. On CPU two runs give identical
+weights. On CUDA the head forward runs under autocast (``head.amp``: bfloat16 where supported, else
+float16 with a gradient scaler); the loss is computed in float32.
+
+``head.checkpoint=<file.ckpt>`` makes the stage import a released STEGO checkpoint instead
+(:mod:`stages.stego.importer`); its params are then only the file's sha256, so the artifact is the one
+``stegopipe import-stego <file.ckpt>`` creates.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.config import register_section
+from pipeline.errors import ConfigError, InputError, StageError
+from pipeline.runner import Request, StageContext, register_stage
+from stages.metrics import confusion_matrix, scores
+from stages.probe import ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code
+from stages.stego.head import PROJECTIONS, StegoHead
+from stages.stego.importer import checkpoint_sha256, write_imported
+from stages.stego.loss import PARTS, correlation_loss, correlation_term, sample, super_perm, weighted_total
+from stages.stego.projection import write_head_files
+from stages.store import TokenStore, open_token_store
+
+STAGE = "train-head"
+VERSION = "1"
+SELECTIONS = ("last", "best_val_cluster_miou")
+HIST_BINS = 100
+HIST_RANGE = (-1.0, 1.0)
+DIAG_BATCHES = 8  # batches whose feature correlations go into the histograms
+
+
+@dataclass
+class LossWeights:
+    """λ of the three partner kinds (spec §3.4); defaults: STEGO's train_config.yml."""
+
+    intra: float = 0.67  # λ_self
+    inter: float = 0.25  # λ_knn
+    neg: float = 0.63  # λ_rand
+
+
+@dataclass
+class LossShifts:
+    """b of the three partner kinds (spec §3.2); defaults: STEGO's train_config.yml."""
+
+    intra: float = 0.18  # b_self
+    inter: float = 0.12  # b_knn
+    neg: float = 0.46  # b_rand
+
+
+@dataclass
+class HeadConfig:
+    """The STEGO head and its training (``head.*``). Defaults are STEGO's ``train_config.yml`` (which
+    matches no paper model, spec §12.1); the dataset presets set the paper's Table 1 values."""
+
+    projection: str = "nonlinear"  # nonlinear | linear
+    dim: int = 70  # code width (projection.dim overrides it when projection.method=stego)
+    dropout: float = 0.1  # Dropout2d probability on the features
+    lr: float = 5e-4  # head Adam learning rate (probes: 5e-3)
+    steps: int = 5000  # one step = one batch
+    batch_size: int = 16
+    feature_samples: int = 11  # S: S×S sample points per image
+    neg_samples: int = 5
+    pointwise: bool = True
+    zero_clamp: bool = True
+    stabilize: bool = False
+    weights: LossWeights = field(default_factory=LossWeights)
+    shifts: LossShifts = field(default_factory=LossShifts)
+    num_neighbors: int = 7  # kNN partner uniform over nns columns 1..num_neighbors
+    true_permutation: bool = False  # negatives from a true derangement instead of STEGO's super_perm
+    val_every: int = 100  # validate every N steps (0: never; then selection must be last)
+    selection: str = "last"  # last | best_val_cluster_miou
+    extra_clusters: int = 0
+    amp: bool = True  # autocast on CUDA
+    checkpoint: str | None = None  # import this STEGO .ckpt instead of training
+    checkpoint_ignore_unknown: bool = False  # import even if the checkpoint has unknown state-dict keys
+    val_batch_size: int = 8  # runtime only: samples per validation forward
+
+
+register_section("head", HeadConfig)
+
+_RUNTIME_KEYS = ("checkpoint", "checkpoint_ignore_unknown", "val_batch_size")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that determines a trained head (the stage's params)."""
+
+    projection: str
+    dim: int
+    dropout: float
+    lr: float
+    steps: int
+    batch_size: int
+    feature_samples: int
+    neg_samples: int
+    pointwise: bool
+    zero_clamp: bool
+    stabilize: bool
+    weights: Mapping[str, float]
+    shifts: Mapping[str, float]
+    num_neighbors: int
+    true_permutation: bool
+    val_every: int
+    selection: str
+    extra_clusters: int
+    amp: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"head.{key}={value!r}: {allowed}")
+
+        need(self.projection in PROJECTIONS, "projection", self.projection, f"allowed values: {list(PROJECTIONS)}")
+        need(self.selection in SELECTIONS, "selection", self.selection, f"allowed values: {list(SELECTIONS)}")
+        for key in ("dim", "steps", "batch_size", "feature_samples", "neg_samples", "num_neighbors"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+        for key in ("val_every", "extra_clusters"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+        need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be a probability in [0, 1)")
+        need(self.lr > 0, "lr", self.lr, "must be > 0")
+        for group in ("weights", "shifts"):
+            mapping = getattr(self, group)
+            need(set(mapping) == set(PARTS), group, dict(mapping), f"needs exactly the keys {list(PARTS)}")
+            need(all(math.isfinite(v) for v in mapping.values()), group, dict(mapping), "values must be finite")
+        need(self.selection == "last" or self.val_every > 0, "selection", self.selection,
+             "best_val_cluster_miou needs validation (head.val_every > 0)")
+        need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
+             "a derangement of the batch needs head.batch_size >= 2")
+
+
+def settings_from_config(cfg: Any) -> TrainSettings:
+    """The :class:`TrainSettings` of a config: ``head.*`` (runtime keys dropped), ``projection.seed``,
+    and ``projection.dim`` as the head dim when ``projection.method == "stego"`` and it is set."""
+    head = {k: v for k, v in dict(cfg.head).items() if k not in _RUNTIME_KEYS}
+    head["weights"] = {k: float(v) for k, v in dict(cfg.head.weights).items()}
+    head["shifts"] = {k: float(v) for k, v in dict(cfg.head.shifts).items()}
+    if cfg.projection.method == "stego" and cfg.projection.dim is not None:
+        head["dim"] = int(cfg.projection.dim)
+    return TrainSettings(**head, seed=int(cfg.projection.seed))
+
+
+def head_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Imported: ``{"imported": sha256 of the file}``; trained: every :class:`TrainSettings` field."""
+    if cfg.head.checkpoint:
+        return {"imported": checkpoint_sha256(Path(cfg.head.checkpoint))}
+    return asdict(settings_from_config(cfg))
+
+
+def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
+    """tokens (extract train), knn, and the val tokens when validating; none for an import."""
+    if cfg.head.checkpoint:
+        return {}
+    inputs = {"tokens": Request("extract", cfg, {"split": "train"}), "knn": Request("knn", cfg)}
+    if cfg.head.val_every > 0:
+        inputs["val"] = Request("extract", cfg, {"split": "val"})
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """A trained head with its probes (at the chosen step), the chosen step, diagnostics, throughput
+    and the sub-seeds derived from the run's seed."""
+
+    head: StegoHead
+    linear: LinearProbe
+    cluster: ClusterProbe
+    chosen_step: int
+    diagnostics: dict[str, Any]
+    stats: dict[str, Any]
+    seeds: dict[str, int]
+
+
+def _sub_seeds(seed: int) -> dict[str, int]:
+    names = ("head", "sampler", "noise", "probes", "diagnostics")
+    children = np.random.SeedSequence(seed).spawn(len(names))
+    return {name: int(child.generate_state(1)[0]) for name, child in zip(names, children)}
+
+
+def batch_indices(n: int, nns: np.ndarray, batch_size: int, num_neighbors: int,
+                  rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless ``(anchors, partners)`` index batches: slices of a fresh permutation per epoch (an
+    incomplete last slice is dropped), partners ``nns[i, k]`` with ``k`` uniform in ``1..num_neighbors``."""
+    while True:
+        perm = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            anchors = perm[start:start + batch_size]
+            cols = rng.integers(1, num_neighbors + 1, size=batch_size)
+            yield anchors, nns[anchors, cols]
+
+
+def _to_device_map(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``[B, h, w, D]`` float16/32 numpy → float32 ``[B, D, h, w]`` on ``device`` (a channels-last view)."""
+    return torch.from_numpy(np.ascontiguousarray(tokens)).to(device).permute(0, 3, 1, 2).float()
+
+
+def feature_correlations(f1: torch.Tensor, f2: torch.Tensor, *, pointwise: bool) -> torch.Tensor:
+    """The feature correlation ``fd`` of spec §3.2 exactly as the loss uses it (centred if ``pointwise``)
+    for sampled features ``[B, D, S, S]`` → ``[B, S, S, S, S]``.
+
+    Computed by :func:`correlation_term` with constant unit codes: their code correlation is 1
+    everywhere, so the term with shift 0 and no clamping is ``-fd``.
+    """
+    ones = f1.new_ones((f1.shape[0], 1, *f1.shape[2:]))
+    term, _ = correlation_term(f1, f2, ones, ones, 0.0, pointwise=pointwise, zero_clamp=False, stabilize=False)
+    return -term
+
+
+class _CorrelationStats:
+    """Histograms, means and above-shift fractions of ``fd`` per partner kind."""
+
+    def __init__(self, shifts: Mapping[str, float]) -> None:
+        self.shifts = dict(shifts)
+        self.counts = {p: np.zeros(HIST_BINS, dtype=np.int64) for p in PARTS}
+        self.total = {p: 0.0 for p in PARTS}
+        self.above = {p: 0 for p in PARTS}
+        self.n = {p: 0 for p in PARTS}
+
+    @torch.no_grad()
+    def add(self, feats: torch.Tensor, feats_pos: torch.Tensor, settings: TrainSettings,
+            generator: torch.Generator) -> None:
+        b, s = feats.shape[0], settings.feature_samples
+        coords1 = torch.rand((b, s, s, 2), generator=generator, device=feats.device) * 2 - 1
+        coords2 = torch.rand((b, s, s, 2), generator=generator, device=feats.device) * 2 - 1
+        anchor = sample(feats, coords1)
+        partners = {"intra": anchor, "inter": sample(feats_pos, coords2),
+                    "neg": sample(feats[super_perm(b, generator=generator, device=feats.device)], coords2)}
+        for part, partner in partners.items():
+            fd = feature_correlations(anchor, partner, pointwise=settings.pointwise).float()
+            hist = torch.histc(fd.clamp(*HIST_RANGE), bins=HIST_BINS, min=HIST_RANGE[0], max=HIST_RANGE[1])
+            self.counts[part] += hist.cpu().numpy().astype(np.int64)
+            self.total[part] += float(fd.sum())
+            self.above[part] += int((fd > self.shifts[part]).sum())
+            self.n[part] += fd.numel()
+
+    def summary(self) -> dict[str, Any]:
+        edges = np.linspace(*HIST_RANGE, HIST_BINS + 1).tolist()
+        return {part: {"shift": self.shifts[part], "edges": edges, "counts": self.counts[part].tolist(),
+                       "mean": self.total[part] / self.n[part] if self.n[part] else None,
+                       "fraction_above_shift": self.above[part] / self.n[part] if self.n[part] else None}
+                for part in PARTS}
+
+
+@torch.no_grad()
+def validate(head: StegoHead, linear: LinearProbe, cluster: ClusterProbe, val: TokenStore, n_classes: int,
+             device: torch.device, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Score both probes on every sample of ``val``: eval-mode code → bilinear upsampling to the label
+    size → probes → confusion matrices → linear mIoU/accuracy and Hungarian-matched cluster mIoU/accuracy."""
+    conf_linear = np.zeros((n_classes, n_classes), dtype=np.int64)
+    conf_cluster = np.zeros((cluster.n_clusters, n_classes), dtype=np.int64)
+    for batch in val.iter_batches(batch_size, arrays=("tokens", "labels"), tokens_dtype=np.float16):
+        code = head.code(_to_device_map(batch["tokens"], device))
+        preds = predict_batch(upsample_code(code, val.label_hw), linear, cluster)
+        labels = batch["labels"]
+        conf_linear += confusion_matrix(preds["linear"], labels, n_classes)
+        conf_cluster += confusion_matrix(preds["cluster"], labels, n_classes, cluster.n_clusters)
+    out = {}
+    for name, conf, hungarian in (("linear", conf_linear, False), ("cluster", conf_cluster, True)):
+        s = scores(conf, hungarian)
+        out[name] = {"miou": s["miou"], "accuracy": s["accuracy"]}
+    return out
+
+
+def _snapshot(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n_classes: int,
+               val: TokenStore | None = None, device: str | torch.device = "cpu", val_batch_size: int = 8,
+               progress: bool = False) -> TrainResult:
+    """Train a STEGO head and its probes on cached tokens (see the module docstring).
+
+    ``train``/``val``: token stores (``val`` is required when ``settings.val_every > 0``); ``nns``: int
+    ``[N, K]`` kNN indices of the train samples with ``K > num_neighbors``; ``n_classes``: label classes.
+    Deterministic for fixed inputs and settings on CPU.
+    """
+    dev = torch.device(device)
+    n = train.n
+    if nns.ndim != 2 or nns.shape[0] != n:
+        raise InputError(f"kNN table has shape {list(nns.shape)}, expected [{n}, K] for the {n} train samples")
+    if nns.shape[1] <= settings.num_neighbors:
+        raise ConfigError(f"head.num_neighbors={settings.num_neighbors} needs kNN tables with more than "
+                          f"{settings.num_neighbors} columns (column 0 is the sample itself); this one has "
+                          f"{nns.shape[1]} (raise knn.k)")
+    if nns.size and (nns.min() < 0 or nns.max() >= n):
+        raise InputError(f"kNN table holds indices outside [0, {n})")
+    if settings.batch_size > n:
+        raise ConfigError(f"head.batch_size={settings.batch_size} exceeds the {n} train samples")
+    if settings.val_every > 0:
+        if val is None:
+            raise InputError("validation (head.val_every > 0) needs the val token store")
+        if val.dim != train.dim:
+            raise InputError(f"val tokens have width {val.dim} but train tokens {train.dim}")
+
+    seeds = _sub_seeds(settings.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeds["head"])
+        head = StegoHead(train.dim, settings.dim, settings.projection, settings.dropout)
+    head = head.to(dev)
+    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
+    probes = ProbeTrainer(settings.dim, n_classes, n_clusters=n_classes + settings.extra_clusters,
+                          seed=seeds["probes"], device=dev)
+    noise = torch.Generator(device=dev).manual_seed(seeds["noise"])
+    diag_noise = torch.Generator(device=dev).manual_seed(seeds["diagnostics"])
+    sampler = batch_indices(n, nns, settings.batch_size, settings.num_neighbors,
+                            np.random.default_rng(seeds["sampler"]))
+    use_amp = settings.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    loss_opts = {"feature_samples": settings.feature_samples, "neg_samples": settings.neg_samples,
+                 "shifts": settings.shifts, "pointwise": settings.pointwise, "zero_clamp": settings.zero_clamp,
+                 "stabilize": settings.stabilize, "true_permutation": settings.true_permutation}
+    diag_every = max(1, settings.steps // DIAG_BATCHES)
+    curves: dict[str, list[float | None]] = {k: [] for k in (*PARTS, "linear", "cluster", "total",
+                                                              "cd_intra", "cd_inter", "cd_neg")}
+    correlations = _CorrelationStats(settings.shifts)
+    validations: list[dict[str, Any]] = []
+    best: tuple[float, int, list[dict[str, torch.Tensor]]] | None = None
+    wait_s = 0.0
+
+    def read(batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        anchors, partners = batch
+        tokens = train.get("tokens", np.concatenate([anchors, partners]))
+        return tokens, train.get_labels(anchors).astype(np.int64)
+
+    start = time.perf_counter()
+    bar = tqdm(total=settings.steps, desc=STAGE, unit="step", disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, next(sampler))
+        for step in range(1, settings.steps + 1):
+            t0 = time.perf_counter()
+            tokens, labels = pending.result()
+            wait_s += time.perf_counter() - t0
+            if step < settings.steps:
+                pending = pool.submit(read, next(sampler))
+            both = _to_device_map(tokens, dev)
+            feats, feats_pos = both[:settings.batch_size], both[settings.batch_size:]
+            head.train()
+            with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
+                drop_feats, code = head(feats, train_dropout=True, generator=noise)
+                drop_pos, code_pos = head(feats_pos, train_dropout=True, generator=noise)
+            losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
+                                      generator=noise, **loss_opts)
+            total = weighted_total(losses, settings.weights)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            probe_losses = probes.step(code.detach(), torch.from_numpy(labels))
+            values = torch.stack([losses[p] for p in PARTS] + [total] +
+                                 [losses[f"cd_{p}"] for p in PARTS]).tolist()
+            if not math.isfinite(values[3]):
+                raise StageError(f"{STAGE}: the loss became {values[3]} at step {step}; try head.amp=false "
+                                 f"or a smaller head.lr (now {settings.lr})")
+            for key, value in zip((*PARTS, "total", "cd_intra", "cd_inter", "cd_neg"), values):
+                curves[key].append(value)
+            for key in ("linear", "cluster"):
+                curves[key].append(probe_losses[key] if math.isfinite(probe_losses[key]) else None)
+            if (step - 1) % diag_every == 0:
+                correlations.add(drop_feats.detach().float(), drop_pos.detach().float(), settings, diag_noise)
+            if settings.val_every and (step % settings.val_every == 0 or step == settings.steps):
+                head.eval()
+                metrics = validate(head, probes.linear, probes.cluster, val, n_classes, dev, val_batch_size)
+                validations.append({"step": step, **metrics})
+                score = metrics["cluster"]["miou"]
+                score = score if math.isfinite(score) else -math.inf
+                if settings.selection == "best_val_cluster_miou" and (best is None or score > best[0]):
+                    best = (score, step, _snapshot(head, probes.linear, probes.cluster))
+                bar.set_postfix(cluster_miou=f"{metrics['cluster']['miou']:.1f}")
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+
+    chosen = settings.steps
+    if best is not None:
+        _, chosen, states = best
+        for module, state in zip((head, probes.linear, probes.cluster), states):
+            module.load_state_dict(state)
+    head.eval()
+    diagnostics = {
+        "steps": list(range(1, settings.steps + 1)),
+        "curves": curves,
+        "validation": validations,
+        "feature_correlation": correlations.summary(),
+        "chosen_step": chosen,
+        "selection": settings.selection,
+    }
+    stats = {"wall_s": round(elapsed, 3), "steps_per_s": round(settings.steps / elapsed, 3),
+             "samples_per_s": round(settings.steps * settings.batch_size / elapsed, 3),
+             "data_wait_fraction": round(wait_s / elapsed, 4),
+             "amp": str(amp_dtype).removeprefix("torch.") if use_amp else None}
+    return TrainResult(head.cpu(), probes.linear.cpu(), probes.cluster.cpu(), chosen, diagnostics, stats, seeds)
+
+
+# --------------------------------------------------------------------------------------------------
+# diagnostics figures
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
+    """Write ``loss_curves.png`` (losses, code correlations, val mIoU) and ``feature_correlations.png``
+    (histogram of ``fd`` per partner kind with its shift marked) into ``out``; returns the file names."""
+    from matplotlib.figure import Figure
+
+    steps = diagnostics["steps"]
+    curves = diagnostics["curves"]
+    fig = Figure(figsize=(14, 3.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    groups = (("correlation losses", (*PARTS, "total")), ("probe losses", ("linear", "cluster")),
+              ("mean code correlation", ("cd_intra", "cd_inter", "cd_neg")))
+    for ax, (title, keys) in zip(axes, groups):
+        for key in keys:
+            ys = [np.nan if v is None else v for v in curves[key]]
+            ax.plot(steps, ys, label=key, linewidth=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    ax = axes[3]
+    val = diagnostics["validation"]
+    for probe in ("linear", "cluster"):
+        ax.plot([v["step"] for v in val], [v[probe]["miou"] for v in val], marker=".", label=f"{probe} mIoU")
+    ax.axvline(diagnostics["chosen_step"], color="grey", linestyle=":", label="chosen step")
+    ax.set_title("validation")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    fig.savefig(out / "loss_curves.png", dpi=100)
+
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    for ax, part in zip(fig.subplots(1, 3), PARTS):
+        info = diagnostics["feature_correlation"][part]
+        edges = np.asarray(info["edges"])
+        ax.stairs(info["counts"], edges, fill=True, alpha=0.6)
+        ax.axvline(info["shift"], color="red", label=f"shift {info['shift']:.3g}")
+        if info["mean"] is not None:
+            ax.axvline(info["mean"], color="black", linestyle="--", label=f"mean {info['mean']:.3g}")
+        frac = info["fraction_above_shift"]
+        ax.set_title(f"{part}: {100 * frac:.1f}% above shift" if frac is not None else part)
+        ax.set_xlabel("feature correlation (as in the loss)")
+        ax.legend(fontsize=7)
+    fig.savefig(out / "feature_correlations.png", dpi=100)
+    return ["loss_curves.png", "feature_correlations.png"]
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf → None, numpy scalars → Python (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+@register_stage(STAGE, version=VERSION, kind="head", params=head_params, inputs=head_inputs,
+                make_target="make train-head", resources={"GPU": 1})
+def run_train_head(ctx: StageContext) -> dict[str, Any]:
+    """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
+    cfg = ctx.cfg
+    if "imported" in ctx.params:
+        return write_imported(Path(cfg.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
+                              ignore_unknown=bool(cfg.head.checkpoint_ignore_unknown))
+    from stages.knn import load_nns_npz
+
+    settings = TrainSettings(**ctx.params)
+    train = open_token_store(ctx.input("tokens").path / "tokens.zarr")
+    n_classes = train.attrs.get("n_classes")
+    if not isinstance(n_classes, int) or n_classes < 1:
+        raise InputError(f"token store {train.path}: attribute n_classes is {n_classes!r}, expected an integer >= 1")
+    nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
+    val = open_token_store(ctx.input("val").path / "tokens.zarr") if "val" in ctx.inputs else None
+    result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
+                        val_batch_size=int(cfg.head.val_batch_size), progress=True)
+    info = {"source": "trained", "chosen_step": result.chosen_step, "selection": settings.selection,
+            "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}
+    class_names = list(train.attrs.get("class_names") or [f"class_{i}" for i in range(n_classes)])
+    write_head_files(ctx.out, result.head, result.linear, result.cluster, class_names=class_names, info=info)
+    diagnostics = _json_safe(copy.deepcopy(result.diagnostics))
+    (ctx.out / "diagnostics.json").write_text(json.dumps(diagnostics) + "\n")
+    plot_diagnostics(diagnostics, ctx.out)
+    chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
+    final = {k: v[-1] for k, v in diagnostics["curves"].items()}
+    return {"counts": {"train_samples": train.n, "val_samples": val.n if val else 0, "steps": settings.steps},
+            "chosen_step": result.chosen_step, "selection": settings.selection, "val_at_chosen_step": chosen_val,
+            "final_losses": final, "throughput": result.stats, "seeds": {"projection.seed": settings.seed,
+                                                                          **result.seeds}}
