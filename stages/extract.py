@@ -1,0 +1,473 @@
+"""``extract`` stage: frozen DINO tokens of one split → a sharded Zarr ``tokens`` artifact.
+
+Per sample (reference §1.5): decode image and label through the prepared index's reader, resize the
+shorter side to ``res`` (nearest) and center-crop, ImageNet-normalise; forward the frozen backbone
+(:func:`stages.backbones.dino_features`, ``torch.inference_mode``, fp16 autocast on CUDA when
+``extract.amp``); for val also the horizontally flipped image (its tokens are stored as computed,
+evaluation flips them back) and the cropped uint8 image (for the CRF). Tokens go to
+``<artifact>/tokens.zarr`` (layout: :mod:`stages.store`) one shard at a time.
+
+Pipelined: a thread pool decodes and transforms samples ahead of the forward (bounded prefetch), the
+main thread runs the model in batches of ``extract.batch_size`` that never cross a shard boundary (so
+a shard's bytes do not depend on which shards ran before it), and a writer thread writes finished
+shards (at most two queued). A shard is marked done only after its data is written, so a run killed
+at any moment resumes with the missing shards and ends bit-identical to an uninterrupted one (CPU).
+
+Scale-out (``extract.dask_shards=true``): when the stage runs inside a Dask worker or
+``run.scheduler`` is set, each missing shard becomes an independent Dask task (resources
+``{"GPU": 1}`` on CUDA) that loads the backbone once per worker process and writes its shard; the
+stage marks a shard done when its future completes. The store must then live on a filesystem the
+workers share.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.artifacts import sha256_file
+from pipeline.config import register_section
+from pipeline.errors import ConfigError, InputError
+from pipeline.runner import Request, StageContext, register_stage
+from stages.backbones import BACKBONES, POS_INTERP_MODES, dino_features, load_backbone
+from stages.datasets.base import SampleRef
+from stages.datasets.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop,
+    preprocess_image,
+    preprocess_label,
+    resize_shorter_nearest,
+)
+from stages.prepare import SPLITS, Index, load_index
+from stages.store import create_token_store, open_token_store, shard_ranges, write_shard
+
+TOKENS_STORE = "tokens.zarr"
+_PARTIAL = f"{TOKENS_STORE}.partial-"
+_WRITES_IN_FLIGHT = 2
+_PREFETCH_BATCHES = 4
+_MODEL_LOCK = threading.Lock()
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen backbone (``backbone.*``)."""
+
+    name: str = "vit_small_patch8_224.dino"  # a key of stages.backbones.BACKBONES
+    weights: str = "random"  # random | dino | timm | a checkpoint path
+    weights_dir: str | None = None  # folder holding the official DINO file (weights=dino)
+    seed: int = 0  # init seed of weights=random
+    pos_interp: str = "dino"  # dino | timm (DINOv2 always uses timm)
+    trust_checkpoint: bool = False  # allow checkpoints that need arbitrary unpickling
+
+
+@dataclass
+class ExtractConfig:
+    """Token extraction (``extract.*``); batch_size, loader_workers and dask_shards are runtime only."""
+
+    train_res: int = 224
+    val_res: int = 320
+    shard_size: int = 64  # samples per shard file (changes the layout, so part of the id)
+    batch_size: int = 16
+    loader_workers: int = 2  # decode/transform threads (0: decode on the main thread)
+    amp: bool = True  # fp16 autocast on CUDA (no effect on CPU)
+    flip_val: bool = True  # store tokens_flip (tokens of the flipped image) for val
+    rgb_val: bool = True  # store the cropped uint8 image for val (CRF)
+    dask_shards: bool = False  # shards as Dask tasks when inside a Dask worker or run.scheduler is set
+
+
+register_section("backbone", BackboneConfig)
+register_section("extract", ExtractConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# params
+# --------------------------------------------------------------------------------------------------
+
+
+@cache
+def _file_tag(prefix: str, path: str, size: int, mtime_ns: int) -> str:
+    """``prefix:<sha256[:16]>`` of a weights file (cached per path, size and mtime)."""
+    return f"{prefix}:{sha256_file(Path(path))[:16]}"
+
+
+def _weights_file_tag(prefix: str, path: Path, key: str) -> str:
+    if not path.is_file():
+        raise ConfigError(f"{key}: weights file {path} does not exist")
+    stat = path.stat()
+    return _file_tag(prefix, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def weights_tag(backbone: Any) -> str:
+    """The tag :func:`load_backbone` will report for ``backbone.*``, computed without loading it.
+
+    ``random-seed<k>``, ``timm``, ``dino:<sha16>`` or ``file:<sha16>`` of the weights file's content, so
+    the artifact id follows the weights, not their path. File hashes are cached per (path, size, mtime).
+    """
+    name, weights = backbone.name, backbone.weights
+    if weights == "random":
+        return f"random-seed{int(backbone.seed)}"
+    if weights == "timm":
+        return "timm"
+    if weights == "dino":
+        spec = BACKBONES[name]
+        if spec.dino_file is None:
+            raise ConfigError(f"backbone.weights=dino is not available for backbone.name={name} (no official "
+                              "DINO-v1 file); allowed: random, timm or a checkpoint path")
+        if not backbone.weights_dir:
+            raise ConfigError(f"backbone.weights=dino needs backbone.weights_dir: a folder holding "
+                              f"{spec.dino_file} (download: {spec.dino_url})")
+        path = Path(backbone.weights_dir).expanduser() / spec.dino_file
+        if not path.is_file():
+            raise ConfigError(f"backbone.weights_dir={backbone.weights_dir}: no {spec.dino_file} there; "
+                              f"download it from {spec.dino_url}")
+        return _weights_file_tag("dino", path, "backbone.weights_dir")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights={weights!r}: expected random, dino, timm or an existing checkpoint file")
+    return _weights_file_tag("file", path, "backbone.weights")
+
+
+def _check_positive(key: str, value: Any) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    return value
+
+
+def extract_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    """What changes the tokens: backbone + weights, pos-embed mode, resolution, stored extras, layout, amp."""
+    split = args["split"]
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+    backbone, extract = cfg.backbone, cfg.extract
+    if backbone.name not in BACKBONES:
+        raise ConfigError(f"backbone.name={backbone.name!r}: expected one of {', '.join(sorted(BACKBONES))}")
+    if backbone.pos_interp not in POS_INTERP_MODES:
+        raise ConfigError(f"backbone.pos_interp={backbone.pos_interp!r}: expected one of {', '.join(POS_INTERP_MODES)}")
+    spec = BACKBONES[backbone.name]
+    res_key = f"extract.{split}_res"
+    res = _check_positive(res_key, extract[f"{split}_res"])
+    if res % spec.patch:
+        raise ConfigError(f"{res_key}={res}: must be a multiple of the patch size {spec.patch} of {backbone.name}")
+    for key in ("shard_size", "batch_size"):
+        _check_positive(f"extract.{key}", extract[key])
+    if extract.loader_workers < 0:
+        raise ConfigError(f"extract.loader_workers={extract.loader_workers}: must be >= 0")
+    return {
+        "split": split,
+        "backbone": backbone.name,
+        "weights_tag": weights_tag(backbone),
+        "pos_interp": backbone.pos_interp if spec.family == "dino" else "timm",
+        "res": res,
+        "flip": split == "val" and bool(extract.flip_val),
+        "rgb": split == "val" and bool(extract.rgb_val),
+        "shard_size": int(extract.shard_size),
+        "amp": bool(extract.amp),
+    }
+
+
+def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
+    return {"index": Request("prepare", cfg, {"split": args["split"]})}
+
+
+# --------------------------------------------------------------------------------------------------
+# per-sample transform and per-shard forward (shared by the local and the Dask path)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One preprocessed sample: normalised image ``[3,R,R]`` float32, label ``[R,R]`` int16, rgb ``[R,R,3]`` uint8."""
+
+    image: np.ndarray
+    label: np.ndarray
+    rgb: np.ndarray
+
+
+def load_sample(index: Index, ref: SampleRef, res: int) -> Sample:
+    """Decode ``ref`` through the index's reader and apply the reference transform at ``res``."""
+    crop = center_crop(resize_shorter_nearest(index.reader.load_image(ref), res), res)
+    label = preprocess_label(index.reader.load_label(ref), res).astype(np.int16, copy=False)
+    return Sample(preprocess_image(crop, res), label, crop)
+
+
+def forward_tokens(model: torch.nn.Module, images: torch.Tensor, *, amp: bool) -> np.ndarray:
+    """``[B,3,H,W]`` images (on the model's device) → float16 tokens ``[B,h,w,D]`` (numpy, CPU).
+
+    ``torch.inference_mode``; fp16 autocast when ``amp`` and the images are on CUDA.
+    """
+    on_cuda = images.device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.float16, enabled=amp and on_cuda):
+        feats = dino_features(model, images)
+    return feats.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which backbone to load, where, and the weights tag it must report."""
+
+    name: str
+    weights: str
+    weights_dir: str | None
+    seed: int
+    pos_interp: str
+    trust_checkpoint: bool
+    weights_tag: str
+    device: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Plain, picklable settings of one extraction (travel to Dask workers)."""
+
+    index_path: str
+    res: int
+    flip: bool
+    rgb: bool
+    amp: bool
+    batch_size: int
+    loader_workers: int
+    model: ModelSettings
+
+
+def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Settings) -> dict[str, np.ndarray]:
+    """Arrays of one shard for :func:`stages.store.write_shard` (ids excluded).
+
+    The model runs on batches of ``settings.batch_size`` counted from the shard's first sample.
+    """
+    tokens, flipped = [], []
+    device = torch.device(settings.model.device)
+    for start in range(0, len(samples), settings.batch_size):
+        batch = np.stack([s.image for s in samples[start:start + settings.batch_size]])
+        images = torch.from_numpy(batch).to(device, non_blocking=True)
+        tokens.append(forward_tokens(model, images, amp=settings.amp))
+        if settings.flip:
+            flipped.append(forward_tokens(model, images.flip(-1), amp=settings.amp))
+    out = {"tokens": np.concatenate(tokens), "labels": np.stack([s.label for s in samples])}
+    if settings.flip:
+        out["tokens_flip"] = np.concatenate(flipped)
+    if settings.rgb:
+        out["rgb"] = np.stack([s.rgb for s in samples])
+    return out
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, computed by ``workers`` threads at most ``depth`` items ahead."""
+    if workers == 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="extract-load") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def load_model(m: ModelSettings) -> torch.nn.Module:
+    """The frozen backbone on ``m.device``; InputError if its weights are not the ones planned (tag).
+
+    Serialised per process: the seeded random init goes through torch's global RNG, so two threads
+    building models at once (Dask shard tasks) would get different weights.
+    """
+    with _MODEL_LOCK:
+        model, info = load_backbone(m.name, m.weights, weights_dir=m.weights_dir, seed=m.seed,
+                                    trust_checkpoint=m.trust_checkpoint, pos_interp=m.pos_interp)  # type: ignore[arg-type]
+    if info.weights_tag != m.weights_tag:
+        raise InputError(f"backbone weights {m.weights} changed since the run was planned: planned "
+                         f"{m.weights_tag}, loaded {info.weights_tag}; re-run extract")
+    return model.to(m.device)
+
+
+@lru_cache(maxsize=1)
+def _worker_model(m: ModelSettings) -> torch.nn.Module:
+    """The backbone of a Dask worker process, loaded once (per backbone settings)."""
+    return load_model(m)
+
+
+@cache
+def _worker_index(path: str) -> Index:
+    return load_index(Path(path))
+
+
+def extract_shard_task(store_path: str, shard: int, start: int, stop: int, settings: Settings) -> int:
+    """Dask task: compute and write shard ``shard`` (samples ``[start, stop)``); returns its sample count."""
+    index = _worker_index(settings.index_path)
+    model = _worker_model(settings.model)
+    refs = index.samples[start:stop]
+    samples = list(prefetch(lambda ref: load_sample(index, ref, settings.res), refs, settings.loader_workers,
+                            max(1, 2 * settings.loader_workers)))
+    write_shard(store_path, shard, **compute_shard(model, samples, settings), ids=[r.id for r in refs])
+    return stop - start
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+def _open_or_create_store(out: Path, layout: dict[str, Any], attrs: dict[str, Any]) -> Path:
+    """The staging store: reopened when an interrupted run left one, else created atomically."""
+    path = out / TOKENS_STORE
+    for stale in out.glob(f"{_PARTIAL}*"):
+        shutil.rmtree(stale)
+    if path.exists():
+        store = open_token_store(path)
+        found = {"n": store.n, "grid": store.grid, "dim": store.dim, "label_hw": store.label_hw,
+                 "shard_size": store.shard_size, "with_rgb": store.has_rgb, "with_flip": store.has_flip}
+        if found != layout or store.attrs != attrs:
+            raise InputError(f"{path}: an interrupted run left a token store with another layout or attributes "
+                             f"({found}, expected {layout}); delete the staging folder {out} and re-run")
+        return path
+    partial = out / f"{_PARTIAL}{os.getpid()}"
+    create_token_store(partial, attrs=attrs, **layout)
+    os.replace(partial, path)
+    return path
+
+
+@contextlib.contextmanager
+def _dask_client(run_cfg: Any) -> Iterator[Any]:
+    """A client when running inside a Dask worker or with ``run.scheduler`` set, else None."""
+    from distributed import Client, get_worker, worker_client
+
+    try:
+        get_worker()
+    except ValueError:
+        if not run_cfg.scheduler:
+            yield None
+            return
+        with Client(run_cfg.scheduler) as client:
+            yield client
+        return
+    with worker_client() as client:
+        yield client
+
+
+def _run_local(ctx: StageContext, store: Path, index: Index, todo: list[tuple[int, str]],
+               ranges: list[tuple[int, int]], settings: Settings, bar: tqdm) -> None:
+    model = load_model(settings.model)
+    shard_of = {s: key for s, key in todo}
+
+    def work() -> Iterator[tuple[int, int]]:
+        for shard, _ in todo:
+            a, b = ranges[shard]
+            yield from ((shard, i) for i in range(a, b))
+
+    samples = prefetch(lambda item: (item[0], load_sample(index, index.samples[item[1]], settings.res)), work(),
+                       settings.loader_workers, _PREFETCH_BATCHES * settings.batch_size)
+    in_flight: deque[tuple[str, Future[None]]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(in_flight) > limit:
+            key, future = in_flight.popleft()
+            future.result()
+            ctx.shard_finished(key)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer:
+        buffer: list[Sample] = []
+        for shard, sample in samples:
+            buffer.append(sample)
+            a, b = ranges[shard]
+            if len(buffer) < b - a:
+                continue
+            arrays = compute_shard(model, buffer, settings)
+            ids = [ref.id for ref in index.samples[a:b]]
+            in_flight.append((shard_of[shard], writer.submit(write_shard, store, shard, **arrays, ids=ids)))
+            bar.update(b - a)
+            buffer = []
+            settle(_WRITES_IN_FLIGHT)
+        settle(0)
+
+
+def _run_dask(ctx: StageContext, client: Any, store: Path, todo: list[tuple[int, str]],
+              ranges: list[tuple[int, int]], settings: Settings, bar: tqdm) -> None:
+    from distributed import as_completed
+
+    resources = {"GPU": 1} if settings.model.device == "cuda" else None
+    futures = {}
+    for shard, key in todo:
+        a, b = ranges[shard]
+        future = client.submit(extract_shard_task, str(store), shard, a, b, settings, pure=False,
+                               key=f"extract-{ctx.task.id}-shard{shard}-{time.time_ns()}", resources=resources)
+        futures[future] = key
+    for future in as_completed(futures):
+        bar.update(future.result())
+        ctx.shard_finished(futures[future])
+
+
+@register_stage("extract", version="1", kind="tokens", params=extract_params, inputs=extract_inputs,
+                args={"split": "train"}, resumable=True, make_target="make extract",
+                resources={"GPU": 1})
+def extract(ctx: StageContext) -> dict[str, Any]:
+    """Frozen-backbone tokens of one split into a sharded Zarr store."""
+    p, cfg = ctx.params, ctx.cfg
+    index_path = ctx.input("index").path
+    index = load_index(index_path)
+    spec = BACKBONES[p["backbone"]]
+    settings = Settings(
+        index_path=str(index_path), res=p["res"], flip=p["flip"], rgb=p["rgb"], amp=p["amp"],
+        batch_size=int(cfg.extract.batch_size), loader_workers=int(cfg.extract.loader_workers),
+        model=ModelSettings(name=p["backbone"], weights=str(cfg.backbone.weights), weights_dir=cfg.backbone.weights_dir,
+                            seed=int(cfg.backbone.seed), pos_interp=p["pos_interp"],
+                            trust_checkpoint=bool(cfg.backbone.trust_checkpoint), weights_tag=p["weights_tag"],
+                            device=ctx.device),
+    )
+    grid = (p["res"] // spec.patch, p["res"] // spec.patch)
+    attrs = {"dataset": index.dataset, "split": index.split, "n_classes": index.n_classes,
+             "class_names": list(index.class_names), "backbone": p["backbone"], "weights_tag": p["weights_tag"],
+             "patch": spec.patch, "pos_interp": p["pos_interp"], "res": p["res"],
+             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                               "resize": "shorter side, nearest", "crop": "center"}}
+    layout = {"n": len(index), "grid": grid, "dim": spec.embed_dim, "label_hw": (p["res"], p["res"]),
+              "shard_size": p["shard_size"], "with_rgb": p["rgb"], "with_flip": p["flip"]}
+    store = _open_or_create_store(ctx.out, layout, attrs)
+    ranges = shard_ranges(len(index), p["shard_size"])
+    keys = [f"{s:06d}" for s in range(len(ranges))]
+    todo = [(int(key), key) for key in ctx.shards(keys)]
+    n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)
+
+    start = time.perf_counter()
+    with _dask_client(cfg.run) if cfg.extract.dask_shards else contextlib.nullcontext() as client, \
+            tqdm(total=n_todo, unit="img", desc=f"extract {index.dataset}/{index.split}@{p['res']}",
+                 leave=False) as bar:
+        if client is None:
+            executor = "local"
+            if todo:
+                _run_local(ctx, store, index, todo, ranges, settings, bar)
+        else:
+            executor = "dask"
+            _run_dask(ctx, client, store, todo, ranges, settings, bar)
+    wall = time.perf_counter() - start
+    return {
+        "counts": {"samples": len(index), "shards": len(ranges), "samples_computed": n_todo},
+        "throughput_img_s": round(n_todo / wall, 2) if n_todo and wall > 0 else None,
+        "extract_wall_s": round(wall, 3),
+        "executor": executor,
+        "backbone": {"name": p["backbone"], "weights_tag": p["weights_tag"], "patch": spec.patch,
+                     "embed_dim": spec.embed_dim, "pos_interp": p["pos_interp"]},
+        "grid": list(grid),
+        "runtime": {"batch_size": settings.batch_size, "loader_workers": settings.loader_workers,
+                    "device": ctx.device},
+    }
