@@ -1,0 +1,409 @@
+"""``evaluate`` stage: probes on the cached val split → confusion matrices, scores, optional dense CRF.
+
+Protocol (spec §6.1, §7, §9.2): for each val sample, ``code = projection(tokens)`` at feature resolution
+(with ``evaluate.flip_tta``: ``(code + flip_W(projection(tokens_flip))) / 2``), bilinearly upsampled
+(``align_corners=False``) to the label size; linear probe → argmax, cluster probe → argmax cosine. The
+linear confusion matrix is scored as it stands, the cluster one after Hungarian matching
+(:func:`stages.metrics.scores`). With ``evaluate.crf`` both probes' predictions are also refined by the
+dense CRF (:func:`stages.crf.crf_map`, spawn pool, per-image timeout) from the unaries
+``log_softmax(logits)`` (linear) and ``log_softmax(2·cos)`` (cluster), then scored the same way. The
+CRF pass is resumable per token-store shard: each finished shard's CRF predictions are kept in the
+staging folder (``crf_shards/``, removed before publishing), so a killed run redoes only unfinished
+shards. An image whose CRF fails or times out keeps its un-refined prediction and is listed in the
+manifest (``crf_failed``).
+
+Artifact (kind ``eval``):
+
+* ``metrics.json``: ``{"protocol": {...}, "scores": {"linear": S, "cluster": S[, "linear_crf": S,
+  "cluster_crf": S]}}`` where ``S = {"miou", "accuracy", "iou", "precision", "recall"}`` (mIoU and
+  accuracy ×100, per-class lists as fractions, ``null`` where undefined) plus ``"assignment"`` (class
+  of each cluster, -1 unmatched) for the cluster entries. ``protocol`` holds dataset, split,
+  index_id (the val ``prepare`` artifact), tokens_id, backbone, resolution ``[H, W]``, feature_grid,
+  crf, flip_tta, drop_extra_clusters, probe_id, n_classes, n_clusters, seed, projection
+  ``{method, id, kind, dim}``, class_names, n_images.
+* ``confusion_<entry>.npy``: int64 ``[n_clusters or n_classes, n_classes]`` raw ``[prediction, truth]``
+  counts for each entry of ``scores``.
+* ``examples/<k>-<id>.png``: image / label / linear / cluster (clusters mapped to classes by the
+  Hungarian assignment) [/ linear CRF / cluster CRF] side by side, colours from :func:`palette`
+  (ignore and unmatched pixels black).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.artifacts import stage_of
+from pipeline.config import register_section
+from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.runner import Request, StageContext, register_stage
+from stages.crf import CrfResult, crf_map
+from stages.metrics import confusion_matrix, map_clusters, scores
+from stages.probe import TOKENS_STORE, Probes, load_probes, predict_batch, probe_request, upsample_code
+from stages.projection import BaseProjection
+from stages.select import open_projection, projection_params, projection_request
+from stages.store import TokenStore, open_token_store
+
+__all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "evaluate_stage"]
+
+PROBE_NAMES = ("linear", "cluster")
+CRF_DIR = "crf_shards"
+MICRO_BATCH_BYTES = 256 << 20  # bound on the upsampled code + unaries held at once
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation on the val split (``evaluate.*``); crf_workers, crf_timeout_s, batch_size are runtime."""
+
+    crf: bool = False  # also report dense-CRF-refined scores
+    flip_tta: bool = False  # average the code with the flipped image's code (eval_segmentation.py)
+    examples: int = 4  # example PNGs (evenly spaced val samples)
+    drop_extra_clusters: bool = False  # reference scoring of extra clusters (spec §6.2-6.3)
+    crf_workers: int = 2  # CRF processes (<= 1: serial in the stage process)
+    crf_timeout_s: float = 120.0  # per-image CRF limit in the pool
+    batch_size: int = 8  # val samples per projection batch
+
+
+register_section("evaluate", EvaluateConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def palette(n: int) -> np.ndarray:
+    """A fixed palette: uint8 ``[n + 1, 3]``, row ``k`` the colour of class ``k``, the last row black
+    (for ignore / unmatched, index -1). Colours are well-separated golden-ratio hues."""
+    if n < 0:
+        raise InputError(f"palette: n={n} must be >= 0")
+    colours = []
+    for k in range(n):
+        hue = (k * 0.618033988749895) % 1.0
+        sat, val = (0.75, 0.95) if k % 2 == 0 else (0.55, 0.75)
+        i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+        p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+        rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
+        colours.append([round(255 * c) for c in rgb])
+    return np.array(colours + [[0, 0, 0]], dtype=np.uint8).reshape(n + 1, 3)
+
+
+def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Integer ids ``[H, W]`` → uint8 RGB ``[H, W, 3]``; ids outside ``[0, len(colours) - 1)`` are black."""
+    ids = np.asarray(ids)
+    n = len(colours) - 1
+    idx = np.where((ids >= 0) & (ids < n), ids, n)
+    return colours[idx]
+
+
+def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tuple[int, int],
+                    tokens_flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Eval code of ``tokens [B, h, w, D]``: ``projection`` at feature resolution (flip-TTA average with
+    ``flip_W(projection(tokens_flip))`` when given), bilinearly upsampled to ``size`` → ``[B, d, H, W]``."""
+    code = projection.transform_map(tokens.permute(0, 3, 1, 2))
+    if tokens_flip is not None:
+        code = (code + projection.transform_map(tokens_flip.permute(0, 3, 1, 2)).flip(-1)) / 2
+    return upsample_code(code, size)
+
+
+def _json_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _score_entry(conf: np.ndarray, hungarian: bool, drop_extra: bool) -> tuple[dict[str, Any], np.ndarray]:
+    s = scores(conf, hungarian=hungarian, drop_extra_clusters=drop_extra)
+    entry: dict[str, Any] = {"miou": _json_float(s["miou"]), "accuracy": _json_float(s["accuracy"])}
+    for key in ("iou", "precision", "recall"):
+        entry[key] = [_json_float(v) for v in s[key]]
+    if hungarian:
+        entry["assignment"] = s["assignment"].tolist()
+    return entry, s["assignment"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+
+
+def _inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
+    return {"tokens": Request("extract", cfg, {"split": "val"}), "probes": probe_request(cfg),
+            **projection_request(cfg)}
+
+
+def _params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    e = cfg.evaluate
+    if int(e.examples) < 0:
+        raise ConfigError(f"evaluate.examples={e.examples}: must be an integer >= 0")
+    return {"crf": bool(e.crf), "flip_tta": bool(e.flip_tta), "examples": int(e.examples),
+            "drop_extra_clusters": bool(e.drop_extra_clusters), "projection": projection_params(cfg)}
+
+
+def _runtime(cfg: Any) -> tuple[int, float, int]:
+    e = cfg.evaluate
+    if int(e.batch_size) < 1:
+        raise ConfigError(f"evaluate.batch_size={e.batch_size}: must be an integer >= 1")
+    if not float(e.crf_timeout_s) > 0:
+        raise ConfigError(f"evaluate.crf_timeout_s={e.crf_timeout_s}: must be > 0 seconds")
+    return int(e.crf_workers), float(e.crf_timeout_s), int(e.batch_size)
+
+
+@dataclass
+class _Eval:
+    """What one evaluation needs, opened and cross-checked."""
+
+    store: TokenStore
+    projection: BaseProjection
+    probes: Probes
+    device: torch.device
+    flip: bool
+    batch_size: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.store.label_hw
+
+    def micro(self) -> int:
+        """Samples whose upsampled code and unaries fit in :data:`MICRO_BATCH_BYTES`."""
+        h, w = self.size
+        per = 4 * h * w * (self.projection.dim + 2 * (self.probes.n_classes + self.probes.n_clusters))
+        return max(1, MICRO_BATCH_BYTES // per)
+
+    def predict(self, tokens: np.ndarray, flip: np.ndarray | None, unaries: bool) -> Iterator[dict[str, np.ndarray]]:
+        """Predictions (and unaries) of the samples of ``tokens [B, h, w, D]``, in micro-batches."""
+        with torch.no_grad():
+            t = torch.from_numpy(tokens).to(self.device)
+            f = torch.from_numpy(flip).to(self.device) if flip is not None else None
+            step = self.micro()
+            for a in range(0, t.shape[0], step):
+                code = upsampled_codes(self.projection, t[a:a + step], self.size,
+                                       f[a:a + step] if f is not None else None)
+                out = predict_batch(code, self.probes.linear, self.probes.cluster, unaries=unaries)
+                yield {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def _open(ctx: StageContext, batch_size: int) -> _Eval:
+    p = ctx.params
+    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
+    probes = load_probes(ctx.input("probes").path)
+    provider = ctx.input("projection").path if "projection" in ctx.inputs else None
+    projection = open_projection(provider, store.dim, p["projection"]["dim"])
+    n_classes = store.attrs.get("n_classes")
+    if n_classes is not None and int(n_classes) != probes.n_classes:
+        raise InputError(f"token store {store.path} has {n_classes} classes but the probes in "
+                         f"{ctx.input('probes').path} were trained for {probes.n_classes}")
+    saved = probes.meta.get("projection", {})
+    if probes.dim != projection.dim or saved.get("kind", projection.kind) != projection.kind:
+        raise ArtifactError(f"probes in {ctx.input('probes').path} read {saved.get('kind')} codes of dim "
+                            f"{probes.dim}, but the projection is {projection.kind} of dim {projection.dim}")
+    if p["flip_tta"] and not store.has_flip:
+        raise InputError(f"token store {store.path}: evaluate.flip_tta=true needs array 'tokens_flip', "
+                         "which this store lacks (extract the val split with flipped tokens)")
+    if p["crf"] and not store.has_rgb:
+        raise InputError(f"token store {store.path}: evaluate.crf=true needs array 'rgb', which this store lacks")
+    device = torch.device(ctx.device)
+    probes.linear.to(device)
+    probes.cluster.to(device)
+    return _Eval(store, projection, probes, device, bool(p["flip_tta"]), batch_size)
+
+
+def _example_indices(n: int, k: int) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if n and k else []
+
+
+class _Unaries(Sequence[tuple[np.ndarray, np.ndarray]]):
+    """Lazy CRF items for ``samples``: item ``2j + p`` is ``(rgb, unary of probe p)`` of ``samples[j]``
+    (p = 0 linear, 1 cluster), computed a batch at a time when first asked for. Also remembers each
+    handed-out item's un-refined prediction (the fallback when its CRF fails)."""
+
+    def __init__(self, ev: _Eval, samples: np.ndarray) -> None:
+        self.ev, self.samples = ev, samples
+        self._batch: tuple[int, list[np.ndarray], list[np.ndarray]] | None = None
+        self.fallback: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return 2 * len(self.samples)
+
+    def __getitem__(self, item: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        j, probe = divmod(item, 2)
+        bs = self.ev.batch_size
+        start = j - j % bs
+        if self._batch is None or self._batch[0] != start:
+            idx = self.samples[start:start + bs]
+            flip = self.ev.store.get_tokens(idx, flip=True) if self.ev.flip else None
+            outs = list(self.ev.predict(self.ev.store.get_tokens(idx), flip, unaries=True))
+            self._batch = (start, list(self.ev.store.get_rgb(idx)),
+                           [np.concatenate([o[f"{name}_unary"] for o in outs]) for name in PROBE_NAMES])
+        _, rgb, unary = self._batch
+        u = unary[probe][j - start]
+        self.fallback[item] = u.argmax(0).astype(np.int16)
+        return rgb[j - start], u
+
+
+def _crf_pass(ctx: StageContext, ev: _Eval, workers: int, timeout_s: float) -> int:
+    """Run the CRF over the shards not yet done, each finished shard → ``crf_shards/<key>.npz``;
+    returns the number of images refined (both probes) by this call."""
+    ranges = ev.store.shard_ranges()
+    keys = [f"crf-{k:05d}" for k in range(len(ranges))]
+    todo = list(ctx.shards(keys))
+    folder = ctx.out / CRF_DIR
+    folder.mkdir(exist_ok=True)
+    if not todo:
+        return 0
+    spans = [ranges[keys.index(k)] for k in todo]
+    samples = np.concatenate([np.arange(a, b) for a, b in spans])
+    owner = np.concatenate([np.full(b - a, i) for i, (a, b) in enumerate(spans)])
+    h, w = ev.size
+    buffers: dict[int, dict[str, Any]] = {}
+    source = _Unaries(ev, samples)
+    ids = ev.store.ids
+
+    def on_result(res: CrfResult) -> None:
+        j, probe = divmod(res.index, 2)
+        shard = int(owner[j])
+        a, b = spans[shard]
+        buf = buffers.setdefault(shard, {"preds": np.zeros((2, b - a, h, w), np.int16), "left": 2 * (b - a),
+                                         "failed": []})
+        fallback = source.fallback.pop(res.index)
+        if res.ok:
+            pred = res.marginals.argmax(0).astype(np.int16)
+        else:
+            pred = fallback
+            buf["failed"].append({"id": ids[samples[j]], "probe": PROBE_NAMES[probe], "error": str(res.error)})
+        buf["preds"][probe, samples[j] - a] = pred
+        buf["left"] -= 1
+        if buf["left"] == 0:
+            _save_shard(folder / f"{todo[shard]}.npz", buf["preds"], buf["failed"])
+            ctx.shard_finished(todo[shard])
+            del buffers[shard]
+
+    crf_map(source, workers=workers, timeout_s=timeout_s, on_result=on_result)
+    return len(samples)
+
+
+def _save_shard(path: Path, preds: np.ndarray, failed: list[dict[str, str]]) -> None:
+    """Write one shard's CRF predictions ``[2, k, H, W]`` and failures (whole file or none)."""
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, preds=preds, failed=np.array(json.dumps(failed)))
+    os.replace(tmp, path)
+
+
+def _read_crf_shards(ev: _Eval, folder: Path) -> Iterator[tuple[int, np.ndarray, list[dict[str, str]]]]:
+    for k, (a, _) in enumerate(ev.store.shard_ranges()):
+        with np.load(folder / f"crf-{k:05d}.npz") as data:
+            yield a, data["preds"], json.loads(str(data["failed"]))
+
+
+def _save_example(path: Path, panels: list[np.ndarray]) -> None:
+    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+    strip = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
+    Image.fromarray(strip).save(path)
+
+
+def _index_id(manifest: Mapping[str, Any]) -> str | None:
+    """The ``prepare`` artifact among the inputs of the tokens artifact (the val index)."""
+    for dep in (manifest.get("inputs") or {}).values():
+        try:
+            if stage_of(dep) == "prepare":
+                return dep
+        except ArtifactError:
+            continue
+    return None
+
+
+@register_stage("evaluate", version="1", kind="eval", params=_params, inputs=_inputs, resumable=True,
+                make_target="make evaluate")
+def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+    """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
+    p = ctx.params
+    workers, timeout_s, batch_size = _runtime(ctx.cfg)
+    ev = _open(ctx, batch_size)
+    store, n, k = ev.store, ev.probes.n_classes, ev.probes.n_clusters
+    examples = _example_indices(store.n, p["examples"])
+    shown: dict[int, dict[str, np.ndarray]] = {}
+    conf = {"linear": np.zeros((n, n), np.int64), "cluster": np.zeros((k, n), np.int64)}
+    arrays = ("tokens", "labels", "tokens_flip") if ev.flip else ("tokens", "labels")
+    start = time.perf_counter()
+    for batch in store.iter_batches(batch_size, arrays=arrays):
+        outs = list(ev.predict(batch["tokens"], batch.get("tokens_flip"), unaries=False))
+        preds = {name: np.concatenate([o[name] for o in outs]) for name in PROBE_NAMES}
+        conf["linear"] += confusion_matrix(preds["linear"], batch["labels"], n)
+        conf["cluster"] += confusion_matrix(preds["cluster"], batch["labels"], n, k)
+        for j, i in enumerate(batch["index"]):
+            if int(i) in examples:
+                shown[int(i)] = {name: preds[name][j] for name in PROBE_NAMES}
+    pixels = int(conf["linear"].sum())
+    eval_s = time.perf_counter() - start
+    failed: list[dict[str, str]] = []
+    crf_images, crf_s = 0, 0.0
+    if p["crf"]:
+        start = time.perf_counter()
+        crf_images = _crf_pass(ctx, ev, workers, timeout_s)
+        crf_s = time.perf_counter() - start
+        conf["linear_crf"] = np.zeros((n, n), np.int64)
+        conf["cluster_crf"] = np.zeros((k, n), np.int64)
+        for a, preds, shard_failed in _read_crf_shards(ev, ctx.out / CRF_DIR):
+            labels = store.get_labels(np.arange(a, a + preds.shape[1]))
+            conf["linear_crf"] += confusion_matrix(preds[0], labels, n)
+            conf["cluster_crf"] += confusion_matrix(preds[1], labels, n, k)
+            failed.extend(shard_failed)
+            for i in examples:
+                if a <= i < a + preds.shape[1]:
+                    shown[i].update(linear_crf=preds[0, i - a], cluster_crf=preds[1, i - a])
+        shutil.rmtree(ctx.out / CRF_DIR)
+
+    results: dict[str, Any] = {}
+    assignments: dict[str, np.ndarray] = {}
+    for entry, matrix in conf.items():
+        hungarian = entry.startswith("cluster")
+        results[entry], assignments[entry] = _score_entry(matrix, hungarian, p["drop_extra_clusters"] and hungarian)
+        np.save(ctx.out / f"confusion_{entry}.npy", matrix)
+
+    colours = palette(n)
+    if examples:
+        (ctx.out / "examples").mkdir(exist_ok=True)
+        rgb = store.get_rgb(examples) if store.has_rgb else None
+        labels = store.get_labels(examples)
+        for row, i in enumerate(examples):
+            image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
+            panels = [image, colorize(labels[row], colours)]
+            for entry in conf:
+                pred = shown[i][entry]
+                if entry.startswith("cluster"):
+                    pred = map_clusters(pred.astype(np.int64), assignments[entry])
+                panels.append(colorize(pred, colours))
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
+            _save_example(ctx.out / "examples" / f"{row}-{name}.png", panels)
+
+    attrs = store.attrs
+    tokens_in = ctx.input("tokens")
+    probes_in = ctx.input("probes")
+    protocol = {
+        "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
+        "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
+        "backbone": attrs.get("backbone"), "resolution": list(store.label_hw), "feature_grid": list(store.grid),
+        "crf": p["crf"], "flip_tta": p["flip_tta"], "drop_extra_clusters": p["drop_extra_clusters"],
+        "probe_id": probes_in.id, "n_classes": n, "n_clusters": k,
+        "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
+        "projection": {"method": p["projection"]["method"],
+                       "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
+                       "kind": ev.projection.kind, "dim": ev.projection.dim},
+        "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
+    }
+    (ctx.out / "metrics.json").write_text(json.dumps({"protocol": protocol, "scores": results}, indent=2) + "\n")
+    throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}
+    if crf_images:
+        throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)
+    ctx.record(counts={"images": store.n, "pixels": pixels}, throughput=throughput, crf_failed=failed,
+               summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()})
+    return {}
