@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from pipeline.artifacts import sha256_file
 from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, StageContext, register_stage
-from stages.backbones import BACKBONES, POS_INTERP_MODES, dino_features, load_backbone
+from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
 from stages.datasets.base import SampleRef
 from stages.datasets.transforms import (
     IMAGENET_MEAN,
@@ -255,7 +255,9 @@ def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Setti
     device = torch.device(settings.model.device)
     for start in range(0, len(samples), settings.batch_size):
         batch = np.stack([s.image for s in samples[start:start + settings.batch_size]])
-        images = torch.from_numpy(batch).to(device, non_blocking=True)
+        images = torch.from_numpy(batch)
+        if device.type == "cuda":
+            images = images.pin_memory().to(device, non_blocking=True)
         tokens.append(forward_tokens(model, images, amp=settings.amp))
         if settings.flip:
             flipped.append(forward_tokens(model, images.flip(-1), amp=settings.amp))
@@ -294,7 +296,7 @@ def load_model(m: ModelSettings) -> torch.nn.Module:
     """
     with _MODEL_LOCK:
         model, info = load_backbone(m.name, m.weights, weights_dir=m.weights_dir, seed=m.seed,
-                                    trust_checkpoint=m.trust_checkpoint, pos_interp=m.pos_interp)  # type: ignore[arg-type]
+                                    trust_checkpoint=m.trust_checkpoint, pos_interp=cast(PosInterp, m.pos_interp))
     if info.weights_tag != m.weights_tag:
         raise InputError(f"backbone weights {m.weights} changed since the run was planned: planned "
                          f"{m.weights_tag}, loaded {info.weights_tag}; re-run extract")
@@ -365,9 +367,8 @@ def _dask_client(run_cfg: Any) -> Iterator[Any]:
         yield client
 
 
-def _run_local(ctx: StageContext, store: Path, index: Index, todo: list[tuple[int, str]],
+def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: Index, todo: list[tuple[int, str]],
                ranges: list[tuple[int, int]], settings: Settings, bar: tqdm) -> None:
-    model = load_model(settings.model)
     shard_of = {s: key for s, key in todo}
 
     def work() -> Iterator[tuple[int, int]]:
@@ -375,8 +376,11 @@ def _run_local(ctx: StageContext, store: Path, index: Index, todo: list[tuple[in
             a, b = ranges[shard]
             yield from ((shard, i) for i in range(a, b))
 
-    samples = prefetch(lambda item: (item[0], load_sample(index, index.samples[item[1]], settings.res)), work(),
-                       settings.loader_workers, _PREFETCH_BATCHES * settings.batch_size)
+    def load(item: tuple[int, int]) -> tuple[int, Sample]:
+        return item[0], load_sample(index, index.samples[item[1]], settings.res)
+
+    samples = contextlib.closing(prefetch(load, work(), settings.loader_workers,
+                                          _PREFETCH_BATCHES * settings.batch_size))
     in_flight: deque[tuple[str, Future[None]]] = deque()
 
     def settle(limit: int) -> None:
@@ -385,9 +389,9 @@ def _run_local(ctx: StageContext, store: Path, index: Index, todo: list[tuple[in
             future.result()
             ctx.shard_finished(key)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer:
+    with samples as loaded, ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer:
         buffer: list[Sample] = []
-        for shard, sample in samples:
+        for shard, sample in loaded:
             buffer.append(sample)
             a, b = ranges[shard]
             if len(buffer) < b - a:
@@ -412,9 +416,13 @@ def _run_dask(ctx: StageContext, client: Any, store: Path, todo: list[tuple[int,
         future = client.submit(extract_shard_task, str(store), shard, a, b, settings, pure=False,
                                key=f"extract-{ctx.task.id}-shard{shard}-{time.time_ns()}", resources=resources)
         futures[future] = key
-    for future in as_completed(futures):
-        bar.update(future.result())
-        ctx.shard_finished(futures[future])
+    try:
+        for future in as_completed(futures):
+            bar.update(future.result())
+            ctx.shard_finished(futures[future])
+    except BaseException:
+        client.cancel(list(futures))
+        raise
 
 
 @register_stage("extract", version="1", kind="tokens", params=extract_params, inputs=extract_inputs,
@@ -448,17 +456,16 @@ def extract(ctx: StageContext) -> dict[str, Any]:
     todo = [(int(key), key) for key in ctx.shards(keys)]
     n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)
 
-    start = time.perf_counter()
     with _dask_client(cfg.run) if cfg.extract.dask_shards else contextlib.nullcontext() as client, \
             tqdm(total=n_todo, unit="img", desc=f"extract {index.dataset}/{index.split}@{p['res']}",
                  leave=False) as bar:
-        if client is None:
-            executor = "local"
-            if todo:
-                _run_local(ctx, store, index, todo, ranges, settings, bar)
-        else:
-            executor = "dask"
+        executor = "local" if client is None else "dask"
+        model = load_model(settings.model) if executor == "local" and todo else None
+        start = time.perf_counter()
+        if client is not None:
             _run_dask(ctx, client, store, todo, ranges, settings, bar)
+        elif model is not None:
+            _run_local(ctx, model, store, index, todo, ranges, settings, bar)
     wall = time.perf_counter() - start
     return {
         "counts": {"samples": len(index), "shards": len(ranges), "samples_computed": n_todo},

@@ -12,11 +12,11 @@ import zarr
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, TaskResult, plan, run_tasks
 from stages.backbones import dino_features, load_backbone
 from stages.datasets.transforms import center_crop, preprocess_image, preprocess_label, resize_shorter_nearest
-from stages.extract import TOKENS_STORE, weights_tag
+from stages.extract import TOKENS_STORE, ModelSettings, load_model, weights_tag
 from stages.prepare import load_index
 from stages.store import open_token_store
 
@@ -160,11 +160,16 @@ def test_planned_weights_tag_is_the_loaded_tag_and_follows_content(tmp_path: Pat
     assert tag.startswith("file:") and tag == load_backbone(cfg.backbone.name, str(path))[1].weights_tag
     dino = load_config(None, ["backbone.name=vit_small_patch16_224.dino", "backbone.weights=dino",
                               f"backbone.weights_dir={path.parent}"])
-    assert weights_tag(dino.backbone) == load_backbone(dino.backbone.name, "dino", weights_dir=path.parent)[1].weights_tag
+    loaded = load_backbone(dino.backbone.name, "dino", weights_dir=path.parent)[1]
+    assert weights_tag(dino.backbone) == loaded.weights_tag
     copy = tmp_path / "b.pth"
     copy.write_bytes(path.read_bytes())
     cfg_copy = load_config(None, ["backbone.name=vit_small_patch16_224.dino", f"backbone.weights={copy}"])
     assert weights_tag(cfg_copy.backbone) == tag  # the id follows the content, not the path
+    edited = ModelSettings(name=cfg.backbone.name, weights=str(path), weights_dir=None, seed=0, pos_interp="dino",
+                           trust_checkpoint=False, weights_tag="file:0123456789abcdef", device="cpu")
+    with pytest.raises(InputError, match="changed since the run was planned"):
+        load_model(edited)  # a file replaced between planning and running is refused
 
 
 def test_dask_shards_give_the_same_bytes_as_the_local_path(root: Path, tmp_path: Path,
