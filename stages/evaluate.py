@@ -46,7 +46,7 @@ from PIL import Image
 
 from pipeline.artifacts import stage_of
 from pipeline.config import register_section
-from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.errors import ArtifactError, ConfigError, InputError, StageError
 from pipeline.runner import Request, StageContext, register_stage
 from stages.crf import CrfResult, crf_map
 from stages.metrics import confusion_matrix, map_clusters, scores
@@ -361,6 +361,9 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                 if a <= i < a + preds.shape[1]:
                     shown[i].update(linear_crf=preds[0, i - a], cluster_crf=preds[1, i - a])
         shutil.rmtree(ctx.out / CRF_DIR)
+        if store.n and len(failed) == 2 * store.n:
+            raise StageError(f"the dense CRF failed on every val image (first error: {failed[0]['error']}); "
+                             "check that pydensecrf2 is installed, or run with evaluate.crf=false")
 
     results: dict[str, Any] = {}
     assignments: dict[str, np.ndarray] = {}
@@ -404,6 +407,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}
     if crf_images:
         throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)
-    ctx.record(counts={"images": store.n, "pixels": pixels}, throughput=throughput, crf_failed=failed,
+    ctx.record(counts={"images": store.n, "pixels": pixels, "crf_failed": len(failed)}, throughput=throughput,
+               crf_failed=failed,
                summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()})
     return {}

@@ -13,7 +13,7 @@ from PIL import Image
 
 import stages.evaluate as evaluate
 from pipeline.artifacts import ArtifactStore
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageError
 from pipeline.runner import Request
 from stages.evaluate import colorize, palette, upsampled_codes
 from stages.projection import IdentityProjection
@@ -57,7 +57,7 @@ def test_perfect_codes_score_100_miou(onehot: Path) -> None:
     np.testing.assert_array_equal(strip[1:, 12:20], strip[1:, 24:32])  # linear = label (row 0 is ignored)
     np.testing.assert_array_equal(strip[:, 24:32], strip[:, 36:44])  # matched clusters = linear
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["counts"] == {"images": 8, "pixels": 8 * 61} and manifest["summary"]["cluster"]["miou"] == 100.0
+    assert manifest["counts"] == {"images": 8, "pixels": 8 * 61, "crf_failed": 0} and manifest["summary"]["cluster"]["miou"] == 100.0
 
 
 def test_flip_tta_averages_the_mirrored_code() -> None:
@@ -135,6 +135,14 @@ def test_failed_crf_images_keep_their_plain_prediction(onehot: Path, monkeypatch
     assert all(f["error"] == "RuntimeError: unlucky image" for f in manifest["crf_failed"])
     assert {f["probe"] for f in manifest["crf_failed"]} == {"linear", "cluster"}
     assert _metrics(path)["scores"]["linear_crf"]["miou"] > 90.0
+    assert manifest["counts"]["crf_failed"] == len(manifest["crf_failed"]) < 16
+
+    def always_fails(image: Any, logits: Any, **kw: Any) -> np.ndarray:
+        raise ImportError("No module named 'pydensecrf'")
+
+    monkeypatch.setattr(crf, "dense_crf", always_fails)
+    with pytest.raises(StageError, match="failed on every val image.*No module named 'pydensecrf'"):
+        _evaluate("evaluate.crf=true", "evaluate.crf_workers=1", "evaluate.examples=1")
 
 
 def test_extra_clusters_are_scored(onehot: Path) -> None:
