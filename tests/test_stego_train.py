@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +20,17 @@ from stages.probe import ClusterProbe, LinearProbe, load_probes
 from stages.projection import load_projection
 from stages.select import open_projection
 from stages.stego.head import StegoHead
-from stages.stego.loss import correlation_loss, sample, tensor_correlation, weighted_total
+from stages.stego.loss import correlation_loss, tensor_correlation, weighted_total
 from stages.stego.projection import StegoProjection
 from stages.stego.train import (
-    TrainSettings, _sub_seeds, batch_indices, feature_correlations, head_params, settings_from_config,
-    train_head, validate,
+    TrainSettings,
+    _sub_seeds,
+    batch_indices,
+    feature_correlations,
+    head_params,
+    settings_from_config,
+    train_head,
+    validate,
 )
 from stages.store import create_token_store, open_token_store, write_shard
 
@@ -66,11 +71,11 @@ def data(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _settings(**overrides) -> TrainSettings:
-    base = dict(projection="nonlinear", dim=5, dropout=0.1, lr=5e-3, steps=4, batch_size=4, feature_samples=3,
-                neg_samples=2, pointwise=True, zero_clamp=True, stabilize=False,
-                weights={"intra": 0.1, "inter": 1.0, "neg": 0.1538476246415498},
-                shifts={"intra": 0.12, "inter": 0.2, "neg": 1.0}, num_neighbors=3, true_permutation=False,
-                val_every=2, selection="last", extra_clusters=0, amp=True, seed=0)
+    base = {"projection": "nonlinear", "dim": 5, "dropout": 0.1, "lr": 5e-3, "steps": 4, "batch_size": 4,
+            "feature_samples": 3, "neg_samples": 2, "pointwise": True, "zero_clamp": True, "stabilize": False,
+            "weights": {"intra": 0.1, "inter": 1.0, "neg": 0.1538476246415498},
+            "shifts": {"intra": 0.12, "inter": 0.2, "neg": 1.0}, "num_neighbors": 3, "true_permutation": False,
+            "val_every": 2, "selection": "last", "extra_clusters": 0, "amp": True, "seed": 0}
     return TrainSettings(**{**base, **overrides})
 
 
@@ -99,7 +104,7 @@ def test_training_is_deterministic_and_seeded(data) -> None:
 def test_first_step_is_the_reference_step(data) -> None:
     """Rebuild step 1 from the public pieces: sampler, head init, dropout masks (anchor forward, then the
     partner forward), then the loss, all drawn from the run's seeds in the reference order."""
-    train, val, nns = data
+    train, _, nns = data
     settings = _settings(steps=1, val_every=0)
     result = train_head(train, nns, settings, n_classes=N_CLASSES)
     seeds = _sub_seeds(settings.seed)

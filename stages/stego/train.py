@@ -303,6 +303,60 @@ def _snapshot(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
 
+class HeadTrainer:
+    """The head, its probes and their optimisers; :meth:`step` is one STEGO training step on feature maps.
+
+    Built from ``seeds`` (see :func:`train_head`): the head's init under ``seeds["head"]``, the probes'
+    under ``seeds["probes"]``, the dropout masks and loss samples from a generator on ``device`` seeded
+    with ``seeds["noise"]``.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, settings: TrainSettings, seeds: Mapping[str, int],
+                 device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeds["head"])
+            head = StegoHead(in_dim, settings.dim, settings.projection, settings.dropout)
+        self.head = head.to(device)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=settings.lr)
+        self.probes = ProbeTrainer(settings.dim, n_classes, n_clusters=n_classes + settings.extra_clusters,
+                                   seed=seeds["probes"], device=device)
+        self.noise = torch.Generator(device=device).manual_seed(seeds["noise"])
+        self.use_amp = settings.amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.loss_opts = {"feature_samples": settings.feature_samples, "neg_samples": settings.neg_samples,
+                          "shifts": settings.shifts, "pointwise": settings.pointwise,
+                          "zero_clamp": settings.zero_clamp, "stabilize": settings.stabilize,
+                          "true_permutation": settings.true_permutation}
+
+    def step(self, feats: torch.Tensor, feats_pos: torch.Tensor,
+             labels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """One step on anchor / partner feature maps ``[B, D, h, w]`` and anchor labels ``[B, H, W]``.
+
+        Returns the losses (``intra``, ``inter``, ``neg``, ``total``, ``cd_*``, ``linear``, ``cluster``;
+        the probe losses None when not finite) and the two dropout feature maps the loss saw.
+        """
+        head = self.head.train()
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            drop_feats, code = head(feats, train_dropout=True, generator=self.noise)
+            drop_pos, code_pos = head(feats_pos, train_dropout=True, generator=self.noise)
+        losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
+                                  generator=self.noise, **self.loss_opts)
+        total = weighted_total(losses, self.settings.weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        probe_losses = self.probes.step(code.detach(), labels)
+        keys = (*PARTS, "total", "cd_intra", "cd_inter", "cd_neg")
+        values = torch.stack([losses[p] for p in PARTS] + [total] + [losses[f"cd_{p}"] for p in PARTS]).tolist()
+        out: dict[str, float] = dict(zip(keys, values))
+        out.update({k: v if math.isfinite(v) else None for k, v in probe_losses.items()})
+        return out, drop_feats.detach().float(), drop_pos.detach().float()
+
+
 def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n_classes: int,
                val: TokenStore | None = None, device: str | torch.device = "cpu", val_batch_size: int = 8,
                progress: bool = False) -> TrainResult:
@@ -331,23 +385,11 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
             raise InputError(f"val tokens have width {val.dim} but train tokens {train.dim}")
 
     seeds = _sub_seeds(settings.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seeds["head"])
-        head = StegoHead(train.dim, settings.dim, settings.projection, settings.dropout)
-    head = head.to(dev)
-    optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
-    probes = ProbeTrainer(settings.dim, n_classes, n_clusters=n_classes + settings.extra_clusters,
-                          seed=seeds["probes"], device=dev)
-    noise = torch.Generator(device=dev).manual_seed(seeds["noise"])
+    trainer = HeadTrainer(train.dim, n_classes, settings, seeds, dev)
+    head, probes = trainer.head, trainer.probes
     diag_noise = torch.Generator(device=dev).manual_seed(seeds["diagnostics"])
     sampler = batch_indices(n, nns, settings.batch_size, settings.num_neighbors,
                             np.random.default_rng(seeds["sampler"]))
-    use_amp = settings.amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    loss_opts = {"feature_samples": settings.feature_samples, "neg_samples": settings.neg_samples,
-                 "shifts": settings.shifts, "pointwise": settings.pointwise, "zero_clamp": settings.zero_clamp,
-                 "stabilize": settings.stabilize, "true_permutation": settings.true_permutation}
     diag_every = max(1, settings.steps // DIAG_BATCHES)
     curves: dict[str, list[float | None]] = {k: [] for k in (*PARTS, "linear", "cluster", "total",
                                                               "cd_intra", "cd_inter", "cd_neg")}
@@ -372,30 +414,15 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
             if step < settings.steps:
                 pending = pool.submit(read, next(sampler))
             both = _to_device_map(tokens, dev)
-            feats, feats_pos = both[:settings.batch_size], both[settings.batch_size:]
-            head.train()
-            with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-                drop_feats, code = head(feats, train_dropout=True, generator=noise)
-                drop_pos, code_pos = head(feats_pos, train_dropout=True, generator=noise)
-            losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
-                                      generator=noise, **loss_opts)
-            total = weighted_total(losses, settings.weights)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            probe_losses = probes.step(code.detach(), torch.from_numpy(labels))
-            values = torch.stack([losses[p] for p in PARTS] + [total] +
-                                 [losses[f"cd_{p}"] for p in PARTS]).tolist()
-            if not math.isfinite(values[3]):
-                raise StageError(f"{STAGE}: the loss became {values[3]} at step {step}; try head.amp=false "
+            values, drop_feats, drop_pos = trainer.step(both[:settings.batch_size], both[settings.batch_size:],
+                                                        torch.from_numpy(labels))
+            if not math.isfinite(values["total"]):
+                raise StageError(f"{STAGE}: the loss became {values['total']} at step {step}; try head.amp=false "
                                  f"or a smaller head.lr (now {settings.lr})")
-            for key, value in zip((*PARTS, "total", "cd_intra", "cd_inter", "cd_neg"), values):
-                curves[key].append(value)
-            for key in ("linear", "cluster"):
-                curves[key].append(probe_losses[key] if math.isfinite(probe_losses[key]) else None)
+            for key, curve in curves.items():
+                curve.append(values[key])
             if (step - 1) % diag_every == 0:
-                correlations.add(drop_feats.detach().float(), drop_pos.detach().float(), settings, diag_noise)
+                correlations.add(drop_feats, drop_pos, settings, diag_noise)
             if settings.val_every and (step % settings.val_every == 0 or step == settings.steps):
                 head.eval()
                 metrics = validate(head, probes.linear, probes.cluster, val, n_classes, dev, val_batch_size)
@@ -426,7 +453,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
     stats = {"wall_s": round(elapsed, 3), "steps_per_s": round(settings.steps / elapsed, 3),
              "samples_per_s": round(settings.steps * settings.batch_size / elapsed, 3),
              "data_wait_fraction": round(wait_s / elapsed, 4),
-             "amp": str(amp_dtype).removeprefix("torch.") if use_amp else None}
+             "amp": str(trainer.amp_dtype).removeprefix("torch.") if trainer.use_amp else None}
     return TrainResult(head.cpu(), probes.linear.cpu(), probes.cluster.cpu(), chosen, diagnostics, stats, seeds)
 
 
