@@ -1,9 +1,13 @@
 """Dataset presets = the paper's Table 1 ("Actual" configuration of the released STEGO checkpoints)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.runner import Request, plan
 from stages.backbones import BACKBONES
 from stages.datasets.cityscapes import CityscapesReader
 from stages.datasets.cocostuff import CocoStuff27Reader
@@ -38,13 +42,16 @@ EXACT = {
                 "shifts": {"neg": 0.76, "inter": 0.02, "intra": 0.08}, "n_classes": 3},
 }
 READERS = {"cocostuff27": CocoStuff27Reader, "cityscapes": CityscapesReader, "potsdam": PotsdamReader}
+FOLDERS = {"cocostuff27": "cocostuff", "cityscapes": "cityscapes", "potsdam": "potsdam"}
 WIDTH = {"ViT-B": 768, "ViT-S": 384}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_TABLE_1))
-def test_preset_is_the_paper_configuration(name: str) -> None:
+def test_preset_is_the_paper_configuration(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STEGOPIPE_DATA_ROOT", raising=False)
     paper, exact = PAPER_TABLE_1[name], EXACT[name]
     cfg = load_config(name)
+    assert cfg.dataset.root == f"data/{FOLDERS[name]}"
     head = cfg.head
     assert cfg.dataset.name == name and cfg.dataset.train_crop == paper["crop"]
     backbone = BACKBONES[cfg.backbone.name]
@@ -81,3 +88,17 @@ def test_defaults_are_stego_train_config_not_a_paper_model() -> None:
     assert dict(head.weights) == {"intra": 0.67, "inter": 0.25, "neg": 0.63}
     assert dict(head.shifts) == {"intra": 0.18, "inter": 0.12, "neg": 0.46}
     assert (head.feature_samples, head.neg_samples, head.num_neighbors, head.selection) == (11, 5, 7, "last")
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_TABLE_1))
+def test_preset_plans_the_stego_chain_from_the_data_root(name: str, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """The data root comes from STEGOPIPE_DATA_ROOT (make DATA_ROOT=...); the whole train-head chain plans."""
+    monkeypatch.setenv("STEGOPIPE_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("STEGOPIPE_WEIGHTS_DIR", str(tmp_path))
+    cfg = load_config(name)
+    assert cfg.dataset.root == f"{tmp_path}/{FOLDERS[name]}"
+    with pytest.raises(ConfigError, match="dino"):  # no official DINO file in the empty weights folder
+        plan([Request("train-head", cfg)])
+    tasks, _ = plan([Request("train-head", load_config(name, ["backbone.weights=random"]))])
+    assert sorted(t.stage for t in tasks) == ["extract", "extract", "knn", "prepare", "prepare", "train-head"]
