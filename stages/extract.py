@@ -71,7 +71,7 @@ class BackboneConfig:
 
     name: str = "vit_small_patch8_224.dino"  # a key of stages.backbones.BACKBONES
     weights: str = "random"  # random | dino | timm | a checkpoint path
-    weights_dir: str | None = None  # folder holding the official DINO file (weights=dino)
+    weights_dir: str | None = "${oc.env:STEGOPIPE_WEIGHTS_DIR,null}"  # folder of the official DINO files
     seed: int = 0  # init seed of weights=random
     pos_interp: str = "dino"  # dino | timm (DINOv2 always uses timm)
     trust_checkpoint: bool = False  # allow checkpoints that need arbitrary unpickling

@@ -128,10 +128,11 @@ def test_batch_size_and_loader_threads_do_not_change_the_bytes(root: Path, tmp_p
     assert store_files(other.path) == store_files(first.path)
 
 
-def test_config_errors_name_the_key(root: Path, tmp_path: Path) -> None:
+def test_config_errors_name_the_key(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def params(overrides: list[str], split: str = "train") -> None:
         plan([Request("extract", load_config(None, [*TINY, *overrides]), {"split": split})])
 
+    monkeypatch.delenv("STEGOPIPE_WEIGHTS_DIR", raising=False)
     with pytest.raises(ConfigError, match=r"extract\.train_res=40.*multiple of the patch size 16"):
         params(["extract.train_res=40"])
     with pytest.raises(ConfigError, match=r"backbone\.name='vit_huge'"):
@@ -140,6 +141,9 @@ def test_config_errors_name_the_key(root: Path, tmp_path: Path) -> None:
         params(["backbone.weights=dino"])
     with pytest.raises(ConfigError, match=r"no dino_deitsmall16_pretrain\.pth"):
         params(["backbone.weights=dino", f"backbone.weights_dir={tmp_path}"])
+    monkeypatch.setenv("STEGOPIPE_WEIGHTS_DIR", str(tmp_path / "env"))  # `make extract WEIGHTS_DIR=...`
+    with pytest.raises(ConfigError, match=r"backbone\.weights_dir=.*env: no dino_deitsmall16_pretrain\.pth"):
+        params(["backbone.weights=dino"])
     with pytest.raises(ConfigError, match=r"backbone\.weights='/no/such\.pth'"):
         params(["backbone.weights=/no/such.pth"])
     with pytest.raises(ConfigError, match=r"extract\.shard_size=0"):
