@@ -17,10 +17,18 @@ DIM ?=
 CRF ?= 0
 EXPERIMENT ?= demo
 ARGS ?=
-STAGE_ARGS = --preset $(DATASET) $(if $(DATA_ROOT),dataset.root=$(DATA_ROOT)) \
-	$(if $(WEIGHTS_DIR),backbone.weights_dir=$(WEIGHTS_DIR)) $(ARGS)
+STAGE_ARGS = --preset $(DATASET) $(ARGS)
+# DATA_ROOT is STEGO's pytorch_data_dir (holding cocostuff/, cityscapes/, potsdam/); WEIGHTS_DIR holds the
+# official DINO checkpoints. The dataset presets read them through these variables.
+ifneq ($(DATA_ROOT),)
+export STEGOPIPE_DATA_ROOT := $(abspath $(DATA_ROOT))
+endif
+ifneq ($(WEIGHTS_DIR),)
+export STEGOPIPE_WEIGHTS_DIR := $(abspath $(WEIGHTS_DIR))
+endif
 
-.PHONY: help install test test-slow test-faults demo bench clean prepare
+.PHONY: help install test test-slow test-faults demo bench clean prepare extract knn reduce train-head probe \
+	evaluate report table2 fig3 fig4 hnne
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -48,6 +56,43 @@ demo: install ## Run the whole pipeline on the built-in synthetic dataset and wr
 
 prepare: install ## Index and validate a split (DATASET, SPLIT, DATA_ROOT)
 	$(STEGO) run prepare $(STAGE_ARGS) split=$(SPLIT)
+
+extract: install ## Extract frozen DINO tokens of a split into the cache (DATASET, SPLIT, DATA_ROOT, WEIGHTS_DIR)
+	$(STEGO) run extract $(STAGE_ARGS) split=$(SPLIT)
+
+knn: install ## kNN pairs of the train tokens (DATASET)
+	$(STEGO) run knn $(STAGE_ARGS)
+
+reduce: install ## Fit a reducer on the train tokens (METHOD=pca|rp|hnne, DIM)
+	$(STEGO) run reduce $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM))
+
+train-head: install ## Train a STEGO head from the cache (DATASET; preset = the paper's Table 1 config)
+	$(STEGO) run train-head $(STAGE_ARGS)
+
+probe: install ## Train linear + cluster probes on a projection (METHOD=identity|pca|rp|hnne|stego, DIM)
+	$(STEGO) run probe $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM))
+
+evaluate: install ## Evaluate probes on the val split (METHOD, DIM, CRF=1 adds dense CRF)
+	$(STEGO) run evaluate $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM)) \
+		evaluate.crf=$(if $(filter 1,$(CRF)),true,false)
+
+report: install ## Run an experiment and write its report to reports/<experiment>/ (EXPERIMENT)
+	$(STEGO) run $(EXPERIMENT) $(ARGS)
+
+table2: install ## The paper's Table 2 (needs DATA_ROOT with the three datasets, WEIGHTS_DIR with DINO weights)
+	$(STEGO) run table2 $(ARGS)
+
+fig3: install ## The paper's Figure 3: cumulative explained variance of PCA per dataset
+	$(STEGO) run fig3 $(ARGS)
+
+fig4: install ## The paper's Figure 4: STEGO vs PCA vs RP vs DINO across dims
+	$(STEGO) run fig4 $(ARGS)
+
+hnne: install ## The supplementary h-NNE comparison (Cityscapes)
+	$(STEGO) run hnne $(ARGS)
+
+bench: install ## Run every benchmark and print one table (benchmarks/results/)
+	$(PY) benchmarks/run_all.py $(ARGS)
 
 clean: ## Remove artifacts and reports (keeps .venv)
 	rm -rf artifacts reports .pytest_cache
