@@ -87,7 +87,7 @@ def _states(result) -> dict[str, torch.Tensor]:
 def test_training_is_deterministic_and_seeded(data) -> None:
     train, val, nns = data
     first = train_head(train, nns, _settings(), n_classes=N_CLASSES, val=val)
-    second = train_head(train, nns, _settings(), n_classes=N_CLASSES, val=val)
+    second = train_head(train, nns, _settings(), n_classes=N_CLASSES, val=val, loader_workers=1)  # read-ahead
     a, b = _states(first), _states(second)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -212,9 +212,10 @@ def test_bad_settings_and_inputs_raise_config_errors(data) -> None:
 
 
 def test_params_follow_config_and_projection_dim() -> None:
-    cfg = load_config(None, ["head.dim=90", "head.val_batch_size=3", "projection.seed=4"])
+    cfg = load_config(None, ["head.dim=90", "head.val_batch_size=3", "head.loader_workers=1", "projection.seed=4"])
     params = head_params(cfg, {})
-    assert params["dim"] == 90 and params["seed"] == 4 and "val_batch_size" not in params
+    assert params["dim"] == 90 and params["seed"] == 4
+    assert not {"val_batch_size", "loader_workers", "checkpoint"} & set(params)
     assert params == head_params(load_config(None, ["head.dim=90", "projection.seed=4"]), {})
     assert head_params(load_config(None, ["projection.method=stego", "projection.dim=24"]), {})["dim"] == 24
     assert head_params(load_config(None, ["projection.method=pca", "projection.dim=24"]), {})["dim"] == 70

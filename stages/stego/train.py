@@ -6,7 +6,7 @@ dropout masks drawn on the fly is exactly STEGO's training. One step = one batch
 1. ``batch_size`` anchors: consecutive slices of a seeded per-epoch permutation of the train samples
    (an incomplete last slice is dropped); each anchor's kNN partner is ``nns[i, k]`` with ``k`` uniform
    in ``1..num_neighbors`` (column 0 is the sample itself). Tokens of both are read from the token
-   store (random access, float16 → float32 ``[B, D, h, w]``), the next batch prefetched in a thread.
+   store (random access, float16 → float32 ``[B, D, h, w]``), the next batches read ahead in threads.
 2. Head forward of the anchors, then of the partners, with dropout masks (cluster1, cluster2,
    returned features; spec §1.4), then the correlation loss (§3.3) and its weighted total (§3.4).
 3. Adam step of the head; the linear and cluster probes take one Adam step each on the detached code
@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -105,11 +106,12 @@ class HeadConfig:
     checkpoint: str | None = None  # import this STEGO .ckpt instead of training
     checkpoint_ignore_unknown: bool = False  # import even if the checkpoint has unknown state-dict keys
     val_batch_size: int = 8  # runtime only: samples per validation forward
+    loader_workers: int = 4  # runtime only: batches read (and decompressed) ahead in parallel threads
 
 
 register_section("head", HeadConfig)
 
-_RUNTIME_KEYS = ("checkpoint", "checkpoint_ignore_unknown", "val_batch_size")
+_RUNTIME_KEYS = ("checkpoint", "checkpoint_ignore_unknown", "val_batch_size", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -359,12 +361,13 @@ class HeadTrainer:
 
 def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n_classes: int,
                val: TokenStore | None = None, device: str | torch.device = "cpu", val_batch_size: int = 8,
-               progress: bool = False) -> TrainResult:
+               loader_workers: int = 4, progress: bool = False) -> TrainResult:
     """Train a STEGO head and its probes on cached tokens (see the module docstring).
 
     ``train``/``val``: token stores (``val`` is required when ``settings.val_every > 0``); ``nns``: int
     ``[N, K]`` kNN indices of the train samples with ``K > num_neighbors``; ``n_classes``: label classes.
-    Deterministic for fixed inputs and settings on CPU.
+    ``loader_workers`` batches are read ahead in parallel threads (the index stream is drawn in order, so
+    this does not change the result). Deterministic for fixed inputs and settings on CPU.
     """
     dev = torch.device(device)
     n = train.n
@@ -405,14 +408,15 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
 
     start = time.perf_counter()
     bar = tqdm(total=settings.steps, desc=STAGE, unit="step", disable=not progress)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, next(sampler))
+    ahead = max(1, loader_workers)
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending = deque(pool.submit(read, next(sampler)) for _ in range(min(ahead, settings.steps)))
         for step in range(1, settings.steps + 1):
             t0 = time.perf_counter()
-            tokens, labels = pending.result()
+            tokens, labels = pending.popleft().result()
             wait_s += time.perf_counter() - t0
-            if step < settings.steps:
-                pending = pool.submit(read, next(sampler))
+            if step + len(pending) < settings.steps:
+                pending.append(pool.submit(read, next(sampler)))
             both = _to_device_map(tokens, dev)
             values, drop_feats, drop_pos = trainer.step(both[:settings.batch_size], both[settings.batch_size:],
                                                         torch.from_numpy(labels))
@@ -542,7 +546,8 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
     nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
     val = open_token_store(ctx.input("val").path / "tokens.zarr") if "val" in ctx.inputs else None
     result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
-                        val_batch_size=int(cfg.head.val_batch_size), progress=True)
+                        val_batch_size=int(cfg.head.val_batch_size), loader_workers=int(cfg.head.loader_workers),
+                        progress=True)
     info = {"source": "trained", "chosen_step": result.chosen_step, "selection": settings.selection,
             "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}
     class_names = list(train.attrs.get("class_names") or [f"class_{i}" for i in range(n_classes)])
