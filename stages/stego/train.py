@@ -27,7 +27,6 @@ float16 with a gradient scaler); the loss is computed in float32.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -552,7 +551,7 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
             "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}
     class_names = list(train.attrs.get("class_names") or [f"class_{i}" for i in range(n_classes)])
     write_head_files(ctx.out, result.head, result.linear, result.cluster, class_names=class_names, info=info)
-    diagnostics = _json_safe(copy.deepcopy(result.diagnostics))
+    diagnostics = _json_safe(result.diagnostics)
     (ctx.out / "diagnostics.json").write_text(json.dumps(diagnostics) + "\n")
     plot_diagnostics(diagnostics, ctx.out)
     chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
