@@ -75,7 +75,7 @@ FIT_SUBSETS = ("all", "images", "tokens")
 BACKENDS = ("auto", "numpy", "dask", "cuml")
 HNNE_METRICS = ("cosine", "euclidean")
 SPLITS = ("train", "val")
-_CHUNK_BYTES = 2**26  # float16 bytes per fit block: 64 MiB, 256 MiB once upcast to float64
+_CHUNK_BYTES = 2**24  # float16 bytes per fit block: 16 MiB, 64 MiB once upcast to float64
 
 
 @dataclass
@@ -92,7 +92,7 @@ class ReduceConfig:
     materialize: bool | None = None  # write projected train/val stores; None = only for hnne
     # runtime (do not change the artifact):
     backend: str = "auto"  # auto (GPU if the stage runs on cuda, else dask) | numpy | dask | cuml
-    chunk_samples: int = 0  # samples per fit block / Dask task; 0 = about 64 MiB of float16 tokens
+    chunk_samples: int = 0  # samples per fit block / Dask task; 0 = about 16 MiB of float16 tokens
     transform_samples: int = 64  # samples per transform call when materialising
 
 

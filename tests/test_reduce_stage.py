@@ -269,7 +269,7 @@ def test_materialisation_resumes_after_a_crash(art: Path, monkeypatch: pytest.Mo
 def test_materialisation_fans_out_on_a_dask_client(art: Path) -> None:
     from distributed import Client
 
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None):
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0"):
         path, manifest = run_reduce(art, *HNNE, "projection.seed=1")
     assert manifest["materialized"]["train"]["parallel"] == "dask"
     check_materialized(path, manifest, art)
