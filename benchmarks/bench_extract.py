@@ -6,7 +6,7 @@ root (its ``prepare`` input is built first, untimed); its img/s is the manifest'
 writing the store; the backbone is loaded before the loop). The bare forward is
 :func:`stages.backbones.dino_features` under ``torch.inference_mode`` on a tensor already in memory (on
 the device), same backbone, resolution and batch size, after one warm-up batch; stage and forward
-alternate for 2 rounds, best of each. A second row shows the point of the cache: reading the stored
+alternate for 2 rounds (quick: 1), best of each. A second row shows the point of the cache: reading the stored
 tokens back (``TokenStore.iter_batches``) vs computing them.
 
 CPU: ViT-S/16 (random init) at 224, 32 images, batch 16 (quick: 16 images at 64, batch 8).
@@ -116,7 +116,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     for case in cases(quick, torch.cuda.is_available()):
         bare = cached = 0.0
         best: dict[str, Any] = {"throughput_img_s": 0.0}
-        for _ in range(ROUNDS):  # interleaved rounds, best of each: the machine is shared
+        rounds = 1 if quick else ROUNDS
+        for _ in range(rounds):  # interleaved rounds, best of each: the machine is shared
             with temp_root("stegopipe-bench-extract-") as root:
                 manifest, artifact = stage_run(case, root)
                 cached = max(cached, cache_read_img_s(artifact, case.batch))
@@ -128,7 +129,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                         note=f"{case.n} synthetic images, batch {case.batch}{amp}; stage = manifest throughput "
                              f"(decode + preprocess + forward + store write, loop wall "
                              f"{best['extract_wall_s']:.1f} s); baseline = dino_features on pre-loaded "
-                             f"tensors; best of {ROUNDS} interleaved rounds; ratio = ours/baseline"))
+                             f"tensors; best of {rounds} interleaved round(s); ratio = ours/baseline"))
         rows.append(row(f"token cache read vs live forward ({case.short})", cached, "img/s", baseline=bare,
                         note="TokenStore.iter_batches (fp16 → float32) of the extracted store ÷ the bare forward; "
                              "ratio = ours/baseline"))
