@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from typing import Any
 
@@ -70,6 +71,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("distributed", "tornado", "bokeh"):  # cluster chatter only when something is wrong
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def store_from(preset: str | None = None, overrides: tuple[str, ...] = ()) -> ArtifactStore:
@@ -99,6 +102,7 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
     """
     cli_overrides = [f"run.{k}={v}" for k, v in (("executor", executor), ("scheduler", scheduler),
                                                    ("cluster", cluster), ("workers", workers)) if v is not None]
+    experiment = None
     if target in runner.STAGES:
         stage = runner.get_stage(target)
         args = {}
@@ -127,6 +131,10 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
     for target_id in dict.fromkeys(targets):
         if target_id in by_id:
             click.echo(str(by_id[target_id].path))
+    copy_to = experiment.spec.get("copy_to") if experiment else None
+    if copy_to and targets and targets[-1] in by_id:
+        shutil.copytree(by_id[targets[-1]].path, copy_to, dirs_exist_ok=True)
+        click.echo(f"copied {targets[-1]} to {copy_to}/", err=True)
 
 
 @main.command("stages")

@@ -12,6 +12,7 @@ An experiment file (``configs/experiments/<name>.yaml``)::
         projection.dim: [3, 6, 12]
     targets: [evaluate]              # stages (or {stage:, args:}) requested at every matrix point
     collect: report                  # optional stage that receives every target artifact as input
+    copy_to: reports/fig4            # optional: copy the collected artifact's files here after a run
 
 Points that resolve to the same artifact id run once (e.g. one tokens artifact and one PCA fit shared
 by every dim of a sweep).
@@ -30,7 +31,7 @@ from pipeline.errors import ConfigError
 from pipeline.runner import Request, Task, get_stage, plan
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiments"
-KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect"}
+KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect", "copy_to"}
 
 
 def experiment_names() -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from pipeline import specs
 from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
@@ -86,8 +87,8 @@ def register_stage(
 
 
 def plugin_names() -> list[str]:
-    """Modules that register stages and config sections: ``STEGOPIPE_PLUGINS`` (comma list), default ``stages``."""
-    return [p for p in os.environ.get("STEGOPIPE_PLUGINS", "stages").split(",") if p]
+    """Modules that register stages and config sections: ``STEGOPIPE_PLUGINS`` (comma list), default ``stages.plugin``."""
+    return [p for p in os.environ.get("STEGOPIPE_PLUGINS", "stages.plugin").split(",") if p]
 
 
 def load_plugins(names: Iterable[str]) -> None:
@@ -383,8 +384,16 @@ def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
 
     workers = run_cfg.workers or os.cpu_count() or 1
     resources = {"GPU": 1} if resolve_device(run_cfg.device) == "cuda" else {}
-    # saturation 1.0: a single-threaded worker holds one stage task, so independent stages spread out
-    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    settings = {
+        # a single-threaded worker holds one stage task at a time, so independent stages spread out
+        "distributed.scheduler.worker-saturation": 1.0,
+        # stages may start process pools of their own (CRF), which daemonic processes cannot
+        "distributed.worker.daemon": False,
+        # one compute thread per worker process; progress bars are the client's job
+        "distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1,
+                                                 "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "TQDM_DISABLE": 1},
+    }
+    with dask.config.set(settings), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       resources=resources or None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
 
@@ -411,10 +420,14 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                     resources=(dict(stage.resources) or None) if gpu else None))
 
     submit_ready()
+    progress = tqdm(total=len(pending), unit="stage", desc="stages", leave=False)
     for future in completed:
         result = future.result()
         results[result.id] = result
+        log.info("[done] %s in %.1fs", result.id, result.wall_s)
+        progress.update()
         submit_ready()
+    progress.close()
 
 
 def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[str] = (),

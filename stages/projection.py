@@ -42,7 +42,7 @@ _PROVIDERS: dict[str, str] = {
     "pca": "stages.reducers",
     "rp": "stages.reducers",
     "hnne": "stages.reducers",
-    "stego": "stages.stego.head",
+    "stego": "stages.stego.projection",
 }
 
 _REGISTRY: dict[str, type["BaseProjection"]] = {}

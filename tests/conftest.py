@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+import stages.plugin  # noqa: F401  (every stage and config section registered in the test process)
+
 REPO = Path(__file__).resolve().parent.parent
-TOY_PLUGINS = "stages,tests.plugin_stages"
+TOY_PLUGINS = "stages.plugin,tests.plugin_stages"
 
 
 @pytest.fixture

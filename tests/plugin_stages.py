@@ -1,4 +1,4 @@
-"""Toy stages for framework tests (registered with STEGOPIPE_PLUGINS=stages,tests.plugin_stages).
+"""Toy stages for framework tests (registered with STEGOPIPE_PLUGINS=stages.plugin,tests.plugin_stages).
 
 Each stage appends a line to ``toy.log`` (the number of computations is observable), optionally
 sleeps (to be killed or to overlap), and writes ``out.json``.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import stages  # noqa: F401  (registers the config sections)
+import stages.plugin  # noqa: F401  (registers the config sections)
 from pipeline.config import load_config, parse_override
 from pipeline.errors import ConfigError
 

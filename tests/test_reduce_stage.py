@@ -14,7 +14,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-import stages  # noqa: F401  (registers stages and config sections)
+import stages.plugin  # noqa: F401  (registers stages and config sections)
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.runner import Request, plan, run_tasks
