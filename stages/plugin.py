@@ -7,6 +7,7 @@ from stages import (  # noqa: F401  (each module registers its stage, config sec
     evaluate,
     extract,
     knn,
+    predict,
     prepare,
     probe,
     reduce,
