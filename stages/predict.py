@@ -154,9 +154,9 @@ def check_weights(backbone_cfg: Any, record: BackboneRecord) -> str:
                 "backbone.weights_dir (or STEGOPIPE_WEIGHTS_DIR) holding the official file", "timm":
                 "backbone.weights=timm", "file": "backbone.weights=<the checkpoint file>"}
         kind = re.split(r"[-:]", record.weights_tag, maxsplit=1)[0]
-        raise ConfigError(f"backbone weights tag {tag} (backbone.weights={cfg.weights}) differs from {record.weights_tag}, "
-                          f"the weights the head's features were extracted with; set {hint.get(kind, 'them')} "
-                          "(--set KEY=VALUE or --preset)")
+        raise ConfigError(f"backbone weights tag {tag} (backbone.weights={cfg.weights}) differs from "
+                          f"{record.weights_tag}, the weights the head's features were extracted with; set "
+                          f"{hint.get(kind, 'them')} (--set KEY=VALUE or --preset)")
     return tag
 
 
@@ -329,7 +329,8 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
     probes, probes_source, assignment = resolve_probes(store, head_id, probes_ref, eval_ref)
     projection = open_projection(store.path(head_id), record.embed_dim, None)
     if probes.dim != projection.dim:
-        raise ArtifactError(f"probes {probes_source} read codes of dim {probes.dim}, head {head_id} writes {projection.dim}")
+        raise ArtifactError(f"probes {probes_source} read codes of dim {probes.dim}, "
+                            f"head {head_id} writes {projection.dim}")
     res = int(res if res is not None else record.val_res or DEFAULT_RES)
     paths = [Path(p) for p in images]
     rgbs = [load_rgb(p) for p in paths]  # every file checked before the model is loaded

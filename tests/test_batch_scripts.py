@@ -53,7 +53,8 @@ def fakes(tmp_path: Path) -> dict[str, str]:
         (bin_dir / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", STEGO=str(bin_dir / "stegopipe"),
-               FAKE_LOG=str(tmp_path / "calls.log"), STEGOPIPE_REPO=str(tmp_path), STEGOPIPE_LOG_DIR=str(tmp_path / "logs"),
+               FAKE_LOG=str(tmp_path / "calls.log"), STEGOPIPE_REPO=str(tmp_path),
+               STEGOPIPE_LOG_DIR=str(tmp_path / "logs"),
                STEGOPIPE_ROOT=str(tmp_path / "artifacts"), GRACE_S="5")
     return env
 

@@ -19,7 +19,7 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.runner import Request, plan, run_tasks
 from stages.datasets.synthetic import synthetic_scene
-from stages.predict import overlay, prepare_image, write_label_png
+from stages.predict import BackboneRecord, backbone_record, check_weights, overlay, prepare_image, write_label_png
 
 torch.set_num_threads(1)
 
@@ -73,7 +73,8 @@ def test_predict_writes_labels_and_overlays(chain: dict[str, Any], tmp_path: Pat
             assert over.shape == (48, 48, 3)
     summary = json.loads((tmp_path / "predictions.json").read_text())
     assert summary["head"] == head and summary["probes"] == f"{head}/probes" and summary["cluster_ids"] == "clusters"
-    assert summary["backbone"]["name"] == "vit_small_patch16_224.dino" and summary["backbone"]["weights_tag"] == "random-seed0"
+    assert summary["backbone"]["name"] == "vit_small_patch16_224.dino"
+    assert summary["backbone"]["weights_tag"] == "random-seed0"
     assert summary["res"] == 48 and [im["size"] for im in summary["images"]] == [[48, 48], [48, 48]]
 
 
@@ -147,3 +148,20 @@ def test_overlay_and_label_png(tmp_path: Path) -> None:
     assert label(tmp_path / "a.png").tolist() == [[0, 255]]
     write_label_png(tmp_path / "b.png", np.array([[300, -1]]))
     assert label(tmp_path / "b.png").astype(np.int64).tolist() == [[300, 65535]]
+
+
+def test_imported_head_backbone_from_the_checkpoint_record(tmp_path: Path) -> None:
+    head_id = "train-head-0123456789abcdef"
+    folder = tmp_path / "train-head" / head_id
+    folder.mkdir(parents=True)
+    manifest = {"inputs": {}, "backbone": {"model_type": "vit_base", "patch": 8}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    record = backbone_record(ArtifactStore(tmp_path), head_id)
+    assert record == BackboneRecord("vit_base_patch8_224.dino", None, "dino", None)
+    assert (record.patch, record.embed_dim) == (8, 768)
+    random = load_config(None, []).backbone
+    with pytest.raises(ConfigError, match="imported from a STEGO checkpoint"):
+        check_weights(random, record)
+    weights = tmp_path / "vitb8.pth"
+    weights.write_bytes(b"x")
+    assert check_weights(load_config(None, [f"backbone.weights={weights}"]).backbone, record).startswith("file:")
