@@ -305,7 +305,7 @@ def _stems(paths: list[Path]) -> list[str]:
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--head", "head_ref", required=True, help="train-head artifact (id or unique prefix).")
-@click.option("--probes", "probes_ref", help="probe (or another train-head) artifact whose probes to use "
+@click.option("--probes", "probes_ref", help="probe artifact (trained on this head's codes) whose probes to use "
               "(default: the probes inside the head, or those of --eval).")
 @click.option("--eval", "eval_ref", help="evaluate artifact whose Hungarian assignment maps clusters to classes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("predictions"),
