@@ -205,10 +205,22 @@ def run_python_child(args: Sequence[str], *, timeout_s: float, env: dict[str, st
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    """Peak resident set size of this process's own memory so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of the current address space. Not
+    ``ru_maxrss``: the kernel carries that over from the forking parent through ``exec``, so a child
+    started by a big process (``run_all`` after other benchmarks) reports at least the parent's RSS.
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
 def script_main(run: Callable[..., list[dict[str, Any]]], argv: Sequence[str] | None = None) -> None:

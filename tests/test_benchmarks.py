@@ -161,3 +161,18 @@ def test_module_names_lists_expected_then_found() -> None:
     names = run_all.module_names()
     assert names[:len(run_all.EXPECTED)] == list(run_all.EXPECTED)
     assert len(names) == len(set(names))
+
+
+def test_peak_rss_of_a_child_is_its_own() -> None:
+    """A child of a big process reports its own peak, not the parent's (ru_maxrss would)."""
+    import numpy as np
+
+    from benchmarks.common import peak_rss_mb, run_python_child
+
+    ballast = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB resident in this process
+    assert peak_rss_mb() >= 300
+    code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks.common import peak_rss_mb; "
+            "print(json.dumps({'peak': peak_rss_mb()}))")
+    child = run_python_child(["-c", code], timeout_s=60)
+    assert 0 < child["peak"] < 200
+    del ballast
