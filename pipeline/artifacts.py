@@ -11,7 +11,8 @@ Contracts:
   version, output-affecting params and the ids of the input artifacts.
 - A folder without ``manifest.json`` is not an artifact. Publishing writes the manifest last inside the
   staging folder and then renames the folder into place (one atomic rename), so readers never see half
-  a result.
+  a result. The manifest carries ``manifest_sha256``, a checksum of its own other fields, so ``verify``
+  detects a damaged manifest as well as damaged files.
 - Locks are ``O_EXCL`` files holding owner pid/host; the owner refreshes the file's mtime every few
   seconds, so a lock whose mtime is older than ``stale_after_s`` (or whose owner pid is dead on this
   host) is stale and may be broken. This works on shared filesystems.
@@ -81,10 +82,26 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename: the file is whole or absent."""
+    """Write JSON through a temporary file and a rename: the file is whole or absent (no temporary
+    file is left behind when writing fails, e.g. on a full disk)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+MANIFEST_CHECKSUM = "manifest_sha256"
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON without its ``manifest_sha256`` field (as read back from disk)."""
+    body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM},
+                                 default=_json_default))
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def list_files(directory: Path) -> list[Path]:
@@ -259,9 +276,10 @@ class ArtifactStore:
         An existing artifact of the same id (a ``--force`` re-run) is replaced only after the new one
         is complete.
         """
-        shutil.rmtree(staging.dir / SHARD_MARKERS, ignore_errors=True)
         manifest = dict(manifest, id=artifact, files=describe_files(staging.dir))
-        write_json_atomic(staging.dir / MANIFEST, manifest)
+        manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
+        write_json_atomic(staging.dir / MANIFEST, manifest)  # a failure here keeps the shard markers
+        shutil.rmtree(staging.dir / SHARD_MARKERS, ignore_errors=True)
         final = self.path(artifact)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
@@ -275,10 +293,18 @@ class ArtifactStore:
         return final
 
     # -- checking and housekeeping ------------------------------------------------------------
-    def verify(self, artifact: str) -> list[str]:
-        """Re-hash every file against the manifest; returns one problem line per bad file (empty: intact)."""
+    def verify(self, artifact: str, *, hash_max_bytes: int | None = None) -> list[str]:
+        """Check the manifest's own checksum and re-hash every file against it; returns one problem line
+        per bad file (empty: intact). Files larger than ``hash_max_bytes`` (None: no limit) only get
+        their size checked."""
         directory = self.path(artifact)
-        manifest = self.manifest(artifact)
+        try:
+            manifest = self.manifest(artifact)
+        except ArtifactError as exc:
+            return [str(exc)]
+        stored = manifest.get(MANIFEST_CHECKSUM)
+        if stored is not None and stored != manifest_checksum(manifest):  # its file list cannot be trusted
+            return [f"{directory / MANIFEST}: content differs from its manifest_sha256 (corrupted)"]
         problems = []
         listed = {entry["path"] for entry in manifest.get("files", [])}
         for entry in manifest.get("files", []):
@@ -287,6 +313,8 @@ class ArtifactStore:
                 problems.append(f"{path}: missing")
             elif path.stat().st_size != entry["size"]:
                 problems.append(f"{path}: size {path.stat().st_size} != {entry['size']} in the manifest")
+            elif hash_max_bytes is not None and entry["size"] > hash_max_bytes:
+                continue
             elif sha256_file(path) != entry["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest (corrupted)")
         problems += [f"{directory / rel}: not listed in the manifest" for rel in list_files(directory)

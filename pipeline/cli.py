@@ -216,9 +216,21 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
     """Delete artifacts that no experiment (and no --keep id) references. Dry run unless --yes."""
     store = store_from()
     kept: set[str] = {store.resolve(k) for k in keep}
+    unplanned = []
     for name in experiments or experiment_names():
-        tasks, _ = Experiment.load(name).plan()
+        try:
+            tasks, _ = Experiment.load(name).plan()
+        except StegopipeError as exc:
+            if experiments:  # named explicitly: it must be plannable
+                raise
+            unplanned.append(name)
+            click.echo(f"note: experiment {name} cannot be planned here ({exc}); its artifacts are not protected",
+                       err=True)
+            continue
         kept |= {t.id for t in tasks}
+    if yes and unplanned:
+        raise StegopipeError(f"refusing to delete: experiments {', '.join(unplanned)} cannot be planned here, so "
+                             "their artifacts would be deleted too; name the experiments to keep with --experiment")
     doomed = store.gc(kept, dry_run=not yes)
     for artifact in doomed:
         click.echo(f"{'deleted' if yes else 'would delete'} {artifact}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import platform
 import socket
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from pipeline import specs
 from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
 from pipeline.config import to_container
-from pipeline.errors import ConfigError, MissingArtifactError, StageError, StegopipeError
+from pipeline.errors import ArtifactError, ConfigError, MissingArtifactError, StageError, StegopipeError
 
 log = logging.getLogger("stegopipe")
 
@@ -288,6 +289,21 @@ def import_artifact(root: str, *, stage: str, kind: str, version: str, params: d
     return _execute(task, pseudo, root)
 
 
+def _check_input(store: ArtifactStore, task: Task, name: str, dep: str) -> None:
+    """With ``run.verify_inputs`` (default), refuse to run on a damaged input artifact: its manifest's own
+    checksum, every file's size, and the sha256 of files up to ``run.verify_hash_mb`` MiB."""
+    run_cfg = task.cfg.get("run") or {}
+    if not run_cfg.get("verify_inputs", True):
+        return
+    limit_mb = float(run_cfg.get("verify_hash_mb", 64.0))
+    problems = store.verify(dep, hash_max_bytes=max(0, int(limit_mb * 2**20)) if math.isfinite(limit_mb) else None)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArtifactError(
+            f"stage {task.stage}: input '{name}' ({dep}) is damaged: {problems[0]}{more}; `stegopipe verify {dep}` "
+            f"lists the damage; delete {store.path(dep)} and run again to rebuild it")
+
+
 def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device: str = "auto",
              lock_timeout_s: float | None = None) -> TaskResult:
     store = ArtifactStore(root)
@@ -304,6 +320,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
                 raise MissingArtifactError(
                     f"stage {task.stage} needs input '{name}' ({dep}), which is not built; "
                     f"run `{get_stage(stage_of(dep)).make_target}` (or `stegopipe run` without --no-upstream)")
+            _check_input(store, task, name, dep)
             inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
         staging = store.staging(task.id, fresh=not stage.resumable or force)
         ctx = StageContext(task, store, staging, inputs, resolve_device(device))
@@ -325,7 +342,11 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             "shards": {"computed": ctx.shards_computed, "reused": ctx.shards_reused},
             **ctx.extras, **result,
         }
-        path = store.publish(task.id, staging, manifest)
+        try:
+            path = store.publish(task.id, staging, manifest)
+        except OSError as exc:  # e.g. a full disk while hashing or writing the manifest
+            raise ArtifactError(f"stage {task.stage}: could not publish {task.id} ({exc}); nothing was "
+                                f"published, the staged work in {staging.dir} is kept for the next run") from exc
     finally:
         lock.release()
     log.info("[done] %s in %.1fs", task.id, wall)
@@ -404,6 +425,7 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
     the worker that ran their input), and collect results as they complete."""
     from distributed import as_completed
 
+    client.run(load_plugins, plugin_names())  # every worker imports the stages now, in parallel
     waiting = list(pending)
     pending_ids = {t.id for t in pending}
     gpu = resolve_device(run_cfg.device) == "cuda"  # CPU clusters advertise no GPU resource

@@ -38,6 +38,7 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float | None, ...]]] = {
 }
 PAPER_DATASETS = ("cocostuff27", "cityscapes", "potsdam")
 METHOD_LABELS = {"stego": "STEGO", "identity": "DINO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE"}
+METHOD_COLOURS = {"stego": "tab:red", "pca": "tab:blue", "rp": "tab:green", "hnne": "tab:purple"}
 CSV_COLUMNS = ("dataset", "method", "dim", "seed", "probe", "crf", "flip_tta", "miou", "accuracy", "resolution",
                "n_images", "eval_id", "probe_id", "projection_id", "tokens_id")
 
@@ -140,23 +141,27 @@ def plot_fig4(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
             ax = axes[row_i][col]
             sel = [r for r in rows if r["dataset"] == dataset and r["probe"] == probe]
             for method in sorted({r["method"] for r in sel}):
+                colour = "k" if method == "identity" else METHOD_COLOURS.get(method, "tab:gray")
+                name = METHOD_LABELS.get(method, method)
                 for crf in (False, True):
                     pts = [r for r in sel if r["method"] == method and r["crf"] == crf]
                     dims = sorted({r["dim"] for r in pts})
-                    stats = [mean_std(r[metric] for r in pts if r["dim"] == d) for d in dims]
                     if not dims:
                         continue
-                    label = f"{METHOD_LABELS.get(method, method)}{' + CRF' if crf else ''}"
+                    stats = [mean_std(r[metric] for r in pts if r["dim"] == d) for d in dims]
                     means = np.array([s[0] for s in stats])
                     stds = np.array([s[1] for s in stats])
-                    if method == "identity" and not crf:
-                        ax.axhline(means[0], ls="--", color="k", lw=1, label=label)
-                    elif crf:
-                        ax.scatter(dims, means, marker="^", s=40, label=label)
+                    if crf:
+                        ax.scatter(dims, means, marker="^", s=45, color=colour, label=f"{name} + CRF", zorder=3)
+                    elif method == "identity":
+                        ax.axhline(means[0], ls="--", color=colour, lw=1, label=f"{name} (D={dims[0]})")
                     else:
-                        line, = ax.plot(dims, means, marker="o", ms=3, label=label)
-                        ax.fill_between(dims, means - stds, means + stds, alpha=0.2, color=line.get_color())
+                        ax.plot(dims, means, marker="o", ms=3, color=colour, label=name)
+                        ax.fill_between(dims, means - stds, means + stds, alpha=0.15, color=colour)
+            ticks = sorted({r["dim"] for r in sel})
             ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+            ax.minorticks_off()
             ax.set_title(f"{dataset} — {probe} probe", fontsize=9)
             ax.set_xlabel("output dimension")
             ax.set_ylabel(f"{'mIoU' if metric == 'miou' else 'accuracy'} (%)")

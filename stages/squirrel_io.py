@@ -29,7 +29,6 @@ import click
 import fsspec
 import numpy as np
 import zarr
-from squirrel.driver import MessagepackDriver
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.cli import register_command
@@ -49,6 +48,13 @@ SQUIRREL_SHARD_SIZE = 500
 """stego-studies' ``SHARD_SIZE``: samples per Squirrel shard."""
 SIDECAR = "stegopipe.json"
 STATUS = "status.txt"
+
+
+def _driver(url: str) -> Any:
+    """squirrel-core's MessagepackDriver (imported on use: the package is heavy and optional at import)."""
+    from squirrel.driver import MessagepackDriver
+
+    return MessagepackDriver(url)
 
 
 @dataclass
@@ -91,7 +97,7 @@ def export_squirrel(
     if not store.has_rgb:
         notes.append(f"token store {store.path} has no 'rgb' array: 'img' was written as zeros")
     H, W = store.label_hw
-    driver = MessagepackDriver(url)
+    driver = _driver(url)
     arrays = ("tokens", "labels", "rgb") if store.has_rgb else ("tokens", "labels")
     shards = 0
     for shards, batch in enumerate(store.iter_batches(shard_size, arrays=arrays), start=1):
@@ -153,7 +159,7 @@ def import_squirrel(url: str, dest_path: str | os.PathLike[str], *, shard_size: 
                              f"re-run the export")
     sidecar = json.loads(fs.cat_file(f"{root}/{SIDECAR}")) if fs.exists(f"{root}/{SIDECAR}") else None
     sidecar_ids = list(map(str, sidecar["ids"])) if sidecar and "ids" in sidecar else None
-    driver = MessagepackDriver(url)
+    driver = _driver(url)
     keys = sorted(driver.keys())
     if not keys:
         raise InputError(f"squirrel store {url}: has no *.gz shards")

@@ -63,6 +63,10 @@ def test_gc_is_a_dry_run_by_default(root: Path) -> None:
     assert _invoke("run", "synthesize", "dataset.synthetic.n_train=2", "dataset.synthetic.n_val=1").exit_code == 0
     dry = _invoke("gc")
     assert "would delete synthesize-" in dry.output
+    assert "cannot be planned here" in dry.stderr  # paper experiments need DINO weights
     assert list((root / "synthesize").iterdir())
-    assert "deleted synthesize-" in _invoke("gc", "--yes").output
+    refused = _invoke("gc", "--yes")
+    assert refused.exit_code == 2 and "refusing to delete" in refused.stderr
+    assert list((root / "synthesize").iterdir())
+    assert "deleted synthesize-" in _invoke("gc", "--yes", "--experiment", "demo").output
     assert not any((root / "synthesize").iterdir())
