@@ -28,7 +28,7 @@ export STEGOPIPE_WEIGHTS_DIR := $(abspath $(WEIGHTS_DIR))
 endif
 
 .PHONY: help install test test-slow test-faults demo bench clean prepare extract knn reduce train-head probe \
-	evaluate report table2 fig3 fig4 hnne
+	evaluate report table2 fig3 fig4 hnne predict nightly import-stego
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -90,6 +90,15 @@ fig4: install ## The paper's Figure 4: STEGO vs PCA vs RP vs DINO across dims
 
 hnne: install ## The supplementary h-NNE comparison (Cityscapes)
 	$(STEGO) run hnne $(ARGS)
+
+import-stego: install ## Import a released STEGO checkpoint as a train-head artifact (CKPT=path)
+	$(STEGO) import-stego $(CKPT) $(ARGS)
+
+predict: install ## Segment images with a STEGO head (HEAD=<id>, IMAGES="a.jpg b.jpg", EVAL=<evaluate id>, OUT=)
+	$(STEGO) predict --head $(HEAD) $(if $(EVAL),--eval $(EVAL)) --out $(or $(OUT),predictions) $(ARGS) $(IMAGES)
+
+nightly: install ## Cron-style nightly run of EXPERIMENT (flock, dated log in logs/, gc dry run)
+	scripts/nightly-cron.sh $(EXPERIMENT) $(ARGS)
 
 bench: install ## Run every benchmark and print one table (benchmarks/results/)
 	$(PY) benchmarks/run_all.py $(ARGS)

@@ -88,7 +88,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             zarr_s = min(zarr_s, _best_write(lambda p: _write_store(p, tokens, labels, ids, shard_size), scratch, 1))
             npy_s = min(npy_s, _best_write(lambda p: _write_npy(p, tokens, labels), scratch, 1))
         rows.append(row("store write (tokens+labels)", mb / zarr_s, "MB/s", baseline=mb / npy_s, goal=">= 0.5",
-                        note=f"zarr token store (zstd-1 tokens, lz4 labels, shards of {shard_size}) ÷ numpy.save of "
+                        note=f"zarr token store (raw fp16 tokens, lz4 labels, shards of {shard_size}) ÷ numpy.save of "
                              f"the same {mb:.0f} MB ({n} samples); ratio = ours/baseline; best of {repeat}"))
 
         _write_store(scratch / "store", tokens, labels, ids, shard_size)

@@ -71,8 +71,6 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("distributed", "tornado", "bokeh"):  # cluster chatter only when something is wrong
-        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def store_from(preset: str | None = None, overrides: tuple[str, ...] = ()) -> ArtifactStore:

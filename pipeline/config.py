@@ -8,8 +8,10 @@ the value, the expected type and the nearest valid keys.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
+from functools import cache
 from dataclasses import dataclass, field, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,13 @@ def register_section(name: str, schema: type) -> None:
 
 
 def schema() -> DictConfig:
-    """The empty root config with every registered section at its defaults."""
-    root_cls = make_dataclass("Root", [(name, cls, field(default_factory=cls)) for name, cls in SECTIONS.items()])
+    """The empty root config with every registered section at its defaults (a fresh copy)."""
+    return copy.deepcopy(_schema(tuple(SECTIONS.items())))
+
+
+@cache
+def _schema(sections: tuple[tuple[str, type], ...]) -> DictConfig:
+    root_cls = make_dataclass("Root", [(name, cls, field(default_factory=cls)) for name, cls in sections])
     return OmegaConf.structured(root_cls)
 
 
@@ -124,6 +131,8 @@ def _merge_checked(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
         key = str(exc.full_key) if getattr(exc, "full_key", None) else str(exc)
         raise ConfigError(f"{origin}: unknown config key '{key}'{_nearest(key, cfg)}") from None
     except ValidationError as exc:
+        if not exc.full_key:  # e.g. a scalar given for a section: omegaconf names no key
+            raise ConfigError(f"{origin}: {str(exc).splitlines()[0]}") from None
         key = str(exc.full_key)
         raise ConfigError(
             f"{origin}: key '{key}' got {exc.value!r}, expected type {_expected_type(cfg, key)}") from None
@@ -144,17 +153,33 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _nest(key: str, value: Any, into: dict[str, Any]) -> None:
+    *parents, leaf = key.split(".")
+    node = into
+    for part in parents:
+        child = node.get(part)
+        node = node.setdefault(part, {}) if not isinstance(child, dict) else child
+    node[leaf] = value
+
+
 def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Merge dotted overrides (later ones win); on a bad one, name that override."""
+    if not overrides:
+        return cfg
+    combined: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
-        head = key.split(".")[0]
-        if head not in cfg:
+        if key.split(".")[0] not in cfg:
             raise ConfigError(f"override '{text}': unknown config key '{key}'{_nearest(key, cfg)}")
-        nested: Any = value
-        for part in reversed(key.split(".")):
-            nested = {part: nested}
-        cfg = _merge_checked(cfg, nested, f"override '{text}'")
-    return cfg
+        _nest(key, value, combined)
+    try:
+        return _merge_checked(cfg, combined, "overrides")
+    except ConfigError:
+        for text in overrides:  # one at a time, to say which override is wrong
+            nested: dict[str, Any] = {}
+            _nest(*parse_override(text), nested)
+            cfg = _merge_checked(cfg, nested, f"override '{text}'")
+        raise
 
 
 def load_yaml(path: Path) -> dict[str, Any]:

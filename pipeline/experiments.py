@@ -109,10 +109,6 @@ class Experiment:
         tasks, targets = plan(requests)
         get_stage(collect)
         cfg = load_config(self.spec.get("preset"), base + overrides)
-        first: dict[str, int] = {}
-        for index, target in enumerate(targets):
-            first.setdefault(target, index)
-        extra = {f"{n:04d}": requests[i] for n, i in enumerate(first.values())}
+        extra = {f"{n:04d}": target for n, target in enumerate(dict.fromkeys(targets))}
         collect_tasks, collect_ids = plan([Request(collect, cfg, {"experiment": self.name}, extra)])
-        known = {t.id for t in tasks}
-        return tasks + [t for t in collect_tasks if t.id not in known], collect_ids
+        return tasks + collect_tasks, collect_ids

@@ -109,12 +109,15 @@ def get_stage(name: str) -> Stage:
 
 @dataclass(frozen=True)
 class Request:
-    """Ask for the artifact of ``stage`` under ``cfg`` with request ``args`` (e.g. split=val)."""
+    """Ask for the artifact of ``stage`` under ``cfg`` with request ``args`` (e.g. split=val).
+
+    ``extra_inputs`` adds inputs beyond the stage's own: requests, or ids of tasks already planned.
+    """
 
     stage: str
     cfg: DictConfig = field(compare=False, hash=False)
     args: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    extra_inputs: Mapping[str, Request] = field(default_factory=dict, compare=False, hash=False)
+    extra_inputs: Mapping[str, Request | str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -137,7 +140,7 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str]) -> str:
                           f"arguments: {', '.join(sorted(stage.args)) or 'none'}")
     args = {**stage.args, **request.args}
     upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
-    inputs = {name: _resolve(req, tasks, order) for name, req in upstream.items()}
+    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order) for name, req in upstream.items()}
     params = stage.params(request.cfg, args)
     task_id = artifact_id(stage.name, stage.version, params, inputs)
     if task_id not in tasks:
@@ -375,10 +378,20 @@ def _has_parallelism(pending: list[Task]) -> bool:
     return len(levels) != len(set(levels))
 
 
+def quiet_dask_logs() -> None:
+    """Cluster chatter only at debug level (distributed sets its loggers to INFO when imported)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        for name in list(logging.root.manager.loggerDict):
+            if name.split(".")[0] in ("distributed", "tornado", "bokeh"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
     """A Dask client for ``run.scheduler`` (existing cluster), ``run.cluster=slurm`` or a LocalCluster."""
     from distributed import Client, LocalCluster
+
+    quiet_dask_logs()
 
     if run_cfg.scheduler:
         with Client(run_cfg.scheduler) as client:
@@ -412,7 +425,8 @@ def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
         "distributed.worker.daemon": False,
         # one compute thread per worker process; progress bars are the client's job
         "distributed.nanny.pre-spawn-environ": {"MALLOC_TRIM_THRESHOLD_": 65536, "OMP_NUM_THREADS": 1,
-                                                 "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "TQDM_DISABLE": 1},
+                                                 "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "TQDM_DISABLE": 1,
+                                                 "DASK_LOGGING__DISTRIBUTED": "error"},
     }
     with dask.config.set(settings), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       resources=resources or None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:

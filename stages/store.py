@@ -43,7 +43,11 @@ _SAMPLE_ARRAYS = ("tokens", "tokens_flip", "labels", "rgb", "ids")
 StoreLike = str | os.PathLike[str] | zarr.Group
 
 
-def _codec(name: str) -> BloscCodec | ZstdCodec:
+def _codec(name: str) -> BloscCodec | ZstdCodec | None:
+    """Per-array compression: float16 tokens compress ×1.07 with zstd-1 at a third of the write time, so
+    they are stored raw; labels (blocky) compress ×50 with lz4 + shuffle; images with zstd-1."""
+    if name in ("tokens", "tokens_flip"):
+        return None
     if name == "labels":
         return BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
     return ZstdCodec(level=1)
