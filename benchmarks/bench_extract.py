@@ -83,7 +83,7 @@ def bare_forward_img_s(case: Case, amp: bool = True) -> float:
 
 def stage_run(case: Case, root: Path) -> tuple[dict[str, Any], Path]:
     """Run prepare (untimed) then extract for ``case`` in artifact ``root``; the extract manifest and path."""
-    import stages  # noqa: F401  (registers the stages and their config sections)
+    import stages.plugin  # noqa: F401  (registers the stages and their config sections)
     from pipeline.config import load_config
     from pipeline.runner import Request, plan, run_tasks
 
@@ -91,6 +91,7 @@ def stage_run(case: Case, root: Path) -> tuple[dict[str, Any], Path]:
         "run.executor=local", f"run.root={root}", f"run.device={case.device}",
         f"dataset.synthetic.n_train={case.n}", "dataset.synthetic.n_val=1",
         f"backbone.name={case.backbone}", f"extract.train_res={case.res}", f"extract.batch_size={case.batch}",
+        f"extract.loader_workers={8 if case.device == 'cuda' else 2}",
     ])
     for stage in ("prepare", "extract"):
         tasks, targets = plan([Request(stage, cfg, {"split": "train"})])
