@@ -428,16 +428,17 @@ def _fit(ctx: StageContext, store: TokenStore, fit: FitRows | None) -> tuple[Bas
         projection: BaseProjection = HNNEProjection.fit(
             x, dim=p["dim"], seed=p["seed"], version=p["hnne"]["version"], metric=p["hnne"]["metric"],
             standardize=p["standardize"])
-        record["hnne"] = {"n_tokens": sub.n_rows, "n_samples": len(sub.samples),
-                          "n_clusters": projection.n_clusters, "fit_s": round(time.perf_counter() - start, 3)}
+        record["hnne"] = {"n_tokens": sub.n_rows, "n_samples": len(sub.samples), "n_clusters": projection.n_clusters}
+        record["timing"] = {"hnne_fit_s": round(time.perf_counter() - start, 3)}
         return projection, record
     moments = None
     if fit is not None:
         start = time.perf_counter()
         moments, backend = fit_moments(store, fit, r.backend, ctx.device, int(r.chunk_samples))
         wall = time.perf_counter() - start
-        record["moments"] = {"backend": backend, "n_tokens": moments.count, "wall_s": round(wall, 3),
-                             "tokens_per_s": round(moments.count / wall, 1) if wall > 0 else None}
+        record["moments"] = {"backend": backend, "n_tokens": moments.count}
+        record["timing"] = {"moments_s": round(wall, 3),
+                            "moments_tokens_per_s": round(moments.count / wall, 1) if wall > 0 else None}
     if p["method"] == "pca":
         assert moments is not None  # params always carry a fit subset for pca
         return PCAProjection.from_moments(moments, standardize=p["standardize"]), record
@@ -462,6 +463,7 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
         if isinstance(projection, PCAProjection):
             title = f"PCA of {store.attrs.get('backbone', 'backbone')} tokens, {store.attrs.get('dataset', '')} train"
             record["evr"] = write_evr(projection, ctx.out, title)
+        ctx.record(fit_timing=record.pop("timing", {}))  # the manifest's: fit.json holds only what the fit made
         (ctx.out / "fit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         ctx.shard_finished(key)
     result |= json.loads((ctx.out / "fit.json").read_text())
