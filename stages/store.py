@@ -21,6 +21,7 @@ hardly compress); blocky label maps compress ×50 with lz4 + shuffle (×39 with 
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 from numpy.typing import ArrayLike, DTypeLike
 from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -41,6 +43,16 @@ _META_KEY = "stegopipe"
 _SAMPLE_ARRAYS = ("tokens", "tokens_flip", "labels", "rgb", "ids")
 
 StoreLike = str | os.PathLike[str] | zarr.Group
+
+
+def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Read sample runs ``[a, b)`` concurrently on zarr's event loop (random batches: about 2x faster than
+    one blocking read per run). Uses zarr 3.1's ``Array._async_array`` (pinned version)."""
+
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*(arr._async_array.getitem((slice(a, b),)) for a, b in runs))
+
+    return [np.asarray(part) for part in sync(gather())]
 
 
 def _codec(name: str) -> BloscCodec | ZstdCodec | None:
@@ -250,6 +262,7 @@ class TokenStore:
             raise InputError(f"token store {self.path}: not a Zarr v3 group ({exc})") from exc
         self._group = group
         self._meta = _check_layout(group, self.path)
+        self._opened: dict[str, zarr.Array] = {}
 
     @property
     def n(self) -> int:
@@ -306,9 +319,12 @@ class TokenStore:
         return shard_ranges(self.n, self.shard_size)
 
     def _array(self, name: str) -> zarr.Array:
+        """The opened array ``name`` (opened once: opening reads its metadata from the store)."""
         if name not in self.arrays:
             raise InputError(f"token store {self.path}: has no array {name!r} (it has {', '.join(self.arrays)})")
-        return self._group[name]
+        if name not in self._opened:
+            self._opened[name] = self._group[name]
+        return self._opened[name]
 
     def get(self, name: str, indices: ArrayLike) -> np.ndarray:
         """Samples ``indices`` (any order, repeats allowed) of array ``name``, in stored dtype.
@@ -323,13 +339,22 @@ class TokenStore:
         arr = self._array(name)
         if idx.size == 0:
             return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        # Read runs of consecutive samples with basic slices, concurrently: zarr's orthogonal (fancy)
+        # selection is ~15x slower here, and a slice of a sharded array decodes only the chunks (samples)
+        # it covers. Sorted, so shard files are visited in order and neighbours merge into one run.
         uniq, inverse = np.unique(idx, return_inverse=True)
-        # Read runs of consecutive samples with basic slices: zarr's orthogonal (fancy) selection is ~15x
-        # slower here, and a slice of a sharded array decodes only the chunks (samples) it covers.
         cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts)]
-        parts = [arr[a:b] for a, b in runs]
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[inverse]
+        parts = [arr[a:b] for a, b in runs] if len(runs) == 1 else _read_runs(arr, runs)
+        if uniq.size < idx.size:  # repeats: gather from the unique rows
+            return np.concatenate(parts)[inverse]
+        out = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
+        positions = np.argsort(idx, kind="stable")  # where each sorted sample goes in the request
+        start = 0
+        for part in parts:  # one copy of each sample, straight to its place
+            out[positions[start:start + len(part)]] = part
+            start += len(part)
+        return out
 
     def get_tokens(self, indices: ArrayLike, *, flip: bool = False) -> np.ndarray:
         """Tokens of samples ``indices`` as float32 ``[k,h,w,D]`` (``flip``: of the flipped images)."""
