@@ -135,6 +135,10 @@ class Staging:
         markers.mkdir(parents=True, exist_ok=True)
         (markers / f"{key}.done").write_text(str(time.time()))
 
+    def unmark_shard(self, key: str) -> None:
+        """Forget that shard ``key`` is done (before deleting staged data a re-run would need)."""
+        (self.dir / SHARD_MARKERS / f"{key}.done").unlink(missing_ok=True)
+
     def done_shards(self) -> list[str]:
         markers = self.dir / SHARD_MARKERS
         return sorted(p.stem for p in markers.glob("*.done")) if markers.is_dir() else []

@@ -250,11 +250,15 @@ class _Unaries(Sequence[tuple[np.ndarray, np.ndarray]]):
         return rgb[j - start], u
 
 
+def _crf_keys(n_shards: int) -> list[str]:
+    return [f"crf-{k:05d}" for k in range(n_shards)]
+
+
 def _crf_pass(ctx: StageContext, ev: _Eval, workers: int, timeout_s: float) -> int:
     """Run the CRF over the shards not yet done, each finished shard → ``crf_shards/<key>.npz``;
     returns the number of images refined (both probes) by this call."""
     ranges = ev.store.shard_ranges()
-    keys = [f"crf-{k:05d}" for k in range(len(ranges))]
+    keys = _crf_keys(len(ranges))
     todo = list(ctx.shards(keys))
     folder = ctx.out / CRF_DIR
     folder.mkdir(exist_ok=True)
@@ -360,6 +364,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             for i in examples:
                 if a <= i < a + preds.shape[1]:
                     shown[i].update(linear_crf=preds[0, i - a], cluster_crf=preds[1, i - a])
+        for key in _crf_keys(len(store.shard_ranges())):  # a run killed from here on redoes the CRF: files go
+            ctx.staging.unmark_shard(key)
         shutil.rmtree(ctx.out / CRF_DIR)
         if store.n and len(failed) == 2 * store.n:
             raise StageError(f"the dense CRF failed on every val image (first error: {failed[0]['error']}); "
