@@ -50,7 +50,7 @@ class Case:
 def cases(quick: bool, cuda: bool) -> list[Case]:
     """What to measure: CPU ViT-S/16 (tiny when quick), or ViT-S/8 and ViT-B/8 at 224 on CUDA."""
     if cuda:
-        n, batch = (64, 32) if quick else (256, 64)
+        n, batch = (64, 32) if quick else (1024, 64)
         return [Case(name, 224, n, batch, "cuda") for name in TIMM_PUBLISHED_IMG_S]
     if quick:
         return [Case("vit_small_patch16_224.dino", 64, 16, 8, "cpu")]

@@ -9,8 +9,9 @@ evaluation flips them back) and the cropped uint8 image (for the CRF). Tokens go
 
 Pipelined: a thread pool decodes and transforms samples ahead of the forward (bounded prefetch), the
 main thread runs the model in batches of ``extract.batch_size`` that never cross a shard boundary (so
-a shard's bytes do not depend on which shards ran before it), and a writer thread writes finished
-shards (at most two queued). A shard is marked done only after its data is written, so a run killed
+a shard's bytes do not depend on which shards ran before it), and writer threads write finished
+shards side by side (at most three in flight). A shard is marked done only after its data is written
+(markers in shard order), so a run killed
 at any moment resumes with the missing shards and ends bit-identical to an uninterrupted one (CPU).
 
 Scale-out (``extract.dask_shards=true``): when the stage runs inside a Dask worker or
@@ -57,7 +58,8 @@ from stages.store import create_token_store, open_token_store, shard_ranges, wri
 
 TOKENS_STORE = "tokens.zarr"
 _PARTIAL = f"{TOKENS_STORE}.partial-"
-_WRITES_IN_FLIGHT = 2
+_WRITES_IN_FLIGHT = 3
+_WRITER_THREADS = 3  # shards are separate files: writes (encode + checksum) run side by side
 _PREFETCH_BATCHES = 4
 _MODEL_LOCK = threading.Lock()
 
@@ -389,7 +391,7 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
             future.result()
             ctx.shard_finished(key)
 
-    with samples as loaded, ThreadPoolExecutor(1, thread_name_prefix="extract-write") as writer:
+    with samples as loaded, ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="extract-write") as writer:
         buffer: list[Sample] = []
         for shard, sample in loaded:
             buffer.append(sample)
