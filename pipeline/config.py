@@ -53,7 +53,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     lock_timeout_s: float = 3600.0
     verify_inputs: bool = True  # check input artifacts against their manifests before a stage reads them
-    verify_hash_mb: float = 64.0  # ... re-hashing files up to this size (MiB); larger files: size check only
+    verify_hash_mb: float = 64.0  # ... re-hashing the files of inputs up to this size (MiB); bigger: sizes only
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
