@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 from typing import Any
@@ -70,6 +71,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # no progress bars either (tqdm reads it per bar)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 

@@ -243,3 +243,25 @@ def test_missing_optional_array(tmp_path):
         s.get_rgb([0])
     with pytest.raises(InputError, match="no array 'tokens_flip'"):
         s.dask_tokens(flip=True)
+
+
+def test_a_flipped_byte_in_a_token_chunk_fails_the_read(tmp_path: Path) -> None:
+    """Raw fp16 token chunks carry a crc32c: corruption is an InputError naming the store, not wrong numbers."""
+    import glob
+
+    path = tmp_path / "s.zarr"
+    store = create_token_store(path, n=4, grid=(2, 2), dim=8, label_hw=(4, 4), shard_size=2, with_rgb=False,
+                               with_flip=False)
+    for shard in range(2):
+        write_shard(store, shard, tokens=np.ones((2, 2, 2, 8), np.float16), labels=np.zeros((2, 4, 4), np.int16),
+                    ids=["a", "b"])
+    shard_file = sorted(glob.glob(str(path / "tokens" / "c" / "*" / "*" / "*" / "*")))[0]
+    data = bytearray(Path(shard_file).read_bytes())
+    data[20] ^= 0xFF
+    Path(shard_file).write_bytes(bytes(data))
+    opened = open_token_store(path)
+    assert opened.get_tokens([3]).sum() == 2 * 2 * 8  # the other shard is intact
+    with pytest.raises(InputError, match="s.zarr.*'tokens' is corrupt.*checksum"):
+        opened.get_tokens([0])
+    with pytest.raises(InputError, match="corrupt"):
+        list(opened.iter_batches(2))
