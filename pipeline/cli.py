@@ -1,6 +1,6 @@
 """The ``stegopipe`` command line (click).
 
-Stage plugins (``STEGOPIPE_PLUGINS``, default ``stages``) are imported before a command runs; they
+Stage plugins (``STEGOPIPE_PLUGINS``, default ``stages.plugin``) are imported before a command runs; they
 register stages, config sections and extra commands (:func:`register_command`). Errors of the
 :class:`StegopipeError` family print as one line and exit with status 2 (``--debug`` shows the
 traceback).
@@ -14,7 +14,10 @@ import shutil
 import sys
 from typing import Any
 
-import click
+if "--quiet" in sys.argv[1:]:  # tqdm reads TQDM_* when it is imported: hide progress bars before that
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import click  # noqa: E402
 
 from pipeline import runner
 from pipeline.artifacts import ArtifactStore
@@ -71,8 +74,6 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # no progress bars either (tqdm reads it per bar)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
