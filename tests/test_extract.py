@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,7 @@ TINY = ["run.executor=local", "dataset.synthetic.n_train=5", "dataset.synthetic.
         "extract.loader_workers=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_extract(overrides: list[str], split: str = "train") -> tuple[TaskResult, dict[str, TaskResult]]:

@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import stages.extract as extract_module
 from pipeline.artifacts import ArtifactStore
@@ -18,7 +16,7 @@ from pipeline.runner import Request, TaskResult, plan, run_tasks
 from stages.extract import TOKENS_STORE
 from tests.conftest import cli_process
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 
 SMALL = ["dataset.synthetic.n_train=7", "dataset.synthetic.height=40", "dataset.synthetic.width=48",
          "backbone.name=vit_small_patch16_224.dino", "extract.train_res=32", "extract.shard_size=2",
@@ -27,15 +25,6 @@ SMALL = ["dataset.synthetic.n_train=7", "dataset.synthetic.height=40", "dataset.
 KILLED = ["dataset.synthetic.n_train=48", "dataset.synthetic.height=40", "dataset.synthetic.width=48",
           "backbone.name=vit_small_patch16_224.dino", "extract.train_res=64", "extract.shard_size=4",
           "extract.batch_size=4", "extract.loader_workers=1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # subprocesses compute with the same thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_extract(overrides: list[str], stage: str = "extract") -> TaskResult:
