@@ -37,6 +37,9 @@ from pipeline.errors import ArtifactError, ConfigError, MissingArtifactError, St
 
 log = logging.getLogger("stegopipe")
 
+SHARD_DELAY_ENV = "STEGOPIPE_SHARD_DELAY_S"
+"""Seconds to pause after each finished shard (fault-injection tests only; unset in normal runs)."""
+
 ParamsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, Any]]
 InputsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, "Request"]]
 
@@ -218,6 +221,9 @@ class StageContext:
         self.staging.mark_shard_done(key)
         self.shards_computed += 1
         log.debug("shard %s of %s done", key, self.task.id)
+        delay = float(os.environ.get(SHARD_DELAY_ENV) or 0)
+        if delay:  # fault-injection tests widen the window between shards to kill a run mid-way
+            time.sleep(delay)
 
     def record(self, **values: Any) -> None:
         """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest."""

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import MANIFEST, SHARD_MARKERS, ArtifactStore
 from pipeline.config import load_config
-from pipeline.runner import Request, TaskResult, Task, plan, run_tasks
+from pipeline.runner import SHARD_DELAY_ENV, Request, Task, TaskResult, plan, run_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,8 +107,10 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> int:
 
 
 def _child_env(root: Path) -> dict[str, str]:
+    # the killed child pauses 50 ms after each shard, so a kill after the first marker lands mid-run even on
+    # an idle machine (the in-process re-run does not pause)
     return {"STEGOPIPE_ROOT": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            SHARD_DELAY_ENV: "0.05", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def _forked_cli(args: list[str], log: Path, env: dict[str, str]) -> None:
