@@ -259,31 +259,36 @@ class _LinearProjection(BaseProjection):
         self.standardize = standardize
         self._mean = mean
         self._scale = scale
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor]] = {}
 
     @abstractmethod
     def _matrix(self) -> np.ndarray:
         """The ``[in_dim, dim]`` matrix applied after standardisation."""
 
-    def _tensors(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    def _tensors(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(bias, matrix) on ``x``'s device/dtype, with the fitted standardisation folded in (in float64):
+        ``((x - mean) / scale) @ M == x @ (M / scale[:, None]) - (mean / scale) @ M`` — one pass over x."""
         key = (x.device, x.dtype)
         if key not in self._cache:
+            matrix = np.asarray(self._matrix(), dtype=np.float64)
+            bias = None
+            if self.standardize != "batch":
+                scale = np.ones(self.in_dim) if self._scale is None else np.asarray(self._scale, np.float64)
+                matrix = matrix / scale[:, None]
+                if self._mean is not None:
+                    bias = -(np.asarray(self._mean, np.float64) @ matrix)
+
             def conv(a: np.ndarray | None) -> torch.Tensor | None:
                 return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(x.device, x.dtype)
 
-            self._cache[key] = (conv(self._mean), conv(self._scale), conv(self._matrix()))
+            self._cache[key] = (conv(bias), conv(matrix))
         return self._cache[key]
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        mean, scale, matrix = self._tensors(x)
+        bias, matrix = self._tensors(x)
         if self.standardize == "batch":
-            x = _batch_standardize(x)
-        else:
-            if mean is not None:
-                x = x - mean
-            if scale is not None:
-                x = x / scale
-        return x @ matrix
+            return _batch_standardize(x) @ matrix
+        return x @ matrix if bias is None else torch.addmm(bias, x, matrix)
 
 
 def _flip_signs(components: np.ndarray) -> np.ndarray:
