@@ -54,8 +54,12 @@ def projection_request(cfg: Any) -> dict[str, Request]:
 
 
 def projection_params(cfg: Any) -> dict[str, Any]:
-    """What about the projection changes a downstream result (beyond the provider's artifact id)."""
-    return {"method": check_method(cfg), "dim": cfg.projection.dim}
+    """What about the projection changes a downstream result (beyond the provider's artifact id).
+
+    The identity has no dim of its own: ``projection.dim`` is ignored for it, so the points of a dim sweep
+    share one DINO-baseline probe and evaluation."""
+    method = check_method(cfg)
+    return {"method": method, "dim": None if method == "identity" else cfg.projection.dim}
 
 
 def open_projection(provider: Path | None, in_dim: int, dim: int | None) -> BaseProjection:

@@ -1,0 +1,59 @@
+"""Experiments: matrix expansion deduplicated by artifact id, and the report they end in."""
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.experiments import Experiment
+from stages.report import CSV_COLUMNS
+from tests.faults_util import TINY
+
+
+def _experiment(tmp_path: Path, matrix: list[dict[str, list[object]]], **extra: object) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "tiny", "overrides": TINY, "matrix": matrix,
+                                    "targets": ["evaluate"], "collect": "report", **extra}))
+    return path
+
+
+def test_a_sweep_shares_tokens_and_one_pca_fit(tmp_path: Path) -> None:
+    path = _experiment(tmp_path, [{"projection.method": ["pca", "rp"], "projection.dim": [2, 3, 4]}])
+    tasks, targets = Experiment.load(str(path)).plan()
+    stages = Counter(t.stage for t in tasks)
+    assert stages["extract"] == 2  # one tokens artifact per split, shared by all six points
+    assert sum(t.stage == "reduce" and t.params["method"] == "pca" for t in tasks) == 1  # one fit, 3 dims
+    assert sum(t.stage == "reduce" and t.params["method"] == "rp" for t in tasks) == 3  # one RP per dim
+    assert stages["evaluate"] == 6 and stages["probe"] == 6 and stages["report"] == 1
+    assert len({t.id for t in tasks}) == len(tasks) and targets == [tasks[-1].id]
+    report = tasks[-1]
+    assert sorted(report.inputs.values()) == sorted(t.id for t in tasks if t.stage == "evaluate")
+
+
+def test_identity_points_collapse_and_the_report_has_tables_csv_and_figures(root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    path = _experiment(tmp_path, [{"projection.method": ["identity"], "projection.dim": [2, 3]},
+                                  {"projection.method": ["pca"], "projection.dim": [2, 3]}],
+                       copy_to=str(out))
+    tasks, _ = Experiment.load(str(path)).plan()
+    assert Counter(t.stage for t in tasks)["evaluate"] == 3  # identity ignores the dim: one evaluation
+    result = CliRunner().invoke(main, ["--quiet", "run", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = Path(result.stdout.strip().splitlines()[-1])
+    with open(report / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 3 * 2  # 3 evaluations × (linear, cluster), no CRF
+    assert {(r["method"], r["probe"]) for r in rows} >= {("identity", "linear"), ("pca", "cluster")}
+    assert all(0.0 <= float(r["miou"]) <= 100.0 and r["eval_id"].startswith("evaluate-") for r in rows)
+    text = (report / "report.md").read_text()
+    assert "## Table 2" in text and "| DINO (stegopipe) |" in text and "| synthetic | PCA | 3 | cluster |" in text
+    assert (report / "fig4_miou.png").stat().st_size > 1000 and (report / "fig4_accuracy.png").is_file()
+    lineage = json.loads((report / "lineage.json").read_text())
+    assert all(node["stage"] == "evaluate" for node in lineage.values())
+    assert (out / "report.md").read_text() == text  # copied to the experiment's copy_to folder
