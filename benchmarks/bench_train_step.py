@@ -91,7 +91,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     print(f"train step, batch {BATCH}, ViT-S/8 @ {RES} ({where}): cached {cached_s * 1e3:.1f} ms, "
           f"live {live_s * 1e3:.1f} ms, speed-up {live_s / cached_s:.2f}x", file=sys.stderr)
     return [
-        row("train-head step from cache", cached_s * 1e3, "ms", baseline=live_s * 1e3, goal="ratio >= 2",
+        row("train-head step from cache", cached_s * 1e3, "ms", baseline=live_s * 1e3, goal="ratio >= 50",
             higher_is_better=False,
             note=f"ratio = live-backbone step / cached step ({where}; batch {BATCH}, ViT-S/8 random init @ {RES}, "
                  f"head dim 70; best of {repeat})"),
