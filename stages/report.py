@@ -195,10 +195,11 @@ def plot_fig3(curves: Mapping[str, Mapping[str, Any]], path: Path) -> None:
 
 def _tokens_dataset(ctx: StageContext, manifest: Mapping[str, Any]) -> str:
     """Dataset name of a reducer artifact, from its train tokens' store attributes."""
-    import zarr
+    from stages.extract import TOKENS_STORE
+    from stages.store import open_token_store
 
-    tokens = ctx.store.path(manifest["inputs"]["tokens"]) / "tokens.zarr"
-    return str(zarr.open_group(str(tokens), mode="r").attrs.get("dataset", "unknown"))
+    tokens = open_token_store(ctx.store.path(manifest["inputs"]["tokens"]) / TOKENS_STORE)
+    return str(tokens.attrs.get("dataset", "unknown"))
 
 
 @register_stage("report", version="1", kind="report", params=_report_params, args={"experiment": "adhoc"},

@@ -57,3 +57,16 @@ def test_identity_points_collapse_and_the_report_has_tables_csv_and_figures(root
     lineage = json.loads((report / "lineage.json").read_text())
     assert all(node["stage"] == "evaluate" for node in lineage.values())
     assert (out / "report.md").read_text() == text  # copied to the experiment's copy_to folder
+
+
+def test_a_fig3_style_report_draws_the_pca_explained_variance(root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "evr.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "evr", "overrides": TINY,
+                                    "matrix": [{"projection.method": ["pca"]}], "targets": ["reduce"],
+                                    "collect": "report"}))
+    result = CliRunner().invoke(main, ["--quiet", "run", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = Path(result.stdout.strip().splitlines()[-1])
+    text = (report / "report.md").read_text()
+    assert "## Figure 3" in text and "| synthetic | 384 |" in text
+    assert (report / "fig3.png").stat().st_size > 1000
