@@ -35,6 +35,7 @@ from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.runner import import_artifact
+from stages.datasets import transforms
 from stages.store import (
     create_token_store,
     open_token_store,
@@ -42,8 +43,8 @@ from stages.store import (
     write_shard,
 )
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(transforms.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(transforms.IMAGENET_STD, dtype=np.float32)
 SQUIRREL_SHARD_SIZE = 500
 """stego-studies' ``SHARD_SIZE``: samples per Squirrel shard."""
 SIDECAR = "stegopipe.json"
