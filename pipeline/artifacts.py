@@ -30,7 +30,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,7 +361,3 @@ class ArtifactStore:
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-
-def iter_manifests(store: ArtifactStore, stage: str | None = None) -> Iterator[dict[str, Any]]:
-    for artifact in store.ids(stage):
-        yield store.manifest(artifact)

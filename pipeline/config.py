@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 from functools import cache
 from dataclasses import dataclass, field, is_dataclass, make_dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.artifacts import canonical_json
 from pipeline.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -225,9 +223,6 @@ def to_container(cfg: Any) -> Any:
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
 
-
-def config_digest(cfg: Any) -> str:
-    return hashlib.sha256(canonical_json(to_container(cfg)).encode()).hexdigest()[:16]
 
 
 def to_yaml(cfg: DictConfig) -> str:

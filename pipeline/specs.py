@@ -26,10 +26,6 @@ def register_spec_dir(directory: Path) -> None:
         load_spec.cache_clear()
 
 
-def spec_kinds() -> list[str]:
-    return sorted({p.stem for d in SPEC_DIRS for p in d.glob("*.yaml")})
-
-
 @cache
 def load_spec(kind: str) -> dict[str, Any]:
     paths = [d / f"{kind}.yaml" for d in SPEC_DIRS if (d / f"{kind}.yaml").is_file()]

@@ -268,7 +268,7 @@ class TokenStore:
     @property
     def n(self) -> int:
         """Number of samples."""
-        return int(self._group["tokens"].shape[0])
+        return int(self._array("tokens").shape[0])
 
     @property
     def grid(self) -> tuple[int, int]:
