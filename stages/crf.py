@@ -4,10 +4,12 @@ runner with a per-image timeout.
 This module imports neither torch nor anything heavy, so spawned pool workers start quickly; torch
 tensors are accepted as inputs (converted with ``.detach().cpu().numpy()``).
 
-Differences from the reference wrapper, by design: the reference receives a normalised float image,
-un-normalises it and converts it to uint8 by *truncation* (``mul(255).byte()``), then flips it to BGR;
-:func:`dense_crf` takes the uint8 RGB image directly (no truncation step; the channel order does not
-matter for the isotropic bilateral kernel).
+Pixels: the reference receives the ImageNet-normalised float32 image, un-normalises it
+(``x·std + mean``), converts it to uint8 by *truncation* (``mul(255).byte()``, so many values come out
+one lower than the source pixel) and reverses it to BGR. Both steps change the result, because
+pydensecrf's permutohedral lattice only approximates the bilateral kernel and is not symmetric in the
+colour channels. :func:`dense_crf` takes the uint8 RGB image and by default rebuilds exactly those
+pixels (:func:`reference_pixels`); ``pixels="raw"`` skips the round trip (BGR order kept).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from tqdm import tqdm
 from pipeline.errors import ConfigError, InputError
 
 __all__ = [
-    "MAX_ITER", "POS_W", "POS_XY_STD", "BI_W", "BI_XY_STD", "BI_RGB_STD",
-    "resize_bilinear", "dense_crf", "CrfResult", "crf_map",
+    "MAX_ITER", "POS_W", "POS_XY_STD", "BI_W", "BI_XY_STD", "BI_RGB_STD", "PIXEL_MODES",
+    "resize_bilinear", "reference_pixels", "crf_pixels", "dense_crf", "CrfResult", "crf_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ BI_W = 4
 BI_XY_STD = 67
 BI_RGB_STD = 3
 UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax default
+PIXEL_MODES = ("reference", "raw")  # what dense_crf hands pydensecrf: see crf_pixels
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -70,17 +73,46 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return rows[:, :, c0] * (1 - cx)[None, None, :] + rows[:, :, c1] * cx[None, None, :]
 
 
+def reference_pixels(image: np.ndarray) -> np.ndarray:
+    """The uint8 RGB ``[H, W, 3]`` values the reference's CRF sees (still RGB, same shape): the image
+    ImageNet-normalised as torchvision does it (``x / 255``, then ``(x − mean) / std``), un-normalised
+    (``x·std + mean``), ×255 and truncated to uint8, every step in float32 in torch's order, so the
+    result is bit-identical to ``to_pil_image(unnorm(normalize(to_tensor(image))))``."""
+    from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # lazily: keeps pool workers light
+
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    x = (image.astype(np.float32) / np.float32(255) - mean) / std
+    x = (x * std + mean) * np.float32(255)
+    return np.clip(x, 0, 255).astype(np.uint8)  # the clip only catches -0.x / 255.0x; uint8 cast truncates
+
+
+def crf_pixels(image: Any, pixels: str = "reference") -> np.ndarray:
+    """The contiguous uint8 BGR ``[H, W, 3]`` image :func:`dense_crf` hands pydensecrf for the uint8 RGB
+    ``image``: ``pixels="reference"`` (default) rebuilds the reference's pixels (:func:`reference_pixels`);
+    ``"raw"`` keeps the image's own values. Both reverse to BGR, as the reference does."""
+    img = _to_numpy(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"image: expected uint8 [H, W, 3] RGB, got {img.dtype} {img.shape}")
+    if pixels not in PIXEL_MODES:
+        raise ConfigError(f"pixels={pixels!r}: expected one of {', '.join(PIXEL_MODES)}")
+    if pixels == "reference":
+        img = reference_pixels(img)
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
 def _softmax0(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=0, keepdims=True))
     return (z / z.sum(axis=0, keepdims=True)).astype(np.float32)
 
 
-def dense_crf(image: Any, logits: Any, *, iterations: int = MAX_ITER, gaussian_sxy: float = POS_XY_STD,
-              gaussian_w: float = POS_W, bilateral_sxy: float = BI_XY_STD,
+def dense_crf(image: Any, logits: Any, *, pixels: str = "reference", iterations: int = MAX_ITER,
+              gaussian_sxy: float = POS_XY_STD, gaussian_w: float = POS_W, bilateral_sxy: float = BI_XY_STD,
               bilateral_srgb: float = BI_RGB_STD, bilateral_w: float = BI_W) -> np.ndarray:
     """Refine class scores with a fully connected CRF.
 
-    ``image``: uint8 ``[H, W, 3]`` RGB. ``logits``: float ``[C, h, w]`` (any log-scale scores, e.g.
+    ``image``: uint8 ``[H, W, 3]`` RGB, handed to pydensecrf as :func:`crf_pixels` ``(image, pixels)``
+    (default: exactly the reference's pixels). ``logits``: float ``[C, h, w]`` (any log-scale scores, e.g.
     ``log_softmax`` outputs), bilinearly resized to ``(H, W)`` when needed. The unary is
     ``−log(clip(softmax(logits), 1e-5, 1))``; pairwise terms: a Gaussian kernel (``gaussian_sxy``,
     weight ``gaussian_w``) and a bilateral kernel (``bilateral_sxy``, ``bilateral_srgb``, weight
@@ -89,9 +121,7 @@ def dense_crf(image: Any, logits: Any, *, iterations: int = MAX_ITER, gaussian_s
     """
     import pydensecrf.densecrf as dcrf  # here, so importing this module never needs the extension
 
-    img = _to_numpy(image)
-    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-        raise InputError(f"image: expected uint8 [H, W, 3] RGB, got {img.dtype} {img.shape}")
+    img = crf_pixels(image, pixels)
     scores = _to_numpy(logits)
     if scores.ndim != 3 or scores.dtype.kind != "f" or scores.shape[0] < 1:
         raise InputError(f"logits: expected float [C, h, w], got {scores.dtype} {scores.shape}")
@@ -105,8 +135,7 @@ def dense_crf(image: Any, logits: Any, *, iterations: int = MAX_ITER, gaussian_s
     crf = dcrf.DenseCRF2D(width, height, n_classes)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_w)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
-                             rgbim=np.ascontiguousarray(img), compat=bilateral_w)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=img, compat=bilateral_w)
     q = crf.inference(iterations)
     return np.asarray(q, dtype=np.float32).reshape(n_classes, height, width)
 

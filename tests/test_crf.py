@@ -1,4 +1,5 @@
-"""Dense CRF: reference constants, RV10 (edge-following refinement), pool runner vs serial, timeouts.
+"""Dense CRF: reference constants, the reference's pixels (round trip + BGR) checked against a torch
+re-enactment of the reference, RV10 (edge-following refinement), pool runner vs serial, timeouts.
 
 Kept free of a module-level torch import so that spawned pool workers, which import this module to
 find the test loaders, start quickly; tests that need torch import it locally.
@@ -14,7 +15,8 @@ import pytest
 
 from pipeline.errors import ConfigError, InputError
 from stages.crf import (
-    BI_RGB_STD, BI_W, BI_XY_STD, MAX_ITER, POS_W, POS_XY_STD, crf_map, dense_crf, resize_bilinear,
+    BI_RGB_STD, BI_W, BI_XY_STD, MAX_ITER, POS_W, POS_XY_STD, crf_map, crf_pixels, dense_crf, reference_pixels,
+    resize_bilinear,
 )
 
 H = W = 32
@@ -58,6 +60,7 @@ def test_rv10_wrong_patch_corrected_and_band_follows_edge():
     before = logits.argmax(0)
     assert (before[8:12, 4:8] == 1).all()  # the unary alone is wrong on the patch
     q = dense_crf(_rv10_image(), logits)
+    np.testing.assert_allclose(q, _torch_reference_crf(_rv10_image(), logits), atol=1e-5)
     assert q.dtype == np.float32 and q.shape == (2, H, W)
     np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
     assert q.sum() == pytest.approx(H * W, abs=1e-2)
@@ -77,6 +80,89 @@ def test_rv10_flat_cluster_unary_is_dominated_by_pairwise_terms():
     q = dense_crf(_rv10_image(), unary)
     np.testing.assert_array_equal(q.argmax(0), _expected_map())
     assert q.max(0)[0, 0] > 0.9  # the CRF output is confident where the unary was not
+
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _torch_reference_pixels(image: np.ndarray) -> np.ndarray:
+    """The reference's route in torch: ToTensor + Normalize (the val loader), then the CRF wrapper's
+    un-normalise (in-place ``mul_(std).add_(mean)`` per channel) and ``to_pil_image`` (``mul(255).byte()``)."""
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as VF
+
+    x = T.Normalize(*IMAGENET)(T.ToTensor()(image)).clone()
+    for channel, mean, std in zip(x, *IMAGENET, strict=True):
+        channel.mul_(std).add_(mean)
+    return np.array(VF.to_pil_image(x))
+
+
+def _torch_reference_crf(image: np.ndarray, logits: np.ndarray, bgr: bool = True) -> np.ndarray:
+    """Spec §7 step by step with torch and pydensecrf.utils (``bgr=False``: the same in RGB order)."""
+    import pydensecrf.densecrf as dcrf
+    import torch
+    import torch.nn.functional as F
+    from pydensecrf.utils import unary_from_softmax
+
+    pixels = _torch_reference_pixels(image)
+    rgbim = np.ascontiguousarray(pixels[:, :, ::-1] if bgr else pixels)
+    height, width = rgbim.shape[:2]
+    lg = F.interpolate(torch.from_numpy(logits)[None], size=(height, width), mode="bilinear",
+                       align_corners=False)[0]
+    probs = F.softmax(lg, dim=0).numpy()
+    crf = dcrf.DenseCRF2D(width, height, probs.shape[0])
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=1, compat=3)
+    crf.addPairwiseBilateral(sxy=67, srgb=3, rgbim=rgbim, compat=4)
+    return np.array(crf.inference(10), dtype=np.float32).reshape(probs.shape)
+
+
+def _blocky_image(seed: int, height: int, width: int) -> np.ndarray:
+    """Random colour blocks with a little noise: edges the bilateral kernel can follow."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(4, 4, 3)).astype(np.uint8)
+    img = np.kron(blocks, np.ones((-(-height // 4), -(-width // 4), 1), np.uint8))[:height, :width]
+    return np.clip(img.astype(int) + rng.integers(-6, 7, size=img.shape), 0, 255).astype(np.uint8)
+
+
+def test_reference_pixels_are_bit_identical_to_torch():
+    every_value = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None], 3, axis=2)  # all 256 × 3 channels
+    images = [every_value] + [np.random.default_rng(i).integers(0, 256, (17, 23, 3), dtype=np.uint8)
+                              for i in range(3)]
+    for img in images:
+        np.testing.assert_array_equal(reference_pixels(img), _torch_reference_pixels(img))
+    lower = reference_pixels(every_value).astype(int) - every_value
+    assert lower.max() == 0 and (lower == -1).sum() > 50  # truncation: many values come out one lower
+    bgr = crf_pixels(every_value)
+    assert bgr.flags["C_CONTIGUOUS"] and (bgr[:, :, ::-1] == reference_pixels(every_value)).all()
+    assert (crf_pixels(every_value, "raw") == every_value[:, :, ::-1]).all()
+    with pytest.raises(ConfigError, match="pixels='bgr'"):
+        crf_pixels(every_value, "bgr")
+
+
+@pytest.mark.parametrize(("seed", "n_classes", "size", "half"),
+                         [(0, 2, (24, 20), False), (1, 3, (24, 20), True), (2, 5, (32, 28), True),
+                          (3, 4, (20, 32), False)])
+def test_dense_crf_equals_the_torch_reference(seed, n_classes, size, half):
+    """Several images and class counts; half-resolution logits exercise the internal bilinear resize."""
+    rng = np.random.default_rng(100 + seed)
+    image = _blocky_image(seed, *size)
+    grid = (size[0] // 2, size[1] // 2) if half else size
+    logits = rng.normal(scale=2.0, size=(n_classes, *grid)).astype(np.float32)
+    ref = _torch_reference_crf(image, logits)
+    np.testing.assert_allclose(dense_crf(image, logits), ref, atol=1e-4)
+
+
+def test_channel_order_and_truncation_change_the_result():
+    """The case the BGR order and the round trip exist for: RGB order (or raw pixels) is measurably off."""
+    image = _blocky_image(1, 24, 20)
+    logits = np.random.default_rng(101).normal(scale=2.0, size=(3, 24, 20)).astype(np.float32)
+    q = dense_crf(image, logits)
+    np.testing.assert_allclose(q, _torch_reference_crf(image, logits), atol=1e-4)
+    rgb_order = _torch_reference_crf(image, logits, bgr=False)
+    assert np.abs(q - rgb_order).max() > 0.1 and (q.argmax(0) != rgb_order.argmax(0)).any()
+    raw = dense_crf(image, logits, pixels="raw")
+    assert np.abs(q - raw).max() > 0.1
 
 
 def test_resize_matches_torch_and_low_res_logits():
