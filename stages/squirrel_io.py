@@ -11,6 +11,9 @@ msgpack(-numpy) records, one record per sample::
 plus ``status.txt`` (``WRITING`` / ``SUCCESS``). :func:`export_squirrel` writes this schema from a token
 store (shard keys ``000000``, ``000001``, ... in store order) and a ``stegopipe.json`` sidecar with the
 sample ids and store attributes, which Squirrel readers ignore (they read ``*.gz`` only).
+Reading never goes through msgpack-numpy (which unpickles object arrays, i.e. runs code from the
+file): :func:`read_shard` decodes its array maps itself and accepts only plain bool/int/float/complex
+arrays whose dtype, shape and buffer length agree.
 :func:`import_squirrel` builds a token store from such a folder in one streaming pass: rows follow the
 sorted shard keys and the record order inside each shard (the write order; stego-studies shuffled its
 train stores, so ``ind`` is then not the row number), ids come from the sidecar when present, else
@@ -19,14 +22,19 @@ train stores, so ``ind`` is then not the row number), ids come from the sidecar 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import fsspec
+import msgpack
 import numpy as np
 import zarr
 
@@ -122,6 +130,73 @@ def export_squirrel(
     return SquirrelExport(url=url, n=store.n, shards=shards, notes=notes)
 
 
+class _UnsafeRecord(ValueError):
+    """A record's array map is refused (raised inside the msgpack object hook)."""
+
+
+_DTYPE = re.compile(r"^[<>|=]?[biufc][0-9]{1,2}$")
+MAX_NDIM = 32
+
+
+def _decode_array(obj: dict[Any, Any]) -> Any:
+    """msgpack object hook for msgpack-numpy's array maps (``{b"nd", b"type", b"kind", b"shape", b"data"}``).
+
+    Accepts only plain numeric/bool dtypes given as a type string; checks dtype, shape and buffer length
+    before building the array (read-only, a view of the record's bytes). Never unpickles. Other maps
+    pass through unchanged.
+    """
+    if b"nd" not in obj:
+        return obj
+    kind, descr, data = obj.get(b"kind", b""), obj.get(b"type"), obj.get(b"data")
+    if kind not in (b"", "") or not isinstance(descr, str) or not _DTYPE.match(descr):
+        raise _UnsafeRecord(f"array of dtype {descr!r} (kind {kind!r}) refused: only plain bool, integer and "
+                            f"float arrays are accepted (object, structured and void arrays are never decoded)")
+    dtype = np.dtype(descr)
+    if dtype.kind not in "biufc" or dtype.hasobject:
+        raise _UnsafeRecord(f"array of dtype {descr!r} refused: not a plain numeric dtype")
+    if not isinstance(data, bytes):
+        raise _UnsafeRecord(f"array data is a {type(data).__name__}, expected bytes")
+    if obj[b"nd"] is False:  # a numpy scalar
+        if len(data) != dtype.itemsize:
+            raise _UnsafeRecord(f"scalar of dtype {descr} has {len(data)} bytes, expected {dtype.itemsize}")
+        return np.frombuffer(data, dtype)[0]
+    shape = obj.get(b"shape")
+    if (obj[b"nd"] is not True or not isinstance(shape, (list, tuple)) or len(shape) > MAX_NDIM
+            or not all(type(d) is int and d >= 0 for d in shape)):
+        raise _UnsafeRecord(f"array shape {shape!r} is not a list of at most {MAX_NDIM} non-negative integers")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(data):
+        raise _UnsafeRecord(f"array of shape {tuple(shape)} and dtype {descr} needs {expected} bytes, "
+                            f"its buffer holds {len(data)}")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def shard_keys(url: str) -> list[str]:
+    """Sorted shard keys (``*.gz`` file names without the suffix) of the Squirrel store at ``url``."""
+    fs, root = fsspec.core.url_to_fs(url)
+    names = (str(name).rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(root, detail=False))
+    return sorted(name[: -len(".gz")] for name in names if name.endswith(".gz"))
+
+
+def read_shard(url: str, key: str) -> Iterator[Any]:
+    """Yield the records of shard ``key`` of the Squirrel store at ``url``, decoded safely (see module
+    docstring). A refused array, a corrupt stream or a truncated file raises :class:`InputError` naming
+    the shard file and the record index."""
+    fs, root = fsspec.core.url_to_fs(url)
+    path = f"{root}/{key}.gz"
+    count = 0  # records yielded so far: the index of the one being decoded
+    try:
+        with fs.open(path, mode="rb", compression="gzip") as handle:
+            unpacker = msgpack.Unpacker(handle, object_hook=_decode_array, use_list=False, raw=False)
+            for record in unpacker:
+                yield record
+                count += 1
+            if unpacker.tell() != handle.tell():  # the stream ends inside a record
+                raise EOFError(f"file ends {handle.tell() - unpacker.tell()} bytes into the record (truncated)")
+    except (msgpack.UnpackException, ValueError, EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"squirrel store {url}, shard file {path}, record {count}: {exc}") from exc
+
+
 def _check_sample(sample: Any, where: str, first: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
     """Validate one record against the schema (and the first record's shapes); return its shapes."""
     if not isinstance(sample, dict):
@@ -129,7 +204,13 @@ def _check_sample(sample: Any, where: str, first: dict[str, tuple[int, ...]] | N
     for key in ("ind", "label", "dino_feats"):
         if key not in sample:
             raise InputError(f"{where}: record lacks {key!r} (has {', '.join(map(str, sample))})")
-    shapes = {key: tuple(np.shape(sample[key])) for key in ("ind", "img", "label", "dino_feats") if key in sample}
+    present = [key for key in ("ind", "img", "label", "dino_feats") if key in sample]
+    for key in present:
+        value = sample[key]
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+            raise InputError(f"{where}: {key!r} is a {getattr(value, 'dtype', type(value).__name__)} "
+                             f"{type(value).__name__}, expected a numeric array")
+    shapes = {key: tuple(sample[key].shape) for key in present}
     feats, label = shapes["dino_feats"], shapes["label"]
     if shapes["ind"] != (1,) or len(feats) != 4 or feats[0] != 1 or len(label) != 3 or label[0] != 1:
         raise InputError(f"{where}: shapes {shapes} do not match the schema ind [1], label [1,H,W], "
@@ -160,8 +241,7 @@ def import_squirrel(url: str, dest_path: str | os.PathLike[str], *, shard_size: 
                              f"re-run the export")
     sidecar = json.loads(fs.cat_file(f"{root}/{SIDECAR}")) if fs.exists(f"{root}/{SIDECAR}") else None
     sidecar_ids = list(map(str, sidecar["ids"])) if sidecar and "ids" in sidecar else None
-    driver = _driver(url)
-    keys = sorted(driver.keys())
+    keys = shard_keys(url)
     if not keys:
         raise InputError(f"squirrel store {url}: has no *.gz shards")
 
@@ -193,7 +273,7 @@ def import_squirrel(url: str, dest_path: str | os.PathLike[str], *, shard_size: 
 
     try:
         for key in keys:
-            for j, sample in enumerate(driver.store.get(key)):
+            for j, sample in enumerate(read_shard(url, key)):
                 where = f"squirrel store {url}, shard {key}.gz, record {j}"
                 shapes = _check_sample(sample, where, first)
                 if first is None:

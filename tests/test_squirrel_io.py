@@ -155,3 +155,96 @@ def test_import_errors(tmp_path):
     (tmp_path / "e.zarr").mkdir()
     with pytest.raises(InputError, match="already exists"):
         import_squirrel(str(tmp_path / "partial"), tmp_path / "e.zarr")
+
+
+# --------------------------------------------------------------------------------------------------
+# untrusted shards: reading never unpickles, and checks dtype, shape and buffer length first
+# --------------------------------------------------------------------------------------------------
+
+
+class _WritesMarker:
+    """Unpickling this object opens (creates) the marker file: a stand-in for any code in a pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (self.marker, "w")
+
+
+def _raw_shard(url: Path, records: list[dict], key: str = "k") -> Path:
+    """A Squirrel shard written byte by byte (records are msgpack maps, arrays as msgpack-numpy maps)."""
+    import gzip
+
+    import msgpack
+
+    url.mkdir(parents=True, exist_ok=True)
+    (url / "status.txt").write_text("SUCCESS")
+    with gzip.open(url / f"{key}.gz", "wb") as handle:
+        for record in records:
+            handle.write(msgpack.packb(record, use_bin_type=True))
+    return url / f"{key}.gz"
+
+
+def _nd(dtype: str, shape: tuple[int, ...], data: bytes, kind: bytes = b"") -> dict:
+    return {b"nd": True, b"type": dtype, b"kind": kind, b"shape": shape, b"data": data}
+
+
+def _good_record() -> dict:
+    label, feats = np.zeros((1, R, R), np.int64), np.zeros((1, DIM, *GRID), np.float32)
+    return {"ind": _nd("<i8", (1,), np.array([0], np.int64).tobytes()),
+            "label": _nd("<i8", label.shape, label.tobytes()),
+            "dino_feats": _nd("<f4", feats.shape, feats.tobytes())}
+
+
+def test_import_never_unpickles_an_object_array(tmp_path: Path, root: Path) -> None:
+    import pickle
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = _nd("|O", (1,), pickle.dumps(_WritesMarker(str(marker))), kind=b"O")
+    url = tmp_path / "evil"
+    shard = _raw_shard(url, [_good_record(), {**_good_record(), "ind": evil}])
+    result = CliRunner().invoke(main, ["import-squirrel", str(url)])
+    assert result.exit_code == 2, result.output
+    assert not marker.exists()  # the pickle never ran
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    line = errors[0]
+    assert str(shard) in line and "record 1" in line and "refused" in line
+    assert not list(root.glob("extract/*"))  # nothing published
+
+
+@pytest.mark.parametrize(("array", "message"), [
+    (_nd("<U3", (1,), "abc".encode("utf-32-le")), "refused"),  # not numeric
+    (_nd([["a", "<f4"]], (1,), b"\0" * 4, kind=b"V"), "refused"),  # structured
+    (_nd("V4", (1,), b"\0" * 4), "refused"),  # void
+    (_nd("<f4", (1, DIM, *GRID), b"\0" * 8), "needs 80 bytes, its buffer holds 8"),  # truncated buffer
+    (_nd("<f4", (1, 2**40, 2**40, 2**40), b"\0" * 16), "buffer holds 16"),  # huge claimed shape
+    (_nd("<f4", (1, -4, 2, 2), b""), "non-negative"),
+])
+def test_bad_arrays_name_the_shard_and_record(tmp_path: Path, array: dict, message: str) -> None:
+    url = tmp_path / "bad"
+    shard = _raw_shard(url, [_good_record(), _good_record(), {**_good_record(), "dino_feats": array}])
+    with pytest.raises(InputError, match=message) as info:
+        import_squirrel(str(url), tmp_path / "t.zarr")
+    assert str(shard) in str(info.value) and "record 2" in str(info.value)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_truncated_shard_file_names_the_record(tmp_path: Path) -> None:
+    url = tmp_path / "cut"
+    shard = _raw_shard(url, [_good_record(), _good_record()])
+    import gzip
+
+    raw = gzip.decompress(shard.read_bytes())
+    shard.write_bytes(gzip.compress(raw[: len(raw) * 3 // 4]))  # the second record ends early
+    with pytest.raises(InputError, match="record 1") as info:
+        import_squirrel(str(url), tmp_path / "t.zarr")
+    assert str(shard) in str(info.value)
+    shard.write_bytes(b"not gzip at all")
+    with pytest.raises(InputError, match="record 0"):
+        import_squirrel(str(url), tmp_path / "u.zarr")
