@@ -7,12 +7,13 @@ shorter side to ``res`` (nearest) and center-crop, ImageNet-normalise; forward t
 evaluation flips them back) and the cropped uint8 image (for the CRF). Tokens go to
 ``<artifact>/tokens.zarr`` (layout: :mod:`stages.store`) one shard at a time.
 
-Pipelined: a thread pool decodes and transforms samples ahead of the forward (bounded prefetch), the
-main thread runs the model in batches of ``extract.batch_size`` that never cross a shard boundary (so
-a shard's bytes do not depend on which shards ran before it), and writer threads write finished
-shards side by side (at most three in flight). A shard is marked done only after its data is written
-(markers in shard order), so a run killed
-at any moment resumes with the missing shards and ends bit-identical to an uninterrupted one (CPU).
+Pipelined decode → forward → write: ``extract.loader_workers`` threads decode and transform samples
+ahead of the forward (:mod:`pipeline.prefetch`, bounded), the main thread runs the model in batches of
+``extract.batch_size`` that never cross a shard boundary (so a shard's bytes do not depend on which
+shards ran before it) and copies a shard's tokens back from the device once, and writer threads write
+finished shards side by side (at most three in flight; a failed write stops the run). A shard is
+marked done only after its data is written (markers in shard order), so a run killed at any moment
+resumes with the missing shards and ends bit-identical to an uninterrupted one (CPU).
 
 Scale-out (``extract.dask_shards=true``): when the stage runs inside a Dask worker or
 ``run.scheduler`` is set, each missing shard becomes an independent Dask task (resources
@@ -28,12 +29,12 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from pipeline.artifacts import sha256_file
 from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
 from stages.datasets.base import SampleRef
@@ -62,9 +64,6 @@ _WRITES_IN_FLIGHT = 3
 _WRITER_THREADS = 3  # shards are separate files: writes (encode + checksum) run side by side
 _PREFETCH_BATCHES = 4
 _MODEL_LOCK = threading.Lock()
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -209,15 +208,16 @@ def load_sample(index: Index, ref: SampleRef, res: int) -> Sample:
     return Sample(preprocess_image(crop, res), label, crop)
 
 
-def forward_tokens(model: torch.nn.Module, images: torch.Tensor, *, amp: bool) -> np.ndarray:
-    """``[B,3,H,W]`` images (on the model's device) → float16 tokens ``[B,h,w,D]`` (numpy, CPU).
+def forward_tokens(model: torch.nn.Module, images: torch.Tensor, *, amp: bool) -> torch.Tensor:
+    """``[B,3,H,W]`` images (on the model's device) → float16 tokens ``[B,h,w,D]`` on the same device.
 
-    ``torch.inference_mode``; fp16 autocast when ``amp`` and the images are on CUDA.
+    ``torch.inference_mode``; fp16 autocast when ``amp`` and the images are on CUDA. No host sync: the
+    caller copies a whole shard back at once, so the device queue stays full between batches.
     """
     on_cuda = images.device.type == "cuda"
     with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.float16, enabled=amp and on_cuda):
         feats = dino_features(model, images)
-    return feats.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+    return feats.permute(0, 2, 3, 1).to(torch.float16)
 
 
 @dataclass(frozen=True)
@@ -263,31 +263,12 @@ def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Setti
         tokens.append(forward_tokens(model, images, amp=settings.amp))
         if settings.flip:
             flipped.append(forward_tokens(model, images.flip(-1), amp=settings.amp))
-    out = {"tokens": np.concatenate(tokens), "labels": np.stack([s.label for s in samples])}
+    out = {"tokens": torch.cat(tokens).cpu().numpy(), "labels": np.stack([s.label for s in samples])}
     if settings.flip:
-        out["tokens_flip"] = np.concatenate(flipped)
+        out["tokens_flip"] = torch.cat(flipped).cpu().numpy()
     if settings.rgb:
         out["rgb"] = np.stack([s.rgb for s in samples])
     return out
-
-
-def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, computed by ``workers`` threads at most ``depth`` items ahead."""
-    if workers == 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="extract-load") as pool:
-        pending: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > depth:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def load_model(m: ModelSettings) -> torch.nn.Module:
@@ -321,8 +302,9 @@ def extract_shard_task(store_path: str, shard: int, start: int, stop: int, setti
     index = _worker_index(settings.index_path)
     model = _worker_model(settings.model)
     refs = index.samples[start:stop]
-    samples = list(prefetch(lambda ref: load_sample(index, ref, settings.res), refs, settings.loader_workers,
-                            max(1, 2 * settings.loader_workers)))
+    with prefetch(lambda ref: load_sample(index, ref, settings.res), refs, workers=settings.loader_workers,
+                  depth=max(1, 2 * settings.loader_workers), name="extract-load") as loaded:
+        samples = list(loaded)
     write_shard(store_path, shard, **compute_shard(model, samples, settings), ids=[r.id for r in refs])
     return stop - start
 
@@ -381,12 +363,14 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
     def load(item: tuple[int, int]) -> tuple[int, Sample]:
         return item[0], load_sample(index, index.samples[item[1]], settings.res)
 
-    samples = contextlib.closing(prefetch(load, work(), settings.loader_workers,
-                                          _PREFETCH_BATCHES * settings.batch_size))
+    samples = prefetch(load, work(), workers=settings.loader_workers, depth=_PREFETCH_BATCHES * settings.batch_size,
+                       name="extract-load")
     in_flight: deque[tuple[str, Future[None]]] = deque()
 
     def settle(limit: int) -> None:
-        while len(in_flight) > limit:
+        """Mark written shards done, in shard order: wait while more than ``limit`` are in flight, and
+        take any finished ones at the head (their markers and errors come without delay)."""
+        while in_flight and (len(in_flight) > limit or in_flight[0][1].done()):
             key, future = in_flight.popleft()
             future.result()
             ctx.shard_finished(key)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline.config import register_section
 from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.select import open_projection, projection_params, projection_request
 from stages.store import open_token_store
@@ -453,13 +453,9 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
 
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as pool, \
+    with prefetch(read, batches, workers=1, depth=2, name="probe-read") as loaded, \
             tqdm(total=len(batches), desc="probe", unit="step", leave=False) as bar:
-        future = pool.submit(read, batches[0])
-        for step in range(len(batches)):
-            tokens, labels = future.result()
-            if step + 1 < len(batches):
-                future = pool.submit(read, batches[step + 1])
+        for tokens, labels in loaded:
             with torch.no_grad():
                 code = projection.transform_map(tokens.to(device))
             history.append(trainer.step(code, labels))

@@ -6,7 +6,8 @@ dropout masks drawn on the fly is exactly STEGO's training. One step = one batch
 1. ``batch_size`` anchors: consecutive slices of a seeded per-epoch permutation of the train samples
    (an incomplete last slice is dropped); each anchor's kNN partner is ``nns[i, k]`` with ``k`` uniform
    in ``1..num_neighbors`` (column 0 is the sample itself). Tokens of both are read from the token
-   store (random access, float16 → float32 ``[B, D, h, w]``), the next batches read ahead in threads.
+   store (random access, float16 → float32 ``[B, D, h, w]``), the next batches read ahead in threads
+   (:mod:`pipeline.prefetch`).
 2. Head forward of the anchors, then of the partners, with dropout masks (cluster1, cluster2,
    returned features; spec §1.4), then the correlation loss (§3.3) and its weighted total (§3.4).
 3. Adam step of the head; the linear and cluster probes take one Adam step each on the detached code
@@ -27,12 +28,11 @@ float16 with a gradient scaler); the loss is computed in float32.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError, StageError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.metrics import confusion_matrix, scores
 from stages.probe import ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code
@@ -228,9 +229,11 @@ def batch_indices(n: int, nns: np.ndarray, batch_size: int, num_neighbors: int,
             yield anchors, nns[anchors, cols]
 
 
-def _to_device_map(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``[B, h, w, D]`` float16/32 numpy → float32 ``[B, D, h, w]`` on ``device`` (a channels-last view)."""
-    return torch.from_numpy(np.ascontiguousarray(tokens)).to(device).permute(0, 3, 1, 2).float()
+def _to_device_map(tokens: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``[B, h, w, D]`` float16/32 tokens → float32 ``[B, D, h, w]`` on ``device`` (a channels-last view);
+    a pinned CPU tensor is copied without blocking."""
+    t = tokens if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(tokens))
+    return t.to(device, non_blocking=device.type == "cuda" and t.is_pinned()).permute(0, 3, 1, 2).float()
 
 
 def feature_correlations(f1: torch.Tensor, f2: torch.Tensor, *, pointwise: bool) -> torch.Tensor:
@@ -400,25 +403,24 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
     best: tuple[float, int, list[dict[str, torch.Tensor]]] | None = None
     wait_s = 0.0
 
-    def read(batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def read(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         anchors, partners = batch
-        tokens = train.get("tokens", np.concatenate([anchors, partners]))
-        return tokens, train.get_labels(anchors).astype(np.int64)
+        tokens = torch.from_numpy(train.get("tokens", np.concatenate([anchors, partners])))
+        labels = torch.from_numpy(train.get_labels(anchors).astype(np.int64))
+        return (tokens.pin_memory(), labels) if dev.type == "cuda" else (tokens, labels)
 
     start = time.perf_counter()
     bar = tqdm(total=settings.steps, desc=STAGE, unit="step", disable=not progress)
     ahead = max(1, loader_workers)
-    with ThreadPoolExecutor(max_workers=ahead) as pool:
-        pending = deque(pool.submit(read, next(sampler)) for _ in range(min(ahead, settings.steps)))
+    with prefetch(read, itertools.islice(sampler, settings.steps), workers=ahead, depth=ahead,
+                  name="train-head-read") as batches:
         for step in range(1, settings.steps + 1):
             t0 = time.perf_counter()
-            tokens, labels = pending.popleft().result()
+            tokens, labels = next(batches)
             wait_s += time.perf_counter() - t0
-            if step + len(pending) < settings.steps:
-                pending.append(pool.submit(read, next(sampler)))
             both = _to_device_map(tokens, dev)
             values, drop_feats, drop_pos = trainer.step(both[:settings.batch_size], both[settings.batch_size:],
-                                                        torch.from_numpy(labels))
+                                                        labels)
             if not math.isfinite(values["total"]):
                 raise StageError(f"{STAGE}: the loss became {values['total']} at step {step}; try head.amp=false "
                                  f"or a smaller head.lr (now {settings.lr})")
