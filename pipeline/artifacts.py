@@ -4,7 +4,8 @@ Layout under the root (``STEGOPIPE_ROOT``, default ``./artifacts``)::
 
     <root>/<stage>/<id>/            a published artifact; ``manifest.json`` inside is its commit record
     <root>/.staging/<id>/           work in progress (resumable stages keep shard markers here)
-    <root>/.locks/<id>.lock         one writer per artifact id
+    <root>/.locks/<id>.lock         one writer per artifact id (see :class:`Lock`)
+    <root>/.trash/                  folders on their way out (gc and ``--force`` move them here in one rename)
 
 Contracts:
 - ``artifact_id`` is ``<stage>-<first 16 hex of sha256>`` over canonical JSON of stage name, stage code
@@ -13,9 +14,10 @@ Contracts:
   staging folder and then renames the folder into place (one atomic rename), so readers never see half
   a result. The manifest carries ``manifest_sha256``, a checksum of its own other fields, so ``verify``
   detects a damaged manifest as well as damaged files.
-- Locks are ``O_EXCL`` files holding owner pid/host; the owner refreshes the file's mtime every few
-  seconds, so a lock whose mtime is older than ``stale_after_s`` (or whose owner pid is dead on this
-  host) is stale and may be broken. This works on shared filesystems.
+- Locks are exclusively created files holding owner pid/host and the ids a running stage reads; the
+  owner refreshes the file's mtime every few seconds, so a lock whose mtime is older than
+  ``stale_after_s`` (or whose owner pid is dead on this host) is stale and may be broken. This works on
+  shared filesystems. gc never deletes what a live lock holds or reads.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -31,11 +34,13 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, MissingArtifactError
+
+_log = logging.getLogger("stegopipe")
 
 MANIFEST = "manifest.json"
 SHARD_MARKERS = ".shards"
@@ -144,71 +149,169 @@ class Staging:
         return sorted(p.stem for p in markers.glob("*.done")) if markers.is_dir() else []
 
 
-class Lock:
-    """An exclusive, heartbeated lock file (see module docstring)."""
+BREAK_HINT = ("if that process is gone (check on its host), delete the lock file; a stale lock is also "
+              "broken by itself (README, section Locks)")
 
-    def __init__(self, path: Path, *, stale_after_s: float = 60.0, heartbeat_s: float = 5.0):
+
+class Lock:
+    """An exclusive, heartbeated lock file (see module docstring).
+
+    The file holds JSON: owner ``pid``, ``host``, ``since`` (epoch seconds) and ``info`` (what the owner
+    declared, e.g. the ids of the artifacts a running stage reads, which gc protects). It appears with its
+    content in one step (a hard link of a written temporary file). Stale when the owner's pid is dead on
+    this host, when its heartbeat is older than ``stale_after_s``, or when its heartbeat has not moved for
+    ``stale_after_s`` by this process's own clock: a heartbeat dated in the future (another host's clock is
+    ahead by more than ``clock_skew_s``) is suspect and breaks that way. Breaking is atomic: one breaker at
+    a time (an ``O_EXCL`` ``<name>.break`` guard) removes the file only if it is still the very file
+    (inode and mtime) judged stale, so a lock another waiter has just taken is never deleted.
+    """
+
+    def __init__(self, path: Path, *, stale_after_s: float = 60.0, heartbeat_s: float = 5.0,
+                 report_every_s: float = 30.0, clock_skew_s: float = 5.0, info: Mapping[str, Any] | None = None):
         self.path = path
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
+        self.report_every_s = report_every_s
+        self.clock_skew_s = clock_skew_s
+        self.info = dict(info or {})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ino: int | None = None  # inode of the lock file this object created
+        self._seen: dict[tuple[int, int], float] = {}  # (inode, mtime_ns) -> monotonic time first seen
 
-    def _owner(self) -> dict[str, Any]:
+    def owner(self) -> dict[str, Any]:
+        """The lock file's JSON ({} when absent or unreadable)."""
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return owner if isinstance(owner, dict) else {}
 
-    def is_stale(self) -> bool:
+    def _judge(self) -> os.stat_result | None:
+        """The lock file's stat when it is stale, else None (also when there is no lock file)."""
         try:
-            age = time.time() - self.path.stat().st_mtime
+            st = os.stat(self.path)
         except FileNotFoundError:
-            return False
-        owner = self._owner()
+            return None
+        owner = self.owner()
         if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
             try:
                 os.kill(owner["pid"], 0)
             except ProcessLookupError:
-                return True
+                return st
             except PermissionError:
                 pass
-        return age > self.stale_after_s
+        if time.time() - st.st_mtime > self.stale_after_s:
+            return st
+        first_seen = self._seen.setdefault((st.st_ino, st.st_mtime_ns), time.monotonic())
+        return st if time.monotonic() - first_seen > self.stale_after_s else None
+
+    def is_stale(self) -> bool:
+        return self._judge() is not None
+
+    def describe(self) -> str:
+        """Who holds the lock and since when, for messages."""
+        owner = self.owner()
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "free"
+        since = owner.get("since")
+        since_text = (_dt.datetime.fromtimestamp(since, _dt.timezone.utc).isoformat(timespec="seconds")
+                      if isinstance(since, (int, float)) else "an unknown time")
+        if age < -self.clock_skew_s:
+            beat = (f"heartbeat dated {-age:.0f}s in the future (clock skew?), treated as stale if it does not "
+                    f"move for {self.stale_after_s:.0f}s")
+        else:
+            beat = f"heartbeat {max(age, 0):.0f}s ago"
+        return (f"held by pid {owner.get('pid', '?')} on host {owner.get('host', '?')} since {since_text}, {beat}")
+
+    def _create(self) -> bool:
+        """Create the lock file, whole, if absent (link of a written temporary file: atomic, O_EXCL-like)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                                   "info": self.info}, default=_json_default))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        self._ino = os.stat(self.path).st_ino
+        return True
+
+    def _break(self, judged: os.stat_result) -> bool:
+        """Remove the lock file judged stale (``judged``: its stat then) unless it has changed since.
+
+        True when the lock file is gone afterwards. One breaker at a time: the ``.break`` guard; a guard
+        left behind by a breaker that died is removed once older than ``stale_after_s``.
+        """
+        guard = self.path.with_name(self.path.name + ".break")
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if abs(time.time() - guard.stat().st_mtime) > self.stale_after_s:
+                    guard.unlink()
+            return False
+        try:
+            current = os.stat(self.path)
+            if (current.st_ino, current.st_mtime_ns) != (judged.st_ino, judged.st_mtime_ns):
+                return False  # another waiter broke it and took it meanwhile
+            _log.warning("breaking stale lock %s (%s)", self.path, self.describe())
+            self.path.unlink()
+            return True
+        except FileNotFoundError:
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
 
     def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if self.is_stale():
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-            return False
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, handle)
+        """Take the lock if it is free or stale (broken atomically first); False while someone holds it."""
+        if not self._create():
+            judged = self._judge()
+            if judged is None or not self._break(judged) or not self._create():
+                return False
         self._stop.clear()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
         self._thread.start()
         return True
 
+    def _is_mine(self) -> bool:
+        try:
+            return self._ino is not None and os.stat(self.path).st_ino == self._ino
+        except FileNotFoundError:
+            return False
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(self.path)
+            if self._is_mine():
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(self.path)
 
     def acquire(self, *, timeout_s: float | None = None, poll_s: float = 0.2) -> None:
+        """Wait for the lock; say who holds it (once, then every ``report_every_s``); ArtifactError after
+        ``timeout_s``."""
         start = time.monotonic()
+        next_report = start
         while not self.try_acquire():
-            if timeout_s is not None and time.monotonic() - start > timeout_s:
-                raise ArtifactError(f"timed out after {timeout_s:.0f}s waiting for lock {self.path} ({self._owner()})")
+            now = time.monotonic()
+            if timeout_s is not None and now - start > timeout_s:
+                raise ArtifactError(f"timed out after {timeout_s:.0f}s waiting for lock {self.path} "
+                                    f"({self.describe()}); {BREAK_HINT}")
+            if now >= next_report:
+                _log.warning("waiting for lock %s: %s", self.path, self.describe())
+                next_report = now + self.report_every_s
             time.sleep(poll_s)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._is_mine():  # never delete a lock that was broken and taken by someone else
+            self.path.unlink(missing_ok=True)
+        self._ino = None
 
     def __enter__(self) -> Lock:
         self.acquire()
@@ -230,6 +333,19 @@ class ArtifactStore:
 
     def exists(self, artifact: str) -> bool:
         return (self.path(artifact) / MANIFEST).is_file()
+
+    def incomplete(self, artifact: str) -> list[str]:
+        """Files the manifest lists that are missing or of another size (a cheap check: one stat per
+        file, no hashing); empty when the artifact looks whole."""
+        directory = self.path(artifact)
+        bad = []
+        for entry in self.manifest(artifact).get("files", []):
+            try:
+                if (directory / entry["path"]).stat().st_size != entry["size"]:
+                    bad.append(entry["path"])
+            except OSError:
+                bad.append(entry["path"])
+        return bad
 
     def manifest(self, artifact: str) -> dict[str, Any]:
         path = self.path(artifact) / MANIFEST
@@ -263,8 +379,34 @@ class ArtifactStore:
         raise ArtifactError(f"'{prefix}' is ambiguous: {', '.join(matches[:5])}")
 
     # -- writing ------------------------------------------------------------------------------
+    def require_writable(self) -> None:
+        """ArtifactError, one line naming the root, unless lock files can be created under it."""
+        try:
+            locks = self.root / ".locks"
+            locks.mkdir(parents=True, exist_ok=True)
+            probe = locks / f".probe-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise ArtifactError(f"artifact root {self.root} is not writable: {exc}; point STEGOPIPE_ROOT "
+                                f"(or run.root) at a writable folder") from exc
+
     def lock(self, artifact: str, **kwargs: Any) -> Lock:
         return Lock(self.root / ".locks" / f"{artifact}.lock", **kwargs)
+
+    def in_use(self) -> dict[str, str]:
+        """Artifacts a live lock holds or declares as read (``info["inputs"]``), each mapped to that lock's id."""
+        used: dict[str, str] = {}
+        locks = self.root / ".locks"
+        for path in sorted(locks.glob("*.lock")) if locks.is_dir() else []:
+            lock = Lock(path)
+            if lock.is_stale() or not path.exists():
+                continue
+            holder = path.name[: -len(".lock")]
+            used[holder] = holder
+            inputs = lock.owner().get("info", {}).get("inputs", [])
+            used.update({dep: holder for dep in inputs if isinstance(dep, str)})
+        return used
 
     def staging(self, artifact: str, *, fresh: bool) -> Staging:
         """The staging folder of ``artifact``; ``fresh`` wipes earlier partial work (non-resumable stages)."""
@@ -287,9 +429,7 @@ class ArtifactStore:
         final = self.path(artifact)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
-            trash = self.root / ".trash" / f"{artifact}-{time.time_ns()}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(final, trash)
+            trash = self._trash(final)
             os.replace(staging.dir, final)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -347,15 +487,91 @@ class ArtifactStore:
             todo += list(self.manifest(artifact).get("inputs", {}).values())
         return seen
 
-    def gc(self, keep: set[str], *, dry_run: bool = True) -> list[str]:
-        """Delete (or with ``dry_run`` only list) published artifacts outside the closure of ``keep``."""
-        referenced = self.closure(keep)
-        doomed = [a for a in self.ids() if a not in referenced]
+    def _trash(self, directory: Path) -> Path:
+        """Move ``directory`` into ``<root>/.trash/`` in one rename (it leaves its place whole) and return
+        the new path."""
+        trash = self.root / ".trash" / f"{directory.name}-{time.time_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(directory, trash)
+        return trash
+
+    def gc(self, keep: set[str], *, dry_run: bool = True) -> GcReport:
+        """Delete (or with ``dry_run`` only list) published artifacts outside the closure of ``keep``,
+        staging folders whose lock is absent or stale, and leftovers in ``.trash``.
+
+        Never deleted: artifacts that a live lock holds or declares as input (a running stage). Deleting
+        renames the folder into ``.trash`` first, so a killed gc never leaves a published-looking half;
+        the next gc removes what it left in ``.trash``.
+        """
         if not dry_run:
-            for artifact in doomed:
-                shutil.rmtree(self.path(artifact))
-            shutil.rmtree(self.root / ".trash", ignore_errors=True)
-        return doomed
+            self.require_writable()
+        referenced = self.closure(keep)
+        used = self.in_use()
+        report = GcReport()
+        for artifact in self.ids():
+            if artifact in referenced:
+                continue
+            if artifact in used:
+                report.in_use[artifact] = used[artifact]
+                continue
+            size = _disk_usage(self.path(artifact))
+            if not dry_run:
+                trash = self._trash(self.path(artifact))
+                if artifact in self.in_use():  # a stage started reading it meanwhile: put it back
+                    os.rename(trash, self.path(artifact))
+                    report.in_use[artifact] = "a stage that started during gc"
+                    continue
+                shutil.rmtree(trash, ignore_errors=True)
+            report.artifacts.append(artifact)
+            report.bytes += size
+        staging_root = self.root / ".staging"
+        for directory in sorted(staging_root.iterdir()) if staging_root.is_dir() else []:
+            if not ID_PATTERN.match(directory.name):
+                continue
+            lock = self.lock(directory.name)
+            if dry_run:
+                if lock.path.exists() and not lock.is_stale():
+                    continue
+                size = _disk_usage(directory)
+            else:
+                if not lock.try_acquire():  # a live run owns it
+                    continue
+                try:
+                    size = _disk_usage(directory)
+                    trash = self._trash(directory)
+                finally:
+                    lock.release()
+                shutil.rmtree(trash, ignore_errors=True)
+            report.staging.append(directory.name)
+            report.bytes += size
+        trash_root = self.root / ".trash"
+        for leftover in sorted(trash_root.iterdir()) if trash_root.is_dir() else []:
+            report.trash_bytes += _disk_usage(leftover)
+            if not dry_run:
+                shutil.rmtree(leftover, ignore_errors=True)
+        report.bytes += report.trash_bytes
+        return report
+
+
+@dataclass
+class GcReport:
+    """What :meth:`ArtifactStore.gc` deleted (or would delete)."""
+
+    artifacts: list[str] = field(default_factory=list)  # unreferenced published artifacts
+    staging: list[str] = field(default_factory=list)  # ids of stale staging folders
+    in_use: dict[str, str] = field(default_factory=dict)  # unreferenced but kept: id -> the lock using it
+    trash_bytes: int = 0  # leftovers of an earlier, interrupted gc or publish
+    bytes: int = 0  # everything freed (or that would be), trash included
+
+
+def _disk_usage(directory: Path) -> int:
+    """Bytes of the regular files under ``directory`` (0 when it vanished)."""
+    total = 0
+    for base, _, names in os.walk(directory):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(base, name)).st_size
+    return total
 
 
 def utc_now() -> str:

@@ -215,7 +215,8 @@ def verify_cmd(artifacts: tuple[str, ...]) -> None:
 @click.option("--keep", multiple=True, help="Also keep this artifact id and its inputs (repeatable).")
 @click.option("--yes", is_flag=True, help="Really delete (default is a dry run).")
 def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> None:
-    """Delete artifacts that no experiment (and no --keep id) references. Dry run unless --yes."""
+    """Delete artifacts that no experiment (and no --keep id) references, and the staging folders of runs
+    that are gone. Dry run unless --yes. Inputs and outputs of running stages are kept."""
     store = store_from()
     kept: set[str] = {store.resolve(k) for k in keep}
     unplanned = []
@@ -233,10 +234,16 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
     if yes and unplanned:
         raise StegopipeError(f"refusing to delete: experiments {', '.join(unplanned)} cannot be planned here, so "
                              "their artifacts would be deleted too; name the experiments to keep with --experiment")
-    doomed = store.gc(kept, dry_run=not yes)
-    for artifact in doomed:
-        click.echo(f"{'deleted' if yes else 'would delete'} {artifact}")
-    click.echo(f"{len(doomed)} unreferenced artifacts{'' if yes else ' (dry run; --yes to delete)'}", err=True)
+    report = store.gc(kept, dry_run=not yes)
+    verb = "deleted" if yes else "would delete"
+    for artifact in report.artifacts:
+        click.echo(f"{verb} {artifact}")
+    for artifact in report.staging:
+        click.echo(f"{verb} staging folder {artifact} (its run is gone)")
+    for artifact, holder in report.in_use.items():
+        click.echo(f"kept {artifact}: in use by the running stage of {holder}", err=True)
+    click.echo(f"{len(report.artifacts)} unreferenced artifacts, {len(report.staging)} stale staging folders, "
+               f"{report.bytes / 1e6:.1f} MB {'freed' if yes else 'to free (dry run; --yes to delete)'}", err=True)
 
 
 @main.command("config")

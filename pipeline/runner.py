@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -297,6 +298,31 @@ def import_artifact(root: str, *, stage: str, kind: str, version: str, params: d
     return _execute(task, pseudo, root)
 
 
+def is_cached(store: ArtifactStore, artifact: str, *, warn: bool = False) -> bool:
+    """True when ``artifact`` is published and whole: every file its manifest lists is present with its
+    size (a cheap check, no hashing). An incomplete one (e.g. a gc killed mid-way by an older version)
+    counts as missing, so it is rebuilt; ``warn`` says so, naming the files."""
+    if not store.exists(artifact):
+        return False
+    try:
+        bad = store.incomplete(artifact)
+    except ArtifactError as exc:
+        bad = [str(exc)]
+    if bad and warn:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        log.warning("artifact %s is incomplete (missing or cut short: %s%s); rebuilding it",
+                    artifact, ", ".join(bad[:3]), more)
+    return not bad
+
+
+def _missing_input(task: Task, name: str, dep: str, *, while_running: bool = False) -> MissingArtifactError:
+    what = "disappeared while the stage ran" if while_running else "is missing"
+    return MissingArtifactError(
+        f"stage {task.stage}: input artifact '{name}' ({dep}) {what} (not built yet, or removed by `stegopipe gc` "
+        f"or by hand); build it with `{get_stage(stage_of(dep)).make_target}` (or `stegopipe run` without "
+        f"--no-upstream) and run again")
+
+
 def _check_input(store: ArtifactStore, task: Task, name: str, dep: str) -> None:
     """With ``run.verify_inputs`` (default), refuse to run on a damaged input artifact: its manifest's own
     checksum and every file's size, and the sha256 of every file when the artifact holds at most
@@ -319,19 +345,18 @@ def _check_input(store: ArtifactStore, task: Task, name: str, dep: str) -> None:
 def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device: str = "auto",
              lock_timeout_s: float | None = None) -> TaskResult:
     store = ArtifactStore(root)
-    if store.exists(task.id) and not force:
+    if not force and is_cached(store, task.id):
         return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
-    lock = store.lock(task.id)
+    store.require_writable()
+    lock = store.lock(task.id, info={"inputs": sorted(set(task.inputs.values()))})  # gc keeps these
     lock.acquire(timeout_s=lock_timeout_s)
     try:
-        if store.exists(task.id) and not force:  # another process finished it while we waited
+        if not force and is_cached(store, task.id):  # another process finished it while we waited
             return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
         inputs = {}
         for name, dep in task.inputs.items():
             if not store.exists(dep):
-                raise MissingArtifactError(
-                    f"stage {task.stage} needs input '{name}' ({dep}), which is not built; "
-                    f"run `{get_stage(stage_of(dep)).make_target}` (or `stegopipe run` without --no-upstream)")
+                raise _missing_input(task, name, dep)
             _check_input(store, task, name, dep)
             inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
         staging = store.staging(task.id, fresh=not stage.resumable or force)
@@ -340,9 +365,13 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
         start = time.perf_counter()
         try:
             result = stage.run(ctx) or {}
-        except StegopipeError:
-            raise
-        except Exception as exc:  # a stage bug or an environment failure: say which stage, keep the cause
+        except Exception as exc:
+            gone = [(name, dep) for name, dep in task.inputs.items() if not store.exists(dep)]
+            if gone:  # the cause, not its symptom (a file the stage could no longer read)
+                raise _missing_input(task, *gone[0], while_running=True) from exc
+            if isinstance(exc, StegopipeError):
+                raise
+            # a stage bug or an environment failure: say which stage, keep the cause
             raise StageError(f"stage {task.stage} ({task.id}) failed: {type(exc).__name__}: {exc}") from exc
         wall = time.perf_counter() - start
         specs.validate(stage.kind, staging.dir)
@@ -370,11 +399,28 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RemoteFailure:
+    """A task's error sent back from a Dask worker as a value, with the worker's traceback."""
+
+    error: StegopipeError
+    traceback: str
+
+
 def _execute_remote(task: Task, root: str, plugins: list[str], force: bool, device: str,
-                    lock_timeout_s: float | None) -> TaskResult:
-    """Dask entry point: a worker process imports the stage plugins, then runs the task."""
-    load_plugins(plugins)
-    return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
+                    lock_timeout_s: float | None) -> TaskResult | RemoteFailure:
+    """Dask entry point: a worker process imports the stage plugins, then runs the task.
+
+    A failure is returned, not raised: a raising task makes every worker (local or remote) log its full
+    traceback ("Compute Failed"); the client raises the error as one line (``--debug``: the traceback).
+    """
+    try:
+        load_plugins(plugins)
+        return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
+    except Exception as exc:
+        error = exc if isinstance(exc, StegopipeError) else StageError(
+            f"stage {task.stage} ({task.id}) failed on a Dask worker: {type(exc).__name__}: {exc}")
+        return RemoteFailure(error, traceback.format_exc())
 
 
 def _has_parallelism(pending: list[Task]) -> bool:
@@ -468,6 +514,9 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
     progress = tqdm(total=len(pending), unit="stage", desc="stages", leave=False)
     for future in completed:
         result = future.result()
+        if isinstance(result, RemoteFailure):
+            log.debug("traceback on the Dask worker:\n%s", result.traceback)
+            raise result.error
         results[result.id] = result
         log.info("[done] %s in %.1fs", result.id, result.wall_s)
         progress.update()
@@ -488,11 +537,13 @@ def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[
     for task in tasks:
         if only is not None and task.id not in only:
             continue
-        if store.exists(task.id) and task.stage not in forced:
+        if task.stage not in forced and is_cached(store, task.id, warn=True):
             results[task.id] = TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
             log.info("[hit] %s", task.id)
         else:
             pending.append(task)
+    if pending:
+        store.require_writable()
     executor = run_cfg.executor
     if executor not in ("auto", "local", "dask"):
         raise ConfigError(f"run.executor={executor!r}: expected auto, local or dask")

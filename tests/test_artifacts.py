@@ -102,8 +102,8 @@ def test_gc_keeps_the_closure_of_kept_artifacts(tmp_path: Path) -> None:
     child = _publish(store, "child", {"parent": parent})
     orphan = _publish(store, "orphan")
     assert store.closure({child}) == {child, parent}
-    assert store.gc({child}, dry_run=True) == [orphan]
+    assert store.gc({child}, dry_run=True).artifacts == [orphan]
     assert store.exists(orphan)
-    assert store.gc({child}, dry_run=False) == [orphan]
+    assert store.gc({child}, dry_run=False).artifacts == [orphan]
     assert not store.exists(orphan) and store.exists(parent)
     assert store.lineage(child)["inputs"]["parent"]["id"] == parent
