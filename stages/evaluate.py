@@ -6,7 +6,9 @@ Protocol (spec §6.1, §7, §9.2): for each val sample, ``code = projection(toke
 linear confusion matrix is scored as it stands, the cluster one after Hungarian matching
 (:func:`stages.metrics.scores`). With ``evaluate.crf`` both probes' predictions are also refined by the
 dense CRF (:func:`stages.crf.crf_map`, spawn pool, per-image timeout) from the unaries
-``log_softmax(logits)`` (linear) and ``log_softmax(2·cos)`` (cluster), then scored the same way. The
+``log_softmax(logits)`` (linear) and ``log_softmax(2·cos)`` (cluster), then scored the same way; the CRF
+sees the reference's pixels (``evaluate.crf_pixels=reference``: the stored uint8 image through the
+normalise → un-normalise → truncate round trip, BGR; ``raw``: the stored values). The
 CRF pass is resumable per token-store shard: each finished shard's CRF predictions are kept in the
 staging folder (``crf_shards/``, removed before publishing), so a killed run redoes only unfinished
 shards. An image whose CRF fails or times out keeps its un-refined prediction and is listed in the
@@ -18,14 +20,14 @@ Artifact (kind ``eval``):
   "cluster_crf": S]}}`` where ``S = {"miou", "accuracy", "iou", "precision", "recall"}`` (mIoU and
   accuracy ×100, per-class lists as fractions, ``null`` where undefined) plus ``"assignment"`` (class
   of each cluster, -1 unmatched) for the cluster entries. ``protocol`` holds dataset, split,
-  index_id (the val ``prepare`` artifact), tokens_id, backbone, resolution ``[H, W]``, feature_grid,
-  crf, flip_tta, drop_extra_clusters, probe_id, n_classes, n_clusters, seed, projection
+  index_id (the val ``prepare`` artifact), tokens_id, backbone, weights_tag, resolution ``[H, W]``,
+  feature_grid, crf, crf_pixels (null without CRF), flip_tta, drop_extra_clusters, probe_id, n_classes, n_clusters, seed, projection
   ``{method, id, kind, dim}``, class_names, n_images.
 * ``confusion_<entry>.npy``: int64 ``[n_clusters or n_classes, n_classes]`` raw ``[prediction, truth]``
   counts for each entry of ``scores``.
-* ``examples/<k>-<id>.png``: image / label / linear / cluster (clusters mapped to classes by the
-  Hungarian assignment) [/ linear CRF / cluster CRF] side by side, colours from :func:`palette`
-  (ignore and unmatched pixels black).
+* ``examples/<k>-<id>.png``: titled columns image / ground truth / linear / cluster (clusters mapped to
+  classes by the Hungarian assignment) [/ linear + CRF / cluster + CRF], colours from :func:`palette`
+  (ignore and unmatched pixels black) with a colour → class legend of the classes shown.
 """
 from __future__ import annotations
 
@@ -42,24 +44,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline.artifacts import stage_of
 from pipeline.config import register_section
 from pipeline.errors import ArtifactError, ConfigError, InputError, StageError
 from pipeline.runner import Request, StageContext, register_stage
-from stages.crf import CrfResult, crf_map
+from stages.crf import PIXEL_MODES, CrfResult, crf_map
+from stages.figures import backbone_label, class_legend, save_panels
 from stages.metrics import confusion_matrix, map_clusters, scores
 from stages.probe import TOKENS_STORE, Probes, load_probes, predict_batch, probe_request, upsample_code
 from stages.projection import BaseProjection
 from stages.select import open_projection, projection_params, projection_request
 from stages.store import TokenStore, open_token_store
 
-__all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "evaluate_stage"]
+__all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "example_panels", "evaluate_stage"]
 
 PROBE_NAMES = ("linear", "cluster")
 CRF_DIR = "crf_shards"
 MICRO_BATCH_BYTES = 256 << 20  # bound on the upsampled code + unaries held at once
+PANEL_TITLES = {"linear": "linear probe", "cluster": "cluster probe", "linear_crf": "linear + CRF",
+                "cluster_crf": "cluster + CRF"}
 
 
 @dataclass
@@ -67,6 +71,7 @@ class EvaluateConfig:
     """Evaluation on the val split (``evaluate.*``); crf_workers, crf_timeout_s, batch_size are runtime."""
 
     crf: bool = False  # also report dense-CRF-refined scores
+    crf_pixels: str = "reference"  # reference | raw: the image the CRF sees (stages.crf.crf_pixels)
     flip_tta: bool = False  # average the code with the flipped image's code (eval_segmentation.py)
     examples: int = 4  # example PNGs (evenly spaced val samples)
     drop_extra_clusters: bool = False  # reference scoring of extra clusters (spec §6.2-6.3)
@@ -117,6 +122,21 @@ def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tupl
     return upsample_code(code, size)
 
 
+def example_panels(image: np.ndarray, label: np.ndarray, preds: Mapping[str, np.ndarray],
+                   assignments: Mapping[str, np.ndarray], colours: np.ndarray,
+                   class_names: Sequence[str] | None) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+    """Titled RGB panels (image, ground truth, then each entry of ``preds``: ``linear``, ``cluster``,
+    ``linear_crf``, ``cluster_crf``; cluster ids mapped to classes by ``assignments[entry]``) and the
+    colour → class legend of the ids shown."""
+    ids = [("ground truth", label)]
+    for entry, pred in preds.items():
+        if entry.startswith("cluster"):
+            pred = map_clusters(pred.astype(np.int64), assignments[entry])
+        ids.append((PANEL_TITLES[entry], pred))
+    panels = [("image", image)] + [(title, colorize(x, colours)) for title, x in ids]
+    return panels, class_legend([x for _, x in ids], colours, class_names)
+
+
 def _json_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
@@ -145,7 +165,10 @@ def _params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     e = cfg.evaluate
     if int(e.examples) < 0:
         raise ConfigError(f"evaluate.examples={e.examples}: must be an integer >= 0")
-    return {"crf": bool(e.crf), "flip_tta": bool(e.flip_tta), "examples": int(e.examples),
+    if e.crf_pixels not in PIXEL_MODES:
+        raise ConfigError(f"evaluate.crf_pixels={e.crf_pixels!r}: expected one of {', '.join(PIXEL_MODES)}")
+    return {"crf": bool(e.crf), "crf_pixels": str(e.crf_pixels) if e.crf else None, "flip_tta": bool(e.flip_tta),
+            "examples": int(e.examples),
             "drop_extra_clusters": bool(e.drop_extra_clusters), "projection": projection_params(cfg)}
 
 
@@ -254,7 +277,7 @@ def _crf_keys(n_shards: int) -> list[str]:
     return [f"crf-{k:05d}" for k in range(n_shards)]
 
 
-def _crf_pass(ctx: StageContext, ev: _Eval, workers: int, timeout_s: float) -> int:
+def _crf_pass(ctx: StageContext, ev: _Eval, workers: int, timeout_s: float, pixels: str) -> int:
     """Run the CRF over the shards not yet done, each finished shard → ``crf_shards/<key>.npz``;
     returns the number of images refined (both probes) by this call."""
     ranges = ev.store.shard_ranges()
@@ -291,7 +314,7 @@ def _crf_pass(ctx: StageContext, ev: _Eval, workers: int, timeout_s: float) -> i
             ctx.shard_finished(todo[shard])
             del buffers[shard]
 
-    crf_map(source, workers=workers, timeout_s=timeout_s, on_result=on_result)
+    crf_map(source, workers=workers, timeout_s=timeout_s, on_result=on_result, pixels=pixels)
     return len(samples)
 
 
@@ -308,12 +331,6 @@ def _read_crf_shards(ev: _Eval, folder: Path) -> Iterator[tuple[int, np.ndarray,
             yield a, data["preds"], json.loads(str(data["failed"]))
 
 
-def _save_example(path: Path, panels: list[np.ndarray]) -> None:
-    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
-    strip = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
-    Image.fromarray(strip).save(path)
-
-
 def _index_id(manifest: Mapping[str, Any]) -> str | None:
     """The ``prepare`` artifact among the inputs of the tokens artifact (the val index)."""
     for dep in (manifest.get("inputs") or {}).values():
@@ -325,7 +342,7 @@ def _index_id(manifest: Mapping[str, Any]) -> str | None:
     return None
 
 
-@register_stage("evaluate", version="1", kind="eval", params=_params, inputs=_inputs, resumable=True,
+@register_stage("evaluate", version="2", kind="eval", params=_params, inputs=_inputs, resumable=True,
                 make_target="make evaluate")
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
@@ -352,7 +369,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     crf_images, crf_s = 0, 0.0
     if p["crf"]:
         start = time.perf_counter()
-        crf_images = _crf_pass(ctx, ev, workers, timeout_s)
+        crf_images = _crf_pass(ctx, ev, workers, timeout_s, p["crf_pixels"])
         crf_s = time.perf_counter() - start
         conf["linear_crf"] = np.zeros((n, n), np.int64)
         conf["cluster_crf"] = np.zeros((k, n), np.int64)
@@ -378,30 +395,32 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         results[entry], assignments[entry] = _score_entry(matrix, hungarian, p["drop_extra_clusters"] and hungarian)
         np.save(ctx.out / f"confusion_{entry}.npy", matrix)
 
+    attrs = store.attrs
     colours = palette(n)
     if examples:
         (ctx.out / "examples").mkdir(exist_ok=True)
         rgb = store.get_rgb(examples) if store.has_rgb else None
         labels = store.get_labels(examples)
+        names = ev.probes.meta.get("class_names") or attrs.get("class_names")
+        backbone = backbone_label(attrs.get("backbone"), attrs.get("weights_tag"))
+        caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {p['projection']['method']} "
+                   f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
         for row, i in enumerate(examples):
             image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
-            panels = [image, colorize(labels[row], colours)]
-            for entry in conf:
-                pred = shown[i][entry]
-                if entry.startswith("cluster"):
-                    pred = map_clusters(pred.astype(np.int64), assignments[entry])
-                panels.append(colorize(pred, colours))
+            preds = {entry: shown[i][entry] for entry in conf}
+            panels, legend = example_panels(image, labels[row], preds, assignments, colours, names)
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
-            _save_example(ctx.out / "examples" / f"{row}-{name}.png", panels)
+            save_panels(ctx.out / "examples" / f"{row}-{name}.png", panels, legend,
+                        title=f"{store.ids[i]}: {caption}")
 
-    attrs = store.attrs
     tokens_in = ctx.input("tokens")
     probes_in = ctx.input("probes")
     protocol = {
         "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
         "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
-        "backbone": attrs.get("backbone"), "resolution": list(store.label_hw), "feature_grid": list(store.grid),
-        "crf": p["crf"], "flip_tta": p["flip_tta"], "drop_extra_clusters": p["drop_extra_clusters"],
+        "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
+        "resolution": list(store.label_hw), "feature_grid": list(store.grid),
+        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"], "drop_extra_clusters": p["drop_extra_clusters"],
         "probe_id": probes_in.id, "n_classes": n, "n_clusters": k,
         "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
         "projection": {"method": p["projection"]["method"],

@@ -13,7 +13,7 @@ from PIL import Image
 
 import stages.evaluate as evaluate
 from pipeline.artifacts import ArtifactStore
-from pipeline.errors import InputError, StageError
+from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.runner import Request
 from stages.evaluate import colorize, palette, upsampled_codes
 from stages.projection import IdentityProjection
@@ -30,7 +30,15 @@ def _evaluate(*overrides: str, **kwargs: Any) -> Path:
     return run_request(onehot_requests(config("probe.cluster_fit=kmeans", *overrides), **kwargs)["evaluate"])
 
 
-def test_perfect_codes_score_100_miou(onehot: Path) -> None:
+def test_perfect_codes_score_100_miou(onehot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[tuple[list, list, str]] = []
+    real_save = evaluate.save_panels
+
+    def save_panels(path: Path, panels: list, legend: list, title: str | None = None) -> None:
+        drawn.append((panels, legend, title))
+        real_save(path, panels, legend, title)
+
+    monkeypatch.setattr(evaluate, "save_panels", save_panels)
     path = _evaluate("evaluate.examples=2")
     metrics = _metrics(path)
     for entry in ("linear", "cluster"):
@@ -43,7 +51,7 @@ def test_perfect_codes_score_100_miou(onehot: Path) -> None:
     store = ArtifactStore(onehot)
     assert protocol["probe_id"] in store.ids("probe") and protocol["tokens_id"].startswith("test-onehot-tokens-")
     assert protocol["index_id"] is None  # the hand-made tokens have no prepare input
-    assert (protocol["crf"], protocol["flip_tta"], protocol["split"]) == (False, False, "val")
+    assert (protocol["crf"], protocol["crf_pixels"], protocol["flip_tta"], protocol["split"]) == (False, None, False, "val")
     assert (protocol["resolution"], protocol["feature_grid"]) == ([8, 8], [4, 4])
     assert (protocol["n_classes"], protocol["n_clusters"], protocol["seed"], protocol["n_images"]) == (3, 3, 0, 8)
     assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 6}
@@ -52,10 +60,18 @@ def test_perfect_codes_score_100_miou(onehot: Path) -> None:
     assert np.count_nonzero(confusion - np.diag(np.diag(confusion))) == 0
     pngs = sorted((path / "examples").glob("*.png"))
     assert [p.name for p in pngs] == ["0-val_0.png", "1-val_7.png"]
-    strip = np.asarray(Image.open(pngs[0]))
-    assert strip.shape == (8, 4 * 8 + 3 * 4, 3)  # image | label | linear | cluster
-    np.testing.assert_array_equal(strip[1:, 12:20], strip[1:, 24:32])  # linear = label (row 0 is ignored)
-    np.testing.assert_array_equal(strip[:, 24:32], strip[:, 36:44])  # matched clusters = linear
+    with Image.open(pngs[0]) as png:
+        assert png.info["dpi"][0] == pytest.approx(150, abs=1) and png.width >= 4 * 300
+    panels, legend, title = drawn[0]
+    assert [name for name, _ in panels] == ["image", "ground truth", "linear probe", "cluster probe"]
+    image, label, linear, cluster = (x for _, x in panels)
+    np.testing.assert_array_equal(label[1:], linear[1:])  # linear = label (row 0 is ignored)
+    np.testing.assert_array_equal(linear, cluster)  # matched clusters = linear
+    assert [name for name, _ in legend][-1] == "ignore / unmatched"  # the ignored row 0 of the label
+    assert {name for name, _ in legend[:-1]} <= {"a", "b", "c"}  # the class names of the probes
+    colours = palette(3)
+    assert all(any((colour == c).all() for c in colours) for _, colour in legend)
+    assert title.startswith("val/0: onehot val, identity (dim 6)")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["counts"] == {"images": 8, "pixels": 8 * 61, "crf_failed": 0} and manifest["summary"]["cluster"]["miou"] == 100.0
 
@@ -75,7 +91,7 @@ def test_flip_tta_and_crf_on_perfect_codes(onehot: Path) -> None:
     on = _evaluate("evaluate.flip_tta=true", "evaluate.crf=true", "evaluate.crf_workers=1")
     metrics = _metrics(on)
     assert set(metrics["scores"]) == {"linear", "cluster", "linear_crf", "cluster_crf"}
-    assert metrics["protocol"]["crf"] is True
+    assert metrics["protocol"]["crf"] is True and metrics["protocol"]["crf_pixels"] == "reference"
     for entry in ("linear_crf", "cluster_crf"):  # colour edges agree with the labels: CRF keeps them
         assert metrics["scores"][entry]["miou"] > 90.0, entry
         assert np.load(on / f"confusion_{entry}.npy").sum() == 8 * 61
@@ -83,6 +99,33 @@ def test_flip_tta_and_crf_on_perfect_codes(onehot: Path) -> None:
     manifest = json.loads((on / "manifest.json").read_text())
     assert manifest["crf_failed"] == [] and manifest["throughput"]["crf_images_per_s"] > 0
     assert manifest["shards"] == {"computed": 2, "reused": 0}
+
+
+def test_crf_pixel_mode_is_a_recorded_protocol_flag(onehot: Path) -> None:
+    reference = _evaluate("evaluate.crf=true", "evaluate.crf_workers=1")
+    raw = _evaluate("evaluate.crf=true", "evaluate.crf_workers=1", "evaluate.crf_pixels=raw")
+    assert raw.name != reference.name  # a different image for the CRF is a different artifact
+    assert _metrics(raw)["protocol"]["crf_pixels"] == "raw"
+    assert _metrics(reference)["protocol"]["crf_pixels"] == "reference"
+    plain = _evaluate()
+    assert plain.name == _evaluate("evaluate.crf_pixels=raw").name  # without the CRF the mode changes nothing
+    with pytest.raises(ConfigError, match="evaluate.crf_pixels='bgr'"):
+        _evaluate("evaluate.crf=true", "evaluate.crf_pixels=bgr")
+
+
+def test_the_crf_sees_the_reference_pixels(onehot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages import crf
+
+    seen: list[str] = []
+    real = crf.dense_crf
+
+    def spy(image: Any, logits: Any, **kw: Any) -> np.ndarray:
+        seen.append(kw["pixels"])
+        return real(image, logits, **kw)
+
+    monkeypatch.setattr(crf, "dense_crf", spy)
+    _evaluate("evaluate.crf=true", "evaluate.crf_workers=1")
+    assert seen and set(seen) == {"reference"}
 
 
 @pytest.mark.slow  # spawns CRF workers that import torch (~10 s on 2 busy cores)
@@ -188,6 +231,7 @@ def test_demo_chain_synthetic_tiny_vit(root: Path) -> None:
     assert protocol["dataset"] == "synthetic" and protocol["split"] == "val"
     assert protocol["resolution"] == [48, 48] and protocol["feature_grid"] == [3, 3]
     assert protocol["backbone"] == "vit_small_patch16_224.dino" and protocol["n_images"] == 2
+    assert protocol["weights_tag"] == "random-seed0" and protocol["crf_pixels"] == "reference"
     assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 384}
     assert protocol["class_names"] == ["sky", "grass", "road", "water", "object"]
     for entry in ("linear", "cluster", "linear_crf", "cluster_crf"):

@@ -1,0 +1,80 @@
+"""Publication-style image panels: titled columns and a colour → class legend (evaluation examples,
+``predict`` summaries). Drawn on a bare matplotlib ``Figure`` (no pyplot state, safe in worker threads)."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DPI", "backbone_label", "class_legend", "save_panels"]
+
+DPI = 150
+PANEL_INCHES = 2.4
+IGNORE_LABEL = "ignore / unmatched"
+
+
+def class_legend(id_maps: Iterable[np.ndarray], colours: np.ndarray,
+                 names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
+    """``(name, RGB uint8)`` of every id that occurs in ``id_maps``, in id order, with ``colours`` from
+    :func:`stages.evaluate.palette` (last row: ignore/unmatched, listed last when any id falls outside
+    the palette). ``names[k]`` names id ``k`` (``class k`` when missing)."""
+    n = len(colours) - 1
+    present: set[int] = set()
+    for ids in id_maps:
+        present |= {int(v) for v in np.unique(ids)}
+    items = [(names[k] if names is not None and k < len(names) else f"class {k}", colours[k])
+             for k in sorted(v for v in present if 0 <= v < n)]
+    if any(v < 0 or v >= n for v in present):
+        items.append((IGNORE_LABEL, colours[n]))
+    return items
+
+
+def save_panels(path: Path, panels: Sequence[tuple[str, np.ndarray]], legend: Sequence[tuple[str, np.ndarray]],
+                title: str | None = None) -> None:
+    """One row of uint8 RGB images ``[H, W, 3]`` titled ``panels[i][0]``, a colour legend below
+    (``legend``: ``(label, RGB uint8)``), an optional suptitle; PNG at :data:`DPI` dpi."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    height, width = panels[0][1].shape[:2]
+    ncol = max(1, min(len(legend), 2 * len(panels)))
+    legend_rows = -(-len(legend) // ncol)
+    panel_h = PANEL_INCHES * height / width
+    fig = Figure(figsize=(PANEL_INCHES * len(panels), panel_h + 0.45 + 0.25 * legend_rows + 0.3 * bool(title)),
+                 layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, image) in zip(axes, panels, strict=True):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_axis_off()
+    if legend:
+        handles = [Patch(facecolor=np.asarray(colour) / 255.0, edgecolor="0.3", label=label)
+                   for label, colour in legend]
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False,
+                   handlelength=1.2, columnspacing=1.2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=DPI)
+
+
+def backbone_label(name: str | None, weights_tag: str | None) -> str | None:
+    """A reader's name for a backbone from its lineage (timm name and weights tag): the timm name without
+    its pretrained-tag suffix, then the weights, e.g. ``vit_small_patch8_224, random init (seed 0)`` or
+    ``vit_base_patch8_224, DINO weights``; a random-init backbone is never called DINO. None when the
+    name is unknown."""
+    if not name:
+        return None
+    base = str(name).split(".", 1)[0]
+    tag = str(weights_tag or "")
+    if tag.startswith("random-seed"):
+        weights = f"random init (seed {tag.removeprefix('random-seed')})"
+    elif tag.startswith("dino:") or (not tag and str(name).endswith(".dino")):
+        weights = "DINO weights"
+    elif tag == "timm":
+        weights = "timm weights"
+    elif tag.startswith("file:"):
+        weights = f"weights file {tag.removeprefix('file:')[:8]}"
+    else:
+        weights = f"weights {tag}" if tag else "weights not recorded"
+    return f"{base}, {weights}"
