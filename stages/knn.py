@@ -27,6 +27,7 @@ from numpy.typing import ArrayLike
 from pipeline.cli import register_command
 from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 
 if TYPE_CHECKING:
@@ -61,8 +62,10 @@ def _normalize_np(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, np.float32(1e-12))).astype(np.float32)
 
 
-def descriptors_from_store(store: TokenStore | str | os.PathLike[str], batch_size: int = 256) -> np.ndarray:
-    """Global descriptors ``[N,D]`` float32 of every sample of a token store, streamed shard by shard."""
+def descriptors_from_store(store: TokenStore | str | os.PathLike[str], batch_size: int = 256,
+                           workers: int = 2) -> np.ndarray:
+    """Global descriptors ``[N,D]`` float32 of every sample of a token store: consecutive batches of
+    ``batch_size`` samples, each read and pooled by one of ``workers`` threads (:mod:`pipeline.prefetch`)."""
     from stages.store import (  # zarr only where a store is read
         TokenStore,
         open_token_store,
@@ -70,8 +73,15 @@ def descriptors_from_store(store: TokenStore | str | os.PathLike[str], batch_siz
 
     ts = store if isinstance(store, TokenStore) else open_token_store(store)
     out = np.empty((ts.n, ts.dim), dtype=np.float32)
-    for batch in ts.iter_batches(batch_size, arrays=("tokens",), tokens_dtype=np.float16):
-        out[batch["index"]] = batch["tokens"].mean(axis=(1, 2), dtype=np.float32)
+
+    def pooled(start: int) -> np.ndarray:
+        tokens = ts.get("tokens", np.arange(start, min(start + batch_size, ts.n)))
+        return tokens.mean(axis=(1, 2), dtype=np.float32)
+
+    starts = range(0, ts.n, batch_size)
+    with prefetch(pooled, starts, workers=workers, depth=2 * max(1, workers), name="knn-read") as means:
+        for start, mean in zip(starts, means):
+            out[start:start + len(mean)] = mean
     return _normalize_np(out)
 
 

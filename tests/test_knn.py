@@ -175,3 +175,5 @@ def test_descriptors_from_store(tmp_path):
     got = descriptors_from_store(path, batch_size=3)
     assert got.shape == (n, dim) and got.dtype == np.float32
     np.testing.assert_allclose(got, global_descriptors(tokens.astype(np.float16)), atol=1e-6)
+    for batch_size, workers in ((4, 0), (2, 3), (100, 1)):  # batches and threads do not change the result
+        np.testing.assert_array_equal(descriptors_from_store(path, batch_size=batch_size, workers=workers), got)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from pipeline.config import register_section
@@ -229,6 +230,16 @@ def batch_indices(n: int, nns: np.ndarray, batch_size: int, num_neighbors: int,
             yield anchors, nns[anchors, cols]
 
 
+def read_batch(store: TokenStore, batch: tuple[np.ndarray, np.ndarray], *,
+               pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[2B, h, w, D]`` as stored (anchors, then partners) and int64 anchor labels ``[B, H, W]``
+    of one ``(anchors, partners)`` batch; in pinned memory when ``pin`` (for a non-blocking device copy)."""
+    anchors, partners = batch
+    tokens = torch.from_numpy(store.get("tokens", np.concatenate([anchors, partners])))
+    labels = torch.from_numpy(store.get_labels(anchors).astype(np.int64))
+    return (tokens.pin_memory(), labels) if pin else (tokens, labels)
+
+
 def _to_device_map(tokens: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """``[B, h, w, D]`` float16/32 tokens → float32 ``[B, D, h, w]`` on ``device`` (a channels-last view);
     a pinned CPU tensor is copied without blocking."""
@@ -340,20 +351,26 @@ class HeadTrainer:
         """One step on anchor / partner feature maps ``[B, D, h, w]`` and anchor labels ``[B, H, W]``.
 
         Returns the losses (``intra``, ``inter``, ``neg``, ``total``, ``cd_*``, ``linear``, ``cluster``;
-        the probe losses None when not finite) and the two dropout feature maps the loss saw.
+        the probe losses None when not finite) and the two dropout feature maps the loss saw. Its phases
+        are ``torch.profiler`` ranges ``stego.head_forward``, ``stego.loss``, ``stego.backward_adam`` and
+        ``stego.probes``.
         """
         head = self.head.train()
-        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+        with record_function("stego.head_forward"), \
+                torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             drop_feats, code = head(feats, train_dropout=True, generator=self.noise)
             drop_pos, code_pos = head(feats_pos, train_dropout=True, generator=self.noise)
-        losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
-                                  generator=self.noise, **self.loss_opts)
-        total = weighted_total(losses, self.settings.weights)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        probe_losses = self.probes.step(code.detach(), labels)
+        with record_function("stego.loss"):
+            losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
+                                      generator=self.noise, **self.loss_opts)
+            total = weighted_total(losses, self.settings.weights)
+        with record_function("stego.backward_adam"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with record_function("stego.probes"):
+            probe_losses = self.probes.step(code.detach(), labels)
         keys = (*PARTS, "total", "cd_intra", "cd_inter", "cd_neg")
         values = torch.stack([losses[p] for p in PARTS] + [total] + [losses[f"cd_{p}"] for p in PARTS]).tolist()
         out: dict[str, float] = dict(zip(keys, values))
@@ -404,10 +421,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
     wait_s = 0.0
 
     def read(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        anchors, partners = batch
-        tokens = torch.from_numpy(train.get("tokens", np.concatenate([anchors, partners])))
-        labels = torch.from_numpy(train.get_labels(anchors).astype(np.int64))
-        return (tokens.pin_memory(), labels) if dev.type == "cuda" else (tokens, labels)
+        return read_batch(train, batch, pin=dev.type == "cuda")
 
     start = time.perf_counter()
     bar = tqdm(total=settings.steps, desc=STAGE, unit="step", disable=not progress)
