@@ -21,8 +21,9 @@ Artifact (kind ``eval``):
   accuracy ×100, per-class lists as fractions, ``null`` where undefined) plus ``"assignment"`` (class
   of each cluster, -1 unmatched) for the cluster entries. ``protocol`` holds dataset, split,
   index_id (the val ``prepare`` artifact), tokens_id, backbone, weights_tag, resolution ``[H, W]``,
-  feature_grid, crf, crf_pixels (null without CRF), flip_tta, drop_extra_clusters, probe_id, n_classes, n_clusters, seed, projection
-  ``{method, id, kind, dim}``, class_names, n_images.
+  feature_grid, crf, crf_pixels (null without CRF), flip_tta, drop_extra_clusters, probe_id, n_classes,
+  n_clusters, seed, projection ``{method, id, kind, dim, requested_dim}`` (``requested_dim`` null: the
+  method's default, e.g. the preset's ``head.dim`` for STEGO), class_names, n_images.
 * ``confusion_<entry>.npy``: int64 ``[n_clusters or n_classes, n_classes]`` raw ``[prediction, truth]``
   counts for each entry of ``scores``.
 * ``examples/<k>-<id>.png``: titled columns image / ground truth / linear / cluster (clusters mapped to
@@ -48,6 +49,7 @@ import torch
 from pipeline.artifacts import stage_of
 from pipeline.config import register_section
 from pipeline.errors import ArtifactError, ConfigError, InputError, StageError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.crf import PIXEL_MODES, CrfResult, crf_map
 from stages.figures import backbone_label, class_legend, save_panels
@@ -240,6 +242,22 @@ def _open(ctx: StageContext, batch_size: int) -> _Eval:
     return _Eval(store, projection, probes, device, bool(p["flip_tta"]), batch_size)
 
 
+def _batches(ev: _Eval) -> Iterator[dict[str, np.ndarray]]:
+    """The val samples in order, in batches of ``ev.batch_size``: ``index``, float32 ``tokens``, ``labels``
+    (and ``tokens_flip`` with flip-TTA); the next batch is read while this one is scored."""
+    store = ev.store
+
+    def read(start: int) -> dict[str, np.ndarray]:
+        idx = np.arange(start, min(start + ev.batch_size, store.n))
+        batch = {"index": idx, "tokens": store.get_tokens(idx), "labels": store.get_labels(idx)}
+        if ev.flip:
+            batch["tokens_flip"] = store.get_tokens(idx, flip=True)
+        return batch
+
+    with prefetch(read, range(0, store.n, ev.batch_size), workers=1, depth=2, name="evaluate-read") as batches:
+        yield from batches
+
+
 def _example_indices(n: int, k: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if n and k else []
 
@@ -353,9 +371,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     examples = _example_indices(store.n, p["examples"])
     shown: dict[int, dict[str, np.ndarray]] = {}
     conf = {"linear": np.zeros((n, n), np.int64), "cluster": np.zeros((k, n), np.int64)}
-    arrays = ("tokens", "labels", "tokens_flip") if ev.flip else ("tokens", "labels")
     start = time.perf_counter()
-    for batch in store.iter_batches(batch_size, arrays=arrays):
+    for batch in _batches(ev):
         outs = list(ev.predict(batch["tokens"], batch.get("tokens_flip"), unaries=False))
         preds = {name: np.concatenate([o[name] for o in outs]) for name in PROBE_NAMES}
         conf["linear"] += confusion_matrix(preds["linear"], batch["labels"], n)
@@ -425,7 +442,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
         "projection": {"method": p["projection"]["method"],
                        "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
-                       "kind": ev.projection.kind, "dim": ev.projection.dim},
+                       "kind": ev.projection.kind, "dim": ev.projection.dim,
+                       "requested_dim": p["projection"]["dim"]},
         "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
     }
     (ctx.out / "metrics.json").write_text(json.dumps({"protocol": protocol, "scores": results}, indent=2) + "\n")
