@@ -157,7 +157,7 @@ def test_write_shard_validation(tmp_path):
         write_shard(path, 0, **{**ok, "tokens": big})
     assert not (path / "tokens" / "c" / "0").exists()  # nothing written
     with pytest.raises(InputError, match="shape"):
-        write_shard(path, 2, **ok)  # last shard holds 1 sample
+        write_shard(path, 2, **{**ok, "ids": ["a"]})  # last shard holds 1 sample
     with pytest.raises(InputError, match="shard_index"):
         write_shard(path, 3, **ok)
     with pytest.raises(InputError, match="'rgb'"):
