@@ -411,7 +411,7 @@ def _run_dask(ctx: StageContext, client: Any, store: Path, todo: list[tuple[int,
         raise
 
 
-@register_stage("extract", version="1", kind="tokens", params=extract_params, inputs=extract_inputs,
+@register_stage("extract", version="2", kind="tokens", params=extract_params, inputs=extract_inputs,
                 args={"split": "train"}, resumable=True, make_target="make extract",
                 resources={"GPU": 1})
 def extract(ctx: StageContext) -> dict[str, Any]:
