@@ -42,7 +42,6 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +52,7 @@ from tqdm import tqdm
 
 from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
+from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.projection import BaseProjection, load_projection
 from stages.reducers import (
@@ -221,16 +221,9 @@ def _part_rows(part: tuple[np.ndarray, np.ndarray | None], hw: int) -> int:
 
 
 def iter_parts(store_path: str, parts: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[np.ndarray]:
-    """Read the parts in order, the next one prefetched in a background thread."""
-    if not parts:
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(read_part, store_path, *parts[0])
-        for following in [*parts[1:], None]:
-            block = future.result()
-            if following is not None:
-                future = pool.submit(read_part, store_path, *following)
-            yield block
+    """Read the parts in order, the next one prefetched in a background thread (:mod:`pipeline.prefetch`)."""
+    with prefetch(lambda part: read_part(store_path, *part), parts, workers=1, name="reduce-read") as blocks:
+        yield from blocks
 
 
 def dask_fit_array(store_path: str, parts: list[tuple[np.ndarray, np.ndarray | None]], hw: int, dim: int):  # -> da.Array
