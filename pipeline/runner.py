@@ -483,7 +483,7 @@ def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
                                                  "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1, "TQDM_DISABLE": 1,
                                                  "DASK_LOGGING__DISTRIBUTED": "error"},
     }
-    with dask.config.set(settings), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    with dask.config.set(settings), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       resources=resources or None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
         yield client
 
@@ -511,17 +511,16 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                     resources=(dict(stage.resources) or None) if gpu else None))
 
     submit_ready()
-    progress = tqdm(total=len(pending), unit="stage", desc="stages", leave=False)
-    for future in completed:
-        result = future.result()
-        if isinstance(result, RemoteFailure):
-            log.debug("traceback on the Dask worker:\n%s", result.traceback)
-            raise result.error
-        results[result.id] = result
-        log.info("[done] %s in %.1fs", result.id, result.wall_s)
-        progress.update()
-        submit_ready()
-    progress.close()
+    with tqdm(total=len(pending), unit="stage", desc="stages", leave=False) as progress:
+        for future in completed:
+            result = future.result()
+            if isinstance(result, RemoteFailure):
+                log.debug("traceback on the Dask worker:\n%s", result.traceback)
+                raise result.error
+            results[result.id] = result
+            log.info("[done] %s in %.1fs", result.id, result.wall_s)
+            progress.update()
+            submit_ready()
 
 
 def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[str] = (),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -12,7 +14,15 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import MissingArtifactError, StageError
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.runner import (
+    RemoteFailure,
+    Request,
+    StageContext,
+    _execute_remote,
+    plan,
+    register_stage,
+    run_tasks,
+)
 from tests.conftest import cli_process
 
 
@@ -51,7 +61,7 @@ def test_failed_stage_publishes_nothing(toy: Path) -> None:
 def test_missing_upstream_names_the_make_target(toy: Path) -> None:
     cfg = load_config(None, ["run.executor=local"])
     tasks, targets = plan([Request("t_left", cfg)])
-    with pytest.raises(MissingArtifactError, match="make t_source"):
+    with pytest.raises(MissingArtifactError, match="is missing .*removed by `stegopipe gc`.*make t_source"):
         run_tasks(tasks, cfg.run, only=set(targets))
 
 
@@ -113,3 +123,67 @@ def test_plan_deduplicates_shared_upstream(toy: Path) -> None:
     tasks, targets = plan([Request("t_left", cfg), Request("t_right", cfg), Request("t_join", cfg)])
     assert [t.stage for t in tasks].count("t_source") == 1 and len(tasks) == 4
     assert OmegaConf.create(tasks[0].cfg).toy.value == 1 and len(set(targets)) == 3
+
+
+def test_a_half_deleted_artifact_is_rebuilt_not_a_cache_hit(toy: Path, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "toy.log"
+    first = _run("t_left", [f"toy.log={log}", "run.executor=local"])
+    source = first[0].path
+    (source / "out.json").unlink()  # what a gc killed mid-way by an older version left: manifest, no files
+    with caplog.at_level(logging.WARNING, logger="stegopipe"):
+        again = _run("t_left", [f"toy.log={log}", "run.executor=local"])
+    assert [r.status for r in again] == ["ran", "hit"] and len(_log_lines(log)) == 3
+    assert any(first[0].id in r.getMessage() and "out.json" in r.getMessage() and "rebuilding" in r.getMessage()
+               for r in caplog.records)
+    assert ArtifactStore(toy).verify(first[0].id) == []
+    assert not list((toy / ".trash").iterdir())  # the broken one was replaced, not kept
+
+
+def test_gc_keeps_the_inputs_of_a_running_stage(toy: Path, tmp_path: Path) -> None:
+    source = _run("t_source", ["run.executor=local"])[0]
+    proc = cli_process("run", "t_left", "toy.sleep=30")
+    store = ArtifactStore(toy)
+    try:
+        deadline = time.time() + 60
+        while not list((toy / ".staging").glob("t_left-*/partial.txt")) and time.time() < deadline:
+            time.sleep(0.1)
+        report = store.gc(set(), dry_run=False)
+        assert store.exists(source.id) and source.id in report.in_use
+        assert report.artifacts == [] and report.staging == []  # the running stage's staging folder stays
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    report = store.gc(set(), dry_run=False)  # the run is dead now: its staging folder and input go
+    assert report.artifacts == [source.id] and len(report.staging) == 1 and report.bytes > 0
+
+
+@register_stage("t_vanish", version="1", kind="toy", params=lambda cfg, args: {},
+                inputs=lambda cfg, args: {"source": Request("t_source", cfg)})
+def _t_vanish(ctx: StageContext) -> None:
+    """Toy stage whose input is deleted while it runs (as a gc of an older version did)."""
+    shutil.rmtree(ctx.input("source").path)
+    (ctx.input("source").path / "out.json").read_text()
+
+
+def test_an_input_that_vanishes_is_named_with_its_make_target(toy: Path) -> None:
+    with pytest.raises(MissingArtifactError, match=r"input artifact 'source' \(t_source-[0-9a-f]+\) disappeared "
+                       r"while the stage ran.*stegopipe gc.*make t_source"):
+        _run("t_vanish", ["run.executor=local"])
+
+
+def test_worker_failures_are_one_line_without_worker_tracebacks(toy: Path) -> None:
+    proc = cli_process("run", "t_join", "toy.value=-1", "--executor", "dask", "--workers", "1")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 2, err
+    assert "Compute Failed" not in err and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "t_source" in errors[0] and "negative toy value" in errors[0]
+
+
+def test_a_failing_remote_task_returns_its_error_and_traceback(toy: Path) -> None:
+    cfg = load_config(None, ["toy.value=-1"])
+    tasks, _ = plan([Request("t_source", cfg)])
+    failure = _execute_remote(tasks[0], str(toy), ["tests.plugin_stages"], False, "cpu", None)
+    assert isinstance(failure, RemoteFailure) and isinstance(failure.error, StageError)
+    assert "negative toy value" in str(failure.error) and "ValueError" in failure.traceback  # for --debug
