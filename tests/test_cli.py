@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -70,3 +73,52 @@ def test_gc_is_a_dry_run_by_default(root: Path) -> None:
     assert list((root / "synthesize").iterdir())
     assert "deleted synthesize-" in _invoke("gc", "--yes", "--experiment", "demo").output
     assert not any((root / "synthesize").iterdir())
+
+
+def test_gc_reports_stale_staging_and_bytes(root: Path) -> None:
+    stale = root / ".staging" / "synthesize-0123456789abcdef"
+    stale.mkdir(parents=True)
+    (stale / "part.bin").write_bytes(b"x" * 300_000)  # a failed run's leftovers, no lock
+    dry = _invoke("gc", "--experiment", "demo")
+    assert dry.exit_code == 0 and "would delete staging folder synthesize-0123456789abcdef" in dry.output
+    assert "1 stale staging folders, 0.3 MB to free (dry run" in dry.stderr and stale.is_dir()
+    done = _invoke("gc", "--yes", "--experiment", "demo")
+    assert "deleted staging folder synthesize-0123456789abcdef" in done.output and "0.3 MB freed" in done.stderr
+    assert not stale.exists()
+
+
+def _one_error_line(result: object, root: Path) -> None:
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output  # type: ignore[attr-defined]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and f"artifact root {root} is not writable" in errors[0], result.stderr  # type: ignore
+
+
+def test_an_unwritable_root_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("x")
+    root = tmp_path / "file" / "artifacts"  # its parent is a regular file: ENOTDIR, even for root
+    monkeypatch.setenv("STEGOPIPE_ROOT", str(root))
+    _one_error_line(_invoke("run", "synthesize", "dataset.synthetic.n_train=2", "dataset.synthetic.n_val=1"), root)
+    _one_error_line(_invoke("gc", "--yes", "--experiment", "demo"), root)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at a fresh folder (remount it read-only in the test); skips where mounting is not allowed."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_read_only_root_is_one_line(tmpfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmpfs / "artifacts"
+    monkeypatch.setenv("STEGOPIPE_ROOT", str(root))
+    assert _invoke("run", "synthesize", "dataset.synthetic.n_train=2", "dataset.synthetic.n_val=1").exit_code == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)  # EROFS from here on
+    _one_error_line(_invoke("run", "synthesize", "dataset.synthetic.n_train=3", "dataset.synthetic.n_val=1"), root)
+    _one_error_line(_invoke("gc", "--yes", "--experiment", "demo"), root)
+    assert "would delete synthesize-" in _invoke("gc", "--experiment", "demo").output  # a dry run only reads
