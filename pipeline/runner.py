@@ -16,6 +16,7 @@ import importlib
 import logging
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +39,14 @@ from pipeline.errors import ArtifactError, ConfigError, MissingArtifactError, St
 
 log = logging.getLogger("stegopipe")
 
-SHARD_DELAY_ENV = "STEGOPIPE_SHARD_DELAY_S"
-"""Seconds to pause after each finished shard (fault-injection tests only; unset in normal runs)."""
+FAULT_ENV = "STEGOPIPE_FAULT_KILL_AT"
+"""Fault-injection tests only (inert when unset): ``STAGE:EVENT:N[:SIGNAL]`` makes a process send itself
+SIGKILL (or SIG<SIGNAL>, e.g. STOP) at the N-th ``EVENT`` of ``STAGE`` runs in it; events: ``start`` (the
+stage begins, after its ``[run]`` line), ``shard`` (a shard marker was written) and ``publish`` (the files
+are staged, the manifest is not yet written)."""
+FAULT_ONCE_ENV = "STEGOPIPE_FAULT_ONCE"
+"""With :data:`FAULT_ENV`: a file path; only the process that creates it fires (one fault per cluster)."""
+_fault_counts: dict[tuple[str, str], int] = {}
 
 ParamsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, Any]]
 InputsFn = Callable[[DictConfig, Mapping[str, Any]], dict[str, "Request"]]
@@ -222,9 +229,7 @@ class StageContext:
         self.staging.mark_shard_done(key)
         self.shards_computed += 1
         log.debug("shard %s of %s done", key, self.task.id)
-        delay = float(os.environ.get(SHARD_DELAY_ENV) or 0)
-        if delay:  # fault-injection tests widen the window between shards to kill a run mid-way
-            time.sleep(delay)
+        _fault_point(self.task.stage, "shard")
 
     def record(self, **values: Any) -> None:
         """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest."""
@@ -276,6 +281,28 @@ class TaskResult:
     status: str  # "hit" | "ran"
     path: Path
     wall_s: float
+
+
+def _fault_point(stage: str, event: str) -> None:
+    """Count an ``event`` of ``stage`` for the fault-injection hook (:data:`FAULT_ENV`); no-op when unset."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_stage, want_event, n, *sig = spec.split(":")
+    if (want_stage, want_event) != (stage, event):
+        return
+    count = _fault_counts[stage, event] = _fault_counts.get((stage, event), 0) + 1
+    if count != int(n):
+        return
+    once = os.environ.get(FAULT_ONCE_ENV)
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    name = f"SIG{sig[0] if sig else 'KILL'}"
+    print(f"[fault] {name} at {spec} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), getattr(signal, name))
 
 
 def execute(task: Task, root: str, *, force: bool = False, device: str = "auto",
@@ -362,6 +389,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
         staging = store.staging(task.id, fresh=not stage.resumable or force)
         ctx = StageContext(task, store, staging, inputs, resolve_device(device))
         log.info("[run] %s", task.id)
+        _fault_point(task.stage, "start")
         start = time.perf_counter()
         try:
             result = stage.run(ctx) or {}
@@ -383,6 +411,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             "shards": {"computed": ctx.shards_computed, "reused": ctx.shards_reused},
             **ctx.extras, **result,
         }
+        _fault_point(task.stage, "publish")
         try:
             path = store.publish(task.id, staging, manifest)
         except OSError as exc:  # e.g. a full disk while hashing or writing the manifest

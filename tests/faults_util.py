@@ -6,8 +6,9 @@
   with their sha256 as its manifest records them (the manifest itself excluded), for bit-identity checks.
 - :class:`CliRun`: ``stegopipe ARGS`` in a separate process, either a fresh interpreter (``python -m
   pipeline.cli``, as a user runs it) or a fork of the test process (same code path, none of the 5-10 s
-  interpreter start-up); its output goes to a log file. :meth:`CliRun.kill_at` sends SIGKILL at a moment
-  measured from the stage's ``[run] <id>`` log line, optionally once some shard markers exist.
+  interpreter start-up); its output goes to a log file. With ``fault="STAGE:EVENT:N[:SIGNAL]"`` the child
+  kills itself at a point it reaches itself (the runner's ``STEGOPIPE_FAULT_KILL_AT`` hook: the stage's
+  start, its N-th shard marker, or just before its manifest), never at a time measured from another run.
 - :func:`flip_byte`: corrupt one byte of a file in place.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import MANIFEST, SHARD_MARKERS, ArtifactStore
 from pipeline.config import load_config
-from pipeline.runner import SHARD_DELAY_ENV, Request, Task, TaskResult, plan, run_tasks
+from pipeline.runner import FAULT_ENV, Request, Task, TaskResult, plan, run_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,11 +107,10 @@ def flip_byte(path: Path, offset: int, mask: int = 0xFF) -> int:
     return offset
 
 
-def _child_env(root: Path) -> dict[str, str]:
-    # the killed child pauses 50 ms after each shard, so a kill after the first marker lands mid-run even on
-    # an idle machine (the in-process re-run does not pause)
-    return {"STEGOPIPE_ROOT": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-            SHARD_DELAY_ENV: "0.05", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _child_env(root: Path, fault: str | None) -> dict[str, str]:
+    env = {"STEGOPIPE_ROOT": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**env, FAULT_ENV: fault} if fault else env
 
 
 def _forked_cli(args: list[str], log: Path, env: dict[str, str]) -> None:
@@ -138,18 +138,19 @@ def _forked_cli(args: list[str], log: Path, env: dict[str, str]) -> None:
 
 @dataclass
 class KillReport:
-    killed: bool  # the process was still running when SIGKILL was sent
+    killed: bool  # the process died of the fault's signal (it had not finished before the fault point)
     started: bool  # the stage's "[run] <id>" line had appeared
-    waited_s: float  # seconds from the stage start to the kill
     markers: list[str]  # shard markers in the staging folder right after the kill
 
 
 class CliRun:
-    """``stegopipe ARGS`` in another process (``fork=True``: a fork of this process), output in ``log``."""
+    """``stegopipe ARGS`` in another process (``fork=True``: a fork of this process), output in ``log``;
+    ``fault``: the child's ``STEGOPIPE_FAULT_KILL_AT`` (see :data:`pipeline.runner.FAULT_ENV`)."""
 
-    def __init__(self, args: list[str], root: Path, log: Path, *, fork: bool = False) -> None:
+    def __init__(self, args: list[str], root: Path, log: Path, *, fork: bool = False,
+                 fault: str | None = None) -> None:
         self.root, self.log = Path(root), Path(log)
-        env = _child_env(root)
+        env = _child_env(root, fault)
         self.returncode: int | None = None
         if fork:
             sys.stdout.flush()
@@ -198,20 +199,7 @@ class CliRun:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def kill_at(self, artifact: str, delay_s: float, *, min_markers: int = 0, timeout_s: float = 180.0) -> KillReport:
-        """Wait for the ``[run] <artifact>`` line (and ``min_markers`` shard markers), then ``delay_s``, then SIGKILL."""
-        deadline = time.monotonic() + timeout_s
-        started_at = None
-        while self.poll() is None and time.monotonic() < deadline:
-            if started_at is None and f"[run] {artifact}" in self.output():
-                started_at = time.monotonic()
-            if started_at is not None and len(markers(self.root, artifact)) >= min_markers:
-                break
-            time.sleep(0.005)
-        if started_at is not None:
-            end = time.monotonic() + delay_s
-            while self.poll() is None and time.monotonic() < end:
-                time.sleep(0.002)
-        waited = time.monotonic() - started_at if started_at is not None else 0.0
-        killed = self.kill()
-        return KillReport(killed, started_at is not None, waited, markers(self.root, artifact))
+    def killed_at_fault(self, artifact: str, timeout_s: float = 300.0) -> KillReport:
+        """Wait for the child (started with ``fault``); what the fault left of ``artifact``."""
+        code = self.wait(timeout_s)
+        return KillReport(code == -signal.SIGKILL, f"[run] {artifact}" in self.output(), markers(self.root, artifact))
