@@ -1,10 +1,21 @@
-"""Token store I/O: zarr write MB/s ÷ ``numpy.save`` of the same arrays (goal ≥ 0.5), random reads.
+"""Token store I/O against raw numpy files holding the same bytes, side by side in one run.
 
-Data: ViT-S/8-at-224 shaped tokens (28×28×384 float16, Gaussian with per-channel scales, which hardly
-compress, like real tokens) plus blocky 224×224 int16 labels; ``N`` = 512 samples (quick: 64).
-Writes go to a temp folder (page cache, no fsync, for both sides); best of 3, interleaved.
-Reads: one random sample's tokens, a random 32-sample training batch (as kNN partners are read),
-and a full sequential stream, each against the same read from a memory-mapped ``.npy``.
+For two token sizes, ViT-S/8 at 224 (28×28×384 fp16, 0.6 MB a sample) and ViT-B/8 at 320 (40×40×768 fp16,
+2.5 MB a sample): tokens (Gaussian with per-channel scales, which hardly compress, like real tokens) plus
+blocky int16 label maps and ids, in shards of 64 samples. The baseline writes the same shards as
+``.npy`` files (``numpy.save``, tokens and labels) and reads them memory-mapped (opened once, page cache).
+
+- write: ``write_shard`` per shard ÷ ``numpy.save`` per shard (MB/s of tokens + labels; best of 3, interleaved);
+- random 1-sample read and random batch of 32: ``TokenStore.get_tokens`` (float32, what the consumers get)
+  ÷ a gather from the memory maps cast to float32 (median; each ratio = baseline time / ours);
+- sequential stream: ``TokenStore.iter_batches`` (fp16) ÷ ``numpy.load`` of each shard file (best of 3).
+
+Every read of ours checks the crc32c of every chunk; the baseline checks nothing. The machine is shared:
+ratios are measured side by side, but single numbers move by ±20 % between runs.
+
+Full runs add the scale case: a store of 3,400 ViT-S/8 samples (2.05 GB of tokens) and one of half that,
+each written, streamed and randomly read by a fresh process that reports its peak RSS (flat in N: the
+store never has to fit in memory).
 """
 from __future__ import annotations
 
@@ -12,6 +23,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,108 +32,196 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import row, script_main, temp_root, timed
+from benchmarks.common import peak_rss_mb, row, run_python_child, script_main, temp_root
 
-GRID = (28, 28)
-DIM = 384
-LABEL_HW = (224, 224)
+SHARD = 64
 BATCH = 32
+SIZES = {"ViT-S/8@224": ((28, 28), 384, 224), "ViT-B/8@320": ((40, 40), 768, 320)}
+SCALE_N = 3400  # ViT-S/8 tokens: 3400 × 602,112 B = 2.05 GB
 
 
-def _data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _data(n: int, grid: tuple[int, int], dim: int, res: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    scales = rng.uniform(0.2, 3.0, size=DIM).astype(np.float32)
-    tokens = (rng.standard_normal((n, *GRID, DIM), dtype=np.float32) * scales).astype(np.float16)
-    blocks = rng.integers(-1, 27, size=(n, LABEL_HW[0] // 28, LABEL_HW[1] // 28), dtype=np.int16)
-    labels = np.repeat(np.repeat(blocks, 28, axis=1), 28, axis=2)
-    return tokens, labels, [f"s{i:06d}" for i in range(n)]
+    scales = rng.uniform(0.2, 3.0, size=dim).astype(np.float32)
+    tokens = (rng.standard_normal((n, *grid, dim), dtype=np.float32) * scales).astype(np.float16)
+    blocks = rng.integers(-1, 27, size=(n, res // 32, res // 32), dtype=np.int16)
+    labels = np.repeat(np.repeat(blocks, 32, axis=1), 32, axis=2)
+    return {"tokens": tokens, "labels": labels, "ids": [f"s{i:06d}" for i in range(n)], "grid": grid, "dim": dim,
+            "res": res}
 
 
-def _write_store(path: Path, tokens: np.ndarray, labels: np.ndarray, ids: list[str], shard_size: int) -> None:
-    from stages.store import create_token_store, shard_ranges, write_shard
+def _create_store(path: Path, d: dict[str, Any]) -> None:
+    from stages.store import create_token_store
 
-    group = create_token_store(path, n=len(tokens), grid=GRID, dim=DIM, label_hw=LABEL_HW, shard_size=shard_size,
-                               with_rgb=False, with_flip=False, attrs={"bench": True})
-    for k, (a, b) in enumerate(shard_ranges(len(tokens), shard_size)):
-        write_shard(group, k, tokens=tokens[a:b], labels=labels[a:b], ids=ids[a:b])
+    create_token_store(path, n=len(d["tokens"]), grid=d["grid"], dim=d["dim"], label_hw=(d["res"], d["res"]),
+                       shard_size=SHARD, with_rgb=False, with_flip=False, attrs={"bench": True})
 
 
-def _write_npy(path: Path, tokens: np.ndarray, labels: np.ndarray) -> None:
-    path.mkdir()
-    np.save(path / "tokens.npy", tokens)
-    np.save(path / "labels.npy", labels)
+def _write_store(path: Path, d: dict[str, Any]) -> None:
+    from stages.store import shard_ranges, write_shard
+
+    for k, (a, b) in enumerate(shard_ranges(len(d["tokens"]), SHARD)):
+        write_shard(path, k, tokens=d["tokens"][a:b], labels=d["labels"][a:b], ids=d["ids"][a:b])
 
 
-def _best_write(fn: Any, scratch: Path, repeat: int) -> float:
-    """Best wall seconds of ``fn(fresh_path)``; each output is removed untimed."""
-    best = float("inf")
-    for i in range(repeat):
-        path = scratch / f"w{i}"
-        start = time.perf_counter()
-        fn(path)
-        best = min(best, time.perf_counter() - start)
-        shutil.rmtree(path)
-    return best
+def _write_npy(path: Path, d: dict[str, Any]) -> None:
+    from stages.store import shard_ranges
+
+    for k, (a, b) in enumerate(shard_ranges(len(d["tokens"]), SHARD)):
+        np.save(path / f"tokens-{k:05d}.npy", d["tokens"][a:b])
+        np.save(path / f"labels-{k:05d}.npy", d["labels"][a:b])
 
 
-def _median_ms(fn: Any, picks: np.ndarray) -> float:
+def _timed_write(create: Callable[[Path], None], write: Callable[[Path], None], path: Path) -> float:
+    """Seconds of ``write(path)`` after an untimed ``create(path)``; the output is removed afterwards."""
+    create(path)
+    start = time.perf_counter()
+    write(path)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(path)
+    return seconds
+
+
+def _median_ms(fn: Callable[[Any], Any], items: Any) -> float:
     times = []
-    for i in picks:
+    for item in items:
         start = time.perf_counter()
-        fn(i)
+        fn(item)
         times.append(time.perf_counter() - start)
     return 1000.0 * statistics.median(times)
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+def _size_rows(label: str, d: dict[str, Any], scratch: Path, quick: bool) -> list[dict[str, Any]]:
     from stages.store import open_token_store
 
-    n, shard_size, repeat = (64, 16, 2) if quick else (512, 64, 3)
-    tokens, labels, ids = _data(n)
-    mb = (tokens.nbytes + labels.nbytes) / 1e6
-    sample_mb = tokens[0].nbytes / 1e6
+    n = len(d["tokens"])
+    repeat = 2 if quick else 3
+    mb = (d["tokens"].nbytes + d["labels"].nbytes) / 1e6
+    sample_mb = d["tokens"][0].nbytes / 1e6
+    ours_s = base_s = float("inf")
+    for i in range(repeat):  # interleaved, so both sides see the same interference
+        ours_s = min(ours_s, _timed_write(lambda p: _create_store(p, d), lambda p: _write_store(p, d),
+                                          scratch / f"w-ours-{i}"))
+        base_s = min(base_s, _timed_write(Path.mkdir, lambda p: _write_npy(p, d), scratch / f"w-npy-{i}"))
+    rows = [row(f"{label} store write", mb / ours_s, "MB/s", baseline=mb / base_s, goal=">= 0.5",
+                note=f"write_shard per shard (raw fp16 + crc32c tokens, lz4 + crc32c labels, ids; shards of {SHARD}) "
+                     f"÷ numpy.save of the same shards' tokens and labels; {mb:.0f} MB, {n} samples; the one-off "
+                     f"create_token_store (like the baseline's mkdir) untimed; best of {repeat}")]
+
+    _create_store(scratch / "store", d)
+    _write_store(scratch / "store", d)
+    (scratch / "npy").mkdir()
+    _write_npy(scratch / "npy", d)
+    store = open_token_store(scratch / "store")
+    maps = [np.load(p, mmap_mode="r") for p in sorted((scratch / "npy").glob("tokens-*.npy"))]
+
+    def npy_gather(idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), *d["grid"], d["dim"]), dtype=np.float32)
+        for j, i in enumerate(idx):
+            out[j] = maps[i // SHARD][i % SHARD]
+        return out
+
     rng = np.random.default_rng(1)
-    rows = []
+    picks = [np.array([i]) for i in rng.integers(0, n, size=100 if quick else 300)]
+    store.get_tokens(picks[0])
+    npy_gather(picks[0])
+    ours_ms = _median_ms(store.get_tokens, picks)
+    base_ms = _median_ms(npy_gather, picks)
+    rows.append(row(f"{label} random 1-sample read", ours_ms, "ms", baseline=base_ms, higher_is_better=False,
+                    goal=">= 0.5", note=f"get_tokens of one random sample ({sample_mb:.2f} MB fp16 → float32), "
+                                        "median; baseline: the memory-mapped .npy; ratio = baseline/ours"))
+    batches = [rng.choice(n, size=min(BATCH, n), replace=False) for _ in range(10 if quick else 30)]
+    ours_b = _median_ms(store.get_tokens, batches)
+    base_b = _median_ms(npy_gather, batches)
+    rows.append(row(f"{label} random batch of {min(BATCH, n)}", ours_b, "ms", baseline=base_b,
+                    higher_is_better=False, goal=">= 0.5",
+                    note=f"{min(BATCH, n) * sample_mb:.0f} MB a batch → float32, median; baseline: memory-mapped "
+                         ".npy gather; ratio = baseline/ours"))
+
+    def stream() -> None:
+        for _ in store.iter_batches(SHARD, tokens_dtype=np.float16):
+            pass
+
+    def npy_stream() -> None:
+        for path in sorted((scratch / "npy").glob("tokens-*.npy")):
+            np.load(path)
+
+    stream_s = npy_stream_s = float("inf")
+    for _ in range(repeat):
+        for fn, name in ((stream, "ours"), (npy_stream, "npy")):
+            start = time.perf_counter()
+            fn()
+            took = time.perf_counter() - start
+            if name == "ours":
+                stream_s = min(stream_s, took)
+            else:
+                npy_stream_s = min(npy_stream_s, took)
+    tok_mb = d["tokens"].nbytes / 1e6
+    rows.append(row(f"{label} sequential stream", tok_mb / stream_s, "MB/s", baseline=tok_mb / npy_stream_s,
+                    goal=">= 0.7", note=f"iter_batches({SHARD}, fp16) ÷ numpy.load of each shard's .npy; "
+                                        f"best of {repeat}; ratio = ours/baseline"))
+    del store, maps
+    shutil.rmtree(scratch / "store")
+    shutil.rmtree(scratch / "npy")
+    return rows
+
+
+def scale_child(n: int, folder: str) -> dict[str, float]:
+    """In a fresh process: write an ``n``-sample ViT-S/8 store shard by shard, stream it, read random
+    batches; return throughputs and this process's peak RSS (the store never has to fit in memory)."""
+    from stages.store import create_token_store, open_token_store, shard_ranges, write_shard
+
+    grid, dim, res = SIZES["ViT-S/8@224"]
+    base = _data(SHARD, grid, dim, res)
+    path = Path(folder) / f"scale-{n}.zarr"
+    create_token_store(path, n=n, grid=grid, dim=dim, label_hw=(res, res), shard_size=SHARD, with_rgb=False,
+                       with_flip=False)
+    start = time.perf_counter()
+    for k, (a, b) in enumerate(shard_ranges(n, SHARD)):
+        tokens = base["tokens"][: b - a]
+        tokens[:, 0, 0, 0] = k  # shards differ
+        write_shard(path, k, tokens=tokens, labels=base["labels"][: b - a], ids=[f"s{i}" for i in range(a, b)])
+    write_s = time.perf_counter() - start
+    store = open_token_store(path)
+    start = time.perf_counter()
+    for _ in store.iter_batches(SHARD, tokens_dtype=np.float16):
+        pass
+    stream_s = time.perf_counter() - start
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        store.get_tokens(rng.choice(n, size=BATCH, replace=False))
+    token_mb = n * base["tokens"][0].nbytes / 1e6
+    shutil.rmtree(path)
+    return {"token_mb": token_mb, "write_mb_s": token_mb / write_s, "stream_mb_s": token_mb / stream_s,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def _scale_rows(scratch: Path) -> list[dict[str, Any]]:
+    code = ("import json, sys; from benchmarks.bench_store import scale_child; "
+            "print(json.dumps(scale_child(int(sys.argv[1]), sys.argv[2])))")
+    half = run_python_child(["-c", code, str(SCALE_N // 2), str(scratch)], timeout_s=1800)
+    full = run_python_child(["-c", code, str(SCALE_N), str(scratch)], timeout_s=1800)
+    gb = full["token_mb"] / 1000
+    return [
+        row(f"scale: {gb:.2f} GB store, peak RSS", full["peak_rss_mb"], "MiB", baseline=half["peak_rss_mb"],
+            higher_is_better=False, goal=">= 0.8",
+            note=f"{SCALE_N} ViT-S/8 samples written shard by shard, streamed, 50 random batches of {BATCH}, in a "
+                 f"fresh process; baseline: the same at {SCALE_N // 2} samples; ratio = RSS(N/2)/RSS(N), 1 = flat in N"),
+        row(f"scale: {gb:.2f} GB store write", full["write_mb_s"], "MB/s",
+            note=f"tokens + labels + ids through write_shard (page cache); at N/2: {half['write_mb_s']:.0f} MB/s"),
+        row(f"scale: {gb:.2f} GB store stream", full["stream_mb_s"], "MB/s",
+            note=f"iter_batches fp16 over the whole store; at N/2: {half['stream_mb_s']:.0f} MB/s"),
+    ]
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     with temp_root("stegopipe-bench-store-") as scratch:
-        zarr_s = npy_s = float("inf")
-        for _ in range(repeat):  # interleaved, so both sides see the same interference
-            zarr_s = min(zarr_s, _best_write(lambda p: _write_store(p, tokens, labels, ids, shard_size), scratch, 1))
-            npy_s = min(npy_s, _best_write(lambda p: _write_npy(p, tokens, labels), scratch, 1))
-        rows.append(row("store write (tokens+labels)", mb / zarr_s, "MB/s", baseline=mb / npy_s, goal=">= 0.5",
-                        note=f"zarr token store (raw fp16 tokens, lz4 labels, shards of {shard_size}) ÷ numpy.save of "
-                             f"the same {mb:.0f} MB ({n} samples); ratio = ours/baseline; best of {repeat}"))
-
-        _write_store(scratch / "store", tokens, labels, ids, shard_size)
-        _write_npy(scratch / "npy", tokens, labels)
-        store = open_token_store(scratch / "store")
-        mm = np.load(scratch / "npy" / "tokens.npy", mmap_mode="r")
-        store.get_tokens([0])  # open the arrays once
-
-        picks = rng.integers(0, n, size=50)
-        ours_ms = _median_ms(lambda i: store.get_tokens([i]), picks)
-        base_ms = _median_ms(lambda i: np.asarray(mm[i], dtype=np.float32), picks)
-        rows.append(row("random read, 1 sample's tokens", ours_ms, "ms", baseline=base_ms, higher_is_better=False,
-                        note=f"{sample_mb:.2f} MB fp16 → float32, median of 50; baseline: memory-mapped .npy "
-                             "(page cache); ratio = baseline/ours"))
-
-        batches = [np.sort(rng.choice(n, size=min(BATCH, n), replace=False)) for _ in range(10 if quick else 20)]
-        ours_b = _median_ms(lambda k: store.get_tokens(batches[k]), np.arange(len(batches)))
-        base_b = _median_ms(lambda k: mm[batches[k]].astype(np.float32), np.arange(len(batches)))
-        rows.append(row(f"training batch read ({min(BATCH, n)} random samples)", ours_b, "ms", baseline=base_b,
-                        higher_is_better=False,
-                        note=f"{min(BATCH, n) * sample_mb:.1f} MB per batch, median; baseline: memory-mapped .npy "
-                             "fancy index; ratio = baseline/ours"))
-
-        def stream() -> None:
-            for _ in store.iter_batches(64, tokens_dtype=np.float16):
-                pass
-
-        stream_s = timed(stream, repeat=repeat)
-        npy_stream_s = timed(lambda: np.load(scratch / "npy" / "tokens.npy"), repeat=repeat)
-        rows.append(row("sequential token stream", tokens.nbytes / 1e6 / stream_s, "MB/s",
-                        baseline=tokens.nbytes / 1e6 / npy_stream_s,
-                        note="TokenStore.iter_batches (shard prefetch, fp16) ÷ numpy.load of the .npy; "
-                             "ratio = ours/baseline"))
+        for label, (grid, dim, res) in SIZES.items():
+            n = (64 if quick else 512) if dim == 384 else (32 if quick else 128)
+            rows += _size_rows(label, _data(n, grid, dim, res), scratch, quick)
+        if not quick:
+            rows += _scale_rows(scratch)
     return rows
 
 

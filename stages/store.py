@@ -59,7 +59,8 @@ _WRITE_CONFIG = {"write_empty_chunks": True}
 """zarr-python writes every chunk, as the fast path does (identical bytes, a checksum for every sample)."""
 _EMPTY = np.uint64(2**64 - 1)
 _EMPTY_INT = 2**64 - 1
-_CAST_BYTES = 4 << 20  # reads cast to another dtype go through a scratch buffer of about this size
+_RUN_BYTES = 2 << 20
+"""Raw chunks are read about this many bytes per ``preadv`` and checksummed (and cast) while in cache."""
 _IOV_MAX = 1000  # below every platform's IOV_MAX (1024 on Linux)
 _TMP = ".tmp-"
 TOKENS_STORE = "tokens.zarr"
@@ -153,6 +154,7 @@ def create_token_store(
             compressors=_compressors("rgb"), fill_value=0,
         )
     group.create_array("ids", shape=(n,), dtype=str, chunks=(s,), fill_value="", compressors=_compressors("ids"))
+    _writer(group)  # opened once here, reused by write_shard (by group or path) while the metadata is unchanged
     return group
 
 
@@ -370,7 +372,7 @@ class _ShardFile:
         inner = array.metadata.codecs[0].codecs
         self.codec = _numcodec(inner[1]) if len(inner) == 3 else None
         self.index_nbytes = 16 * self.shard_size + 4
-        self.cast_run = max(1, _CAST_BYTES // self.nbytes)
+        self.run_samples = max(1, min(_RUN_BYTES // self.nbytes, _IOV_MAX // 2))
         self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._paths: dict[int, str] = {}
         self._local = threading.local()
@@ -428,7 +430,7 @@ class _ShardFile:
             index = self._index(fd, shard)
             local = samples - shard * self.shard_size
             offsets, lengths = index[local, 0].tolist(), index[local, 1].tolist()
-            limit = _IOV_MAX // 2 if out.dtype == self.dtype else self.cast_run
+            limit = self.run_samples if self.codec is None else _IOV_MAX
             start = 0
             while start < len(samples):  # runs of chunks stored back to back
                 stop = start + 1

@@ -300,3 +300,17 @@ def test_old_format_version_is_refused_with_a_hint(tmp_path: Path) -> None:
     group.attrs["stegopipe"] = meta
     with pytest.raises(InputError, match="format version 1 unsupported .*re-run the stage"):
         open_token_store(path)
+
+
+def test_readme_notebook_example_runs(root: Path) -> None:
+    """The README's "Reading the cache from a notebook" example, run as written against a tokens artifact."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Reading the cache from a notebook", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    folder = _publish_fake_tokens_artifact(root, "extract-0123456789abcdef")
+    group = zarr.open_group(str(folder / "tokens.zarr"), mode="r+")
+    group.attrs["split"] = "val"
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    assert namespace["x"].shape == (2, *GRID, DIM) and namespace["s"]["id"] == "img000"
+    np.testing.assert_array_equal(namespace["y"], _data()["labels"][[0]])
