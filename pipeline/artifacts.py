@@ -158,7 +158,8 @@ class Lock:
 
     The file holds JSON: owner ``pid``, ``host``, ``since`` (epoch seconds) and ``info`` (what the owner
     declared, e.g. the ids of the artifacts a running stage reads, which gc protects). It appears with its
-    content in one step (a hard link of a written temporary file). Stale when the owner's pid is dead on
+    content in one step (a hard link of a written temporary file; ``O_EXCL`` where links are not
+    supported). Stale when the owner's pid is dead on
     this host, when its heartbeat is older than ``stale_after_s``, or when its heartbeat has not moved for
     ``stale_after_s`` by this process's own clock: a heartbeat dated in the future (another host's clock is
     ahead by more than ``clock_skew_s``) is suspect and breaks that way. Breaking is atomic: one breaker at
@@ -229,13 +230,21 @@ class Lock:
     def _create(self) -> bool:
         """Create the lock file, whole, if absent (link of a written temporary file: atomic, O_EXCL-like)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                              "info": self.info}, default=_json_default)
         tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                                   "info": self.info}, default=_json_default))
+        tmp.write_text(content)
         try:
             os.link(tmp, self.path)
         except FileExistsError:
             return False
+        except OSError:  # a filesystem without hard links: O_EXCL create, then write
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(content)
         finally:
             tmp.unlink()
         self._ino = os.stat(self.path).st_ino

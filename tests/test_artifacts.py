@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -127,11 +128,11 @@ def test_waiting_for_a_lock_says_who_holds_it(tmp_path: Path, caplog: pytest.Log
     lock = Lock(path, report_every_s=0.15)
     with caplog.at_level(logging.WARNING, logger="stegopipe"):
         with pytest.raises(ArtifactError, match="pid 4242 on host elsewhere since 2023-11-14") as info:
-            lock.acquire(timeout_s=0.5, poll_s=0.02)
+            lock.acquire(timeout_s=1.0, poll_s=0.02)
     assert "delete the lock file" in str(info.value)
     reports = [r.getMessage() for r in caplog.records if "waiting for lock" in r.getMessage()]
-    assert 2 <= len(reports) <= 5  # once at once, then every report_every_s; not every poll
-    assert all("pid 4242 on host elsewhere" in r and "heartbeat 0s ago" in r for r in reports)
+    assert 2 <= len(reports) <= 8  # at once, then every report_every_s; not at every poll (~50)
+    assert all(re.search(r"pid 4242 on host elsewhere since .*, heartbeat \d+s ago", r) for r in reports)
 
 
 def test_a_heartbeat_dated_in_the_future_goes_stale_by_our_clock(tmp_path: Path,
@@ -279,3 +280,16 @@ def test_a_root_that_cannot_be_written_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not writable"):
         store.gc(set(), dry_run=False)
     assert store.gc(set(), dry_run=True).artifacts == []  # a dry run only reads
+
+
+def test_lock_without_hard_links_falls_back_to_o_excl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first, second = Lock(tmp_path / "a.lock", info={"inputs": ["x"]}), Lock(tmp_path / "a.lock")
+    assert first.try_acquire() and not second.try_acquire()
+    assert first.owner()["info"] == {"inputs": ["x"]} and [p.name for p in tmp_path.iterdir()] == ["a.lock"]
+    first.release()
+    assert second.try_acquire()
+    second.release()
