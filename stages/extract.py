@@ -1,13 +1,14 @@
 """``extract`` stage: frozen DINO tokens of one split → a sharded Zarr ``tokens`` artifact.
 
 Per sample (reference §1.5): decode image and label through the prepared index's reader, resize the
-shorter side to ``res`` (nearest) and center-crop, ImageNet-normalise; forward the frozen backbone
+shorter side to ``res`` (nearest) and center-crop, ImageNet-normalise (per batch, on the device: uint8
+goes over the bus, the values are those of :func:`preprocess_image`); forward the frozen backbone
 (:func:`stages.backbones.dino_features`, ``torch.inference_mode``, fp16 autocast on CUDA when
 ``extract.amp``); for val also the horizontally flipped image (its tokens are stored as computed,
 evaluation flips them back) and the cropped uint8 image (for the CRF). Tokens go to
 ``<artifact>/tokens.zarr`` (layout: :mod:`stages.store`) one shard at a time.
 
-Pipelined decode → forward → write: ``extract.loader_workers`` threads decode and transform samples
+Pipelined decode → forward → write: ``extract.loader_workers`` threads decode, resize and crop samples
 ahead of the forward (:mod:`pipeline.prefetch`, bounded), the main thread runs the model in batches of
 ``extract.batch_size`` that never cross a shard boundary (so a shard's bytes do not depend on which
 shards ran before it) and copies a shard's tokens back from the device once, and writer threads write
@@ -194,18 +195,38 @@ def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One preprocessed sample: normalised image ``[3,R,R]`` float32, label ``[R,R]`` int16, rgb ``[R,R,3]`` uint8."""
+    """One decoded sample at the extraction resolution: resized and cropped image ``[R,R,3]`` uint8 (the
+    ImageNet normalisation runs on the device, per batch: :func:`normalise_images`), label ``[R,R]`` int16."""
 
-    image: np.ndarray
-    label: np.ndarray
     rgb: np.ndarray
+    label: np.ndarray
 
 
 def load_sample(index: Index, ref: SampleRef, res: int) -> Sample:
-    """Decode ``ref`` through the index's reader and apply the reference transform at ``res``."""
-    crop = center_crop(resize_shorter_nearest(index.reader.load_image(ref), res), res)
+    """Decode ``ref`` through the index's reader; resize (shorter side, nearest) and center-crop to ``res``."""
+    image = index.reader.load_image(ref)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"sample {ref.id} ({ref.image}): the reader gave a {image.dtype} image of shape "
+                         f"{list(image.shape)}, expected uint8 [H, W, 3]")
+    crop = center_crop(resize_shorter_nearest(image, res), res)
     label = preprocess_label(index.reader.load_label(ref), res).astype(np.int16, copy=False)
-    return Sample(preprocess_image(crop, res), label, crop)
+    return Sample(crop, label)
+
+
+@cache
+def _normalised_values() -> np.ndarray:
+    """float32 ``[3, 256]``: the normalised value of each uint8 value per channel, taken from
+    :func:`preprocess_image` itself (an image whose row ``v`` holds the value ``v``)."""
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None], (256, 256, 3)).copy()
+    return np.ascontiguousarray(preprocess_image(ramp, 256)[:, :, 0])
+
+
+def normalise_images(rgb: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B,R,R,3]`` → float32 ``[B,3,R,R]`` on the same device, bit-identical to
+    :func:`preprocess_image` on each image (a per-channel table lookup of its values)."""
+    table = torch.from_numpy(_normalised_values()).to(rgb.device)
+    index = rgb.long()
+    return torch.stack([table[c][index[..., c]] for c in range(3)], dim=1)
 
 
 def forward_tokens(model: torch.nn.Module, images: torch.Tensor, *, amp: bool) -> torch.Tensor:
@@ -256,10 +277,10 @@ def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Setti
     tokens, flipped = [], []
     device = torch.device(settings.model.device)
     for start in range(0, len(samples), settings.batch_size):
-        batch = np.stack([s.image for s in samples[start:start + settings.batch_size]])
-        images = torch.from_numpy(batch)
+        rgb = torch.from_numpy(np.stack([s.rgb for s in samples[start:start + settings.batch_size]]))
         if device.type == "cuda":
-            images = images.pin_memory().to(device, non_blocking=True)
+            rgb = rgb.pin_memory().to(device, non_blocking=True)
+        images = normalise_images(rgb)
         tokens.append(forward_tokens(model, images, amp=settings.amp))
         if settings.flip:
             flipped.append(forward_tokens(model, images.flip(-1), amp=settings.amp))

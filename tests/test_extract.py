@@ -190,3 +190,16 @@ def test_dask_shards_give_the_same_bytes_as_the_local_path(root: Path, tmp_path:
         m = manifest(result)
         assert m["executor"] == "dask" and m["shards"] == {"computed": 2, "reused": 0}
         assert store_files(result.path) == store_files(local.path)
+
+
+def test_normalise_images_is_bit_identical_to_preprocess_image() -> None:
+    """The per-batch normalisation of extract equals the reference transform exactly, for every value."""
+    from stages.extract import normalise_images
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    images[1] = np.arange(256, dtype=np.uint8).reshape(16, 16)[:, :, None]  # every value in every channel
+    got = normalise_images(torch.from_numpy(images)).numpy()
+    expected = np.stack([preprocess_image(image, 16) for image in images])
+    assert got.dtype == np.float32 and got.shape == (3, 3, 16, 16)
+    assert np.array_equal(got, expected)
