@@ -54,7 +54,7 @@ def test_perfect_codes_score_100_miou(onehot: Path, monkeypatch: pytest.MonkeyPa
     assert (protocol["crf"], protocol["crf_pixels"], protocol["flip_tta"], protocol["split"]) == (False, None, False, "val")
     assert (protocol["resolution"], protocol["feature_grid"]) == ([8, 8], [4, 4])
     assert (protocol["n_classes"], protocol["n_clusters"], protocol["seed"], protocol["n_images"]) == (3, 3, 0, 8)
-    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 6}
+    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 6, "requested_dim": None}
     confusion = np.load(path / "confusion_linear.npy")
     assert confusion.dtype == np.int64 and confusion.sum() == 8 * (64 - 3)  # 3 ignored pixels per image
     assert np.count_nonzero(confusion - np.diag(np.diag(confusion))) == 0
@@ -232,7 +232,8 @@ def test_demo_chain_synthetic_tiny_vit(root: Path) -> None:
     assert protocol["resolution"] == [48, 48] and protocol["feature_grid"] == [3, 3]
     assert protocol["backbone"] == "vit_small_patch16_224.dino" and protocol["n_images"] == 2
     assert protocol["weights_tag"] == "random-seed0" and protocol["crf_pixels"] == "reference"
-    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 384}
+    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 384,
+                                     "requested_dim": None}
     assert protocol["class_names"] == ["sky", "grass", "road", "water", "object"]
     for entry in ("linear", "cluster", "linear_crf", "cluster_crf"):
         score = metrics["scores"][entry]

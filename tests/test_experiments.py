@@ -54,6 +54,7 @@ def test_identity_points_collapse_and_the_report_has_tables_csv_and_figures(root
     text = (report / "report.md").read_text()
     assert "## Table 2" in text and "| DINO (stegopipe) |" in text and "| synthetic | PCA | 3 | cluster |" in text
     assert (report / "fig4_miou.png").stat().st_size > 1000 and (report / "fig4_accuracy.png").is_file()
+    assert "## Figure 3" in text and (report / "fig3.png").is_file()  # the PCA fit behind the evaluations
     lineage = json.loads((report / "lineage.json").read_text())
     assert all(node["stage"] == "evaluate" for node in lineage.values())
     assert (out / "report.md").read_text() == text  # copied to the experiment's copy_to folder
@@ -68,5 +69,5 @@ def test_a_fig3_style_report_draws_the_pca_explained_variance(root: Path, tmp_pa
     assert result.exit_code == 0, result.output
     report = Path(result.stdout.strip().splitlines()[-1])
     text = (report / "report.md").read_text()
-    assert "## Figure 3" in text and "| synthetic | 384 |" in text
+    assert "## Figure 3" in text and "| synthetic | vit_small_patch16_224, random init (seed 0) | 384 |" in text
     assert (report / "fig3.png").stat().st_size > 1000

@@ -1,0 +1,119 @@
+"""Report: cells aggregate seeds only (never dims, protocol flags or configurations), the Table-2 dim
+column, configuration fingerprints, Figure 4 series, lineage-derived backbone names."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.figures import backbone_label
+from stages.report import cells, config_fingerprint, eval_rows, plot_fig4, sweep_markdown, table2_markdown
+
+
+def _metrics(method: str, dim: int, seed: int, cluster_acc: float, *, crf: bool = True, preset: bool = False,
+             flip_tta: bool = False, dataset: str = "synthetic") -> dict[str, Any]:
+    score = {"miou": cluster_acc / 2, "accuracy": cluster_acc}
+    scores = {"linear": score, "cluster": score}
+    if crf:
+        scores |= {"linear_crf": score, "cluster_crf": score}
+    return {"protocol": {"dataset": dataset, "seed": seed, "crf": crf, "crf_pixels": "reference" if crf else None,
+                         "flip_tta": flip_tta, "drop_extra_clusters": False, "backbone": "vit_small_patch8_224.dino",
+                         "weights_tag": "random-seed0", "resolution": [96, 96], "n_images": 16,
+                         "projection": {"method": method, "id": f"{method}-{dim}-{seed}", "kind": method, "dim": dim,
+                                        "requested_dim": None if preset else dim}},
+            "scores": scores}
+
+
+# The demo's four STEGO runs: dims 4 and 16, seeds 0 and 1 (cluster accuracies from the issue).
+DEMO = [("stego", 4, 0, 85.86), ("stego", 4, 1, 65.22), ("stego", 16, 0, 65.22), ("stego", 16, 1, 67.85)]
+
+
+def _rows(runs: list[tuple[str, int, int, float]], **kwargs: Any) -> list[dict[str, Any]]:
+    return [r for i, (method, dim, seed, acc) in enumerate(runs)
+            for r in eval_rows(f"evaluate-{i}", _metrics(method, dim, seed, acc, **kwargs))]
+
+
+def _line(table: str, start: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith(start)]
+
+
+def test_table2_never_pools_dims() -> None:
+    table = table2_markdown(_rows(DEMO))
+    assert "71.0 ± 8.6" not in table  # the four runs pooled (the old report's cell)
+    stego = _line(table, "| STEGO (stegopipe")
+    assert [line[1] for line in stego] == ["4", "16"]  # one row per dim, a dim column
+    by_dim = {line[1]: line for line in stego}
+    assert by_dim["4"][2] == "75.5 ± 10.3"  # cluster Acc over the seeds of dim 4 only
+    assert by_dim["16"][2] == "66.5 ± 1.3"
+    assert table.splitlines()[0].startswith("| method | dim |")
+
+
+def test_table2_shows_the_preset_dim_when_it_was_evaluated() -> None:
+    rows = _rows(DEMO) + [r for i, seed in enumerate((0, 1)) for r in
+                          eval_rows(f"evaluate-p{i}", _metrics("stego", 8, seed, 50.0 + 10 * seed, preset=True))]
+    stego = _line(table2_markdown(rows), "| STEGO (stegopipe")
+    assert len(stego) == 1 and stego[0][1] == "8" and stego[0][2] == "55.0 ± 5.0"
+
+
+def test_protocol_flags_and_configurations_split_cells() -> None:
+    rows = _rows(DEMO[:2]) + _rows(DEMO[:2], flip_tta=True)
+    table = table2_markdown(rows)
+    lines = _line(table, "| STEGO (stegopipe")
+    assert sorted(line[0] for line in lines) == ["STEGO (stegopipe, CRF, flip-TTA)", "STEGO (stegopipe, CRF, no flip-TTA)"]
+    assert all(line[2] == "75.5 ± 10.3" for line in lines)
+    sweep = sweep_markdown(rows)
+    assert "flip-TTA" in sweep.splitlines()[0] and "config" not in sweep.splitlines()[0]
+    # same protocol, different upstream parameters (e.g. another head lr): told apart by the fingerprint
+    a = eval_rows("evaluate-a", _metrics("stego", 4, 0, 80.0), {False: "aaaa1111", True: "aaaa2222"})
+    b = eval_rows("evaluate-b", _metrics("stego", 4, 1, 60.0), {False: "bbbb1111", True: "bbbb2222"})
+    assert all(len(c.rows) == 1 for c in cells(a + b))
+    assert "config" in sweep_markdown(a + b).splitlines()[0]
+    split = _line(table2_markdown(a + b), "| STEGO (stegopipe")
+    assert sorted(line[2] for line in split) == ["60.0", "80.0"]
+
+
+def test_a_seed_counted_once_per_configuration() -> None:
+    plain = eval_rows("evaluate-a", _metrics("identity", 384, 0, 70.0, crf=False), {False: "cfg", True: "x"})
+    with_crf = eval_rows("evaluate-b", _metrics("identity", 384, 0, 70.0), {False: "cfg", True: "y"})
+    group = [c for c in cells(plain + with_crf) if not c.key["crf"] and c.key["probe"] == "linear"]
+    assert len(group) == 1 and group[0].seeds == [0]
+
+
+def test_config_fingerprint_ignores_only_the_run_seed() -> None:
+    manifests = {
+        "tokens": {"stage": "extract", "version": "1", "params": {"seed": 3, "res": 96}, "inputs": {}},
+        "head0": {"stage": "train-head", "version": "1", "params": {"seed": 0, "lr": 5e-4}, "inputs": {"t": "tokens"}},
+        "head1": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 5e-4}, "inputs": {"t": "tokens"}},
+        "head2": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 1e-3}, "inputs": {"t": "tokens"}},
+        "tokens9": {"stage": "extract", "version": "1", "params": {"seed": 9, "res": 96}, "inputs": {}},
+        "head3": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 5e-4}, "inputs": {"t": "tokens9"}},
+    }
+    memo: dict[str, str] = {}
+    fp = {k: config_fingerprint(manifests.get, k, memo) for k in manifests}
+    assert fp["head0"] == fp["head1"]  # only the run seed differs
+    assert fp["head1"] != fp["head2"]  # another lr
+    assert fp["head1"] != fp["head3"]  # a seed of another stage (e.g. the dataset's) is configuration
+    assert config_fingerprint(manifests.get, "gone", memo) == "gone"
+
+
+def test_fig4_is_legible_and_separates_dims_and_flags(tmp_path: Path) -> None:
+    rows = _rows(DEMO) + _rows([("pca", 4, 0, 50.0), ("pca", 4, 1, 54.0), ("pca", 16, 0, 60.0)], crf=False)
+    rows += _rows([("identity", 384, 0, 70.0), ("identity", 384, 1, 72.0)])
+    path = tmp_path / "fig4.png"
+    assert plot_fig4(rows, "miou", path)
+    with Image.open(path) as png:
+        assert png.info["dpi"][0] == pytest.approx(150, abs=1)
+        assert png.width >= 900 and png.height >= 1000  # one dataset: 6.4 × 7.6 in at 150 dpi
+        pixels = np.asarray(png.convert("RGB"))
+    assert pixels.shape[0] > 1000
+
+
+def test_backbone_label_never_calls_random_weights_dino() -> None:
+    assert backbone_label("vit_small_patch8_224.dino", "random-seed0") == "vit_small_patch8_224, random init (seed 0)"
+    assert backbone_label("vit_base_patch8_224.dino", "dino:0123456789abcdef") == "vit_base_patch8_224, DINO weights"
+    assert backbone_label("vit_small_patch16_224.dino", "timm") == "vit_small_patch16_224, timm weights"
+    assert "dino" not in backbone_label("vit_small_patch8_224.dino", "random-seed3").lower()
+    assert backbone_label(None, "timm") is None
