@@ -208,8 +208,8 @@ def _check_sample(sample: Any, where: str, first: dict[str, tuple[int, ...]] | N
     for key in present:
         value = sample[key]
         if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
-            raise InputError(f"{where}: {key!r} is a {getattr(value, 'dtype', type(value).__name__)} "
-                             f"{type(value).__name__}, expected a numeric array")
+            found = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
+            raise InputError(f"{where}: {key!r} is a {found}, expected a bool, integer or float array")
     shapes = {key: tuple(sample[key].shape) for key in present}
     feats, label = shapes["dino_feats"], shapes["label"]
     if shapes["ind"] != (1,) or len(feats) != 4 or feats[0] != 1 or len(label) != 3 or label[0] != 1:

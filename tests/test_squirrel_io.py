@@ -248,3 +248,18 @@ def test_truncated_shard_file_names_the_record(tmp_path: Path) -> None:
     shard.write_bytes(b"not gzip at all")
     with pytest.raises(InputError, match="record 0"):
         import_squirrel(str(url), tmp_path / "u.zarr")
+
+
+def test_records_must_hold_numeric_arrays(tmp_path: Path) -> None:
+    url = tmp_path / "odd"
+    scalar = {b"nd": False, b"type": "<i8", b"data": np.int64(3).tobytes()}
+    _raw_shard(url, [{**_good_record(), "ind": scalar}])
+    with pytest.raises(InputError, match="record 0: 'ind' is a int64, expected a bool, integer or float array"):
+        import_squirrel(str(url), tmp_path / "t.zarr")
+    _raw_shard(url, [{**_good_record(), "label": "cat"}])
+    with pytest.raises(InputError, match="'label' is a str"):
+        import_squirrel(str(url), tmp_path / "u.zarr")
+    complex_feats = np.zeros((1, DIM, *GRID), np.complex64)
+    _raw_shard(url, [{**_good_record(), "dino_feats": _nd("<c8", complex_feats.shape, complex_feats.tobytes())}])
+    with pytest.raises(InputError, match="'dino_feats' is a complex64 array"):
+        import_squirrel(str(url), tmp_path / "v.zarr")
