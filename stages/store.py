@@ -32,7 +32,6 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from math import prod
 from pathlib import Path
@@ -49,6 +48,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.prefetch import prefetch
 
 FORMAT_NAME = "stegopipe.tokens"
 FORMAT_VERSION = 2
@@ -848,14 +848,8 @@ class TokenStore:
 
         buffer: list[dict[str, np.ndarray]] = []
         buffered = 0
-        if not pieces:
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(read, pieces[0])
-            for following in [*pieces[1:], None]:
-                chunk = future.result()
-                if following is not None:
-                    future = pool.submit(read, following)
+        with prefetch(read, pieces, workers=1, name="store-stream") as chunks:
+            for chunk in chunks:
                 buffer.append(chunk)
                 buffered += len(chunk["index"])
                 while buffered >= batch_size:
