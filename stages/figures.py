@@ -41,7 +41,7 @@ def save_panels(path: Path, panels: Sequence[tuple[str, np.ndarray]], legend: Se
     ncol = max(1, min(len(legend), 2 * len(panels)))
     legend_rows = -(-len(legend) // ncol)
     panel_h = PANEL_INCHES * height / width
-    fig = Figure(figsize=(PANEL_INCHES * len(panels), panel_h + 0.45 + 0.25 * legend_rows + 0.3 * bool(title)),
+    fig = Figure(figsize=(PANEL_INCHES * len(panels), panel_h + 0.35 + 0.22 * legend_rows + 0.3 * bool(title)),
                  layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, image) in zip(axes, panels, strict=True):

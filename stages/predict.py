@@ -9,12 +9,19 @@ code upsampled to the output size, the linear and cluster probes, optionally the
   65535 = unmatched). Cluster ids are mapped to classes by the Hungarian assignment of an evaluation
   (``--eval``), else they are the raw cluster ids.
 * ``<stem>.cluster.overlay.png`` / ``<stem>.linear.overlay.png``: the image blended with the palette of
-  :func:`stages.evaluate.palette`.
-* ``predictions.json``: what was used (head, probes, eval, backbone, resolution) and the files written.
+  :func:`stages.evaluate.palette` (pixel-exact, the image's size).
+* ``<stem>.panels.png``: a figure for readers: titled columns (image, linear probe, cluster probe, "+ CRF"
+  with ``--crf``) of the overlays and a colour → class legend (clusters named ``cluster k`` without
+  ``--eval``).
+* ``predictions.json``: what was used (head, probes, eval, backbone, resolution, CRF and its pixel mode)
+  and the files written.
 
 Geometry: by default the evaluation transform (shorter side → ``res``, nearest; centre crop ``res``²),
 outputs at ``res``×``res``; with ``--full`` the whole image is resized (nearest) so that the shorter side
 is ``res`` and both sides are multiples of the patch, and the outputs have the original image size.
+
+CRF: :func:`stages.crf.dense_crf` on the reference's pixels (``evaluate``'s default), recorded in
+``predictions.json``.
 
 Weights: the backbone weights come from the current config (``backbone.weights``, ``backbone.weights_dir``
 / ``STEGOPIPE_WEIGHTS_DIR``, ``--preset``, ``--set``) and must give the weights tag recorded by the
@@ -45,16 +52,18 @@ from stages.crf import dense_crf
 from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_nearest, resize_shorter_nearest
 from stages.evaluate import colorize, palette
 from stages.extract import weights_tag
+from stages.figures import IGNORE_LABEL, backbone_label, save_panels
 from stages.metrics import map_clusters
 from stages.probe import Probes, load_probes, predict_batch, upsample_code
 from stages.projection import BaseProjection
 from stages.select import open_projection
 
 __all__ = ["BackboneRecord", "PredictResult", "backbone_record", "check_weights", "predict_image", "prepare_image",
-           "overlay", "resolve_probes", "write_label_png", "predict_cmd"]
+           "overlay", "panel_legend", "resolve_probes", "write_label_png", "predict_cmd"]
 
 DEFAULT_RES = 320  # the evaluation resolution of every paper preset
 OVERLAY_ALPHA = 0.5
+CRF_PIXELS = "reference"  # the image the CRF sees: the reference's pixels, as evaluate's default
 HEAD_STAGE = "train-head"
 _STEGO_VARIANTS = {"vit_small": "small", "vit_base": "base"}
 
@@ -256,6 +265,30 @@ def overlay(rgb: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float 
     return np.where(valid, np.rint(blend), rgb).astype(np.uint8)
 
 
+def panel_legend(linear: np.ndarray, cluster: np.ndarray, colours: np.ndarray, class_names: list[str] | None,
+                 clusters_are_classes: bool) -> list[tuple[str, np.ndarray]]:
+    """Colour → meaning of the ids shown (``colours``: :func:`stages.evaluate.palette`, whose colour ``k`` is
+    the same for any length): class ``k``'s name, or without a cluster assignment ``name / cluster k`` when
+    both panels show ``k``; ids outside the palette (-1: unmatched) last."""
+    n = len(colours) - 1
+
+    def name(k: int) -> str:
+        return class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
+
+    in_linear = {int(v) for v in np.unique(linear)}
+    in_cluster = {int(v) for v in np.unique(cluster)}
+    items = []
+    for k in sorted(v for v in in_linear | in_cluster if 0 <= v < n):
+        if clusters_are_classes:
+            label = name(k)
+        else:
+            label = " / ".join(([name(k)] if k in in_linear else []) + ([f"cluster {k}"] if k in in_cluster else []))
+        items.append((label, colours[k]))
+    if any(v < 0 or v >= n for v in in_linear | in_cluster):
+        items.append((IGNORE_LABEL, colours[n]))
+    return items
+
+
 def write_label_png(path: Path, ids: np.ndarray) -> None:
     """Label map → PNG: 8-bit when every id is < 255 (255 = unmatched), else 16-bit (65535 = unmatched)."""
     big = int(ids.max(initial=0)) >= 255
@@ -282,7 +315,8 @@ def predict_image(model: torch.nn.Module, projection: BaseProjection, probes: Pr
     labels = {}
     for name in ("linear", "cluster"):
         if crf:
-            labels[name] = dense_crf(rgb, out[f"{name}_unary"][0].cpu().numpy()).argmax(0).astype(np.int64)
+            q = dense_crf(rgb, out[f"{name}_unary"][0].cpu().numpy(), pixels=CRF_PIXELS)
+            labels[name] = q.argmax(0).astype(np.int64)
         else:
             labels[name] = out[name][0].cpu().numpy().astype(np.int64)
     cluster = labels["cluster"] if assignment is None else map_clusters(labels["cluster"], assignment)
@@ -343,17 +377,27 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
     out_dir.mkdir(parents=True, exist_ok=True)
     colours = {"linear": palette(probes.n_classes),
                "cluster": palette(probes.n_classes if assignment is not None else probes.n_clusters)}
+    widest = colours["linear"] if probes.n_classes >= len(colours["cluster"]) - 1 else colours["cluster"]
+    suffix = " + CRF" if crf else ""
+    caption = f"head {head_id}" + (f" on {backbone_label(record.name, tag)}" if backbone_label(record.name, tag) else "")
     written = []
     for path, stem, rgb in zip(paths, _stems(paths), rgbs):
         x, shown = prepare_image(rgb, res, record.patch, full=full)
         result = predict_image(model, projection, probes, x, shown, assignment=assignment, crf=crf)
         files = {}
+        panels = [("image", shown)]
         for name in ("linear", "cluster"):
             ids = getattr(result, name)
             write_label_png(out_dir / f"{stem}.{name}.png", ids)
-            Image.fromarray(overlay(shown, ids, colours[name])).save(out_dir / f"{stem}.{name}.overlay.png")
+            blended = overlay(shown, ids, colours[name])
+            Image.fromarray(blended).save(out_dir / f"{stem}.{name}.overlay.png")
+            panels.append((f"{name} probe{suffix}", blended))
             files[name] = f"{stem}.{name}.png"
             files[f"{name}_overlay"] = f"{stem}.{name}.overlay.png"
+        legend = panel_legend(result.linear, result.cluster, widest, probes.meta.get("class_names"),
+                              assignment is not None)
+        save_panels(out_dir / f"{stem}.panels.png", panels, legend, title=f"{path.name}: {caption}")
+        files["panels"] = f"{stem}.panels.png"
         written.append({"image": str(path), "size": list(shown.shape[:2]), "input_size": list(x.shape[1:]),
                         "files": files})
         click.echo(str(out_dir / files["cluster"]))
@@ -361,6 +405,7 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
                "cluster_ids": "classes" if assignment is not None else "clusters",
                "class_names": probes.meta.get("class_names"), "n_clusters": probes.n_clusters,
                "backbone": {**asdict(record), "weights_tag": tag}, "res": res, "full": full, "crf": crf,
+               "crf_pixels": CRF_PIXELS if crf else None,
                "images": written}
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     click.echo(f"{len(written)} images → {out_dir}/", err=True)

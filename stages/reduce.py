@@ -54,6 +54,7 @@ from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
+from stages.figures import DPI, backbone_label
 from stages.projection import BaseProjection, load_projection
 from stages.reducers import (
     HNNE_VERSIONS,
@@ -289,7 +290,7 @@ def write_evr(pca: PCAProjection, out: Path, title: str) -> dict[str, Any]:
         writer.writerow(["component", "fraction", "explained_variance_ratio", "cumulative"])
         for k, (f, r, c) in enumerate(zip(fraction, pca.explained_variance_ratio, cumulative), start=1):
             writer.writerow([k, f"{f:.8g}", f"{r:.10g}", f"{c:.10g}"])
-    fig, ax = plt.subplots(figsize=(4.5, 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(5.0, 3.8), dpi=DPI)
     ax.plot(grid, interp, lw=1.5)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -454,7 +455,8 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
         projection, record = _fit(ctx, store, fit)
         projection.save(projection_dir)
         if isinstance(projection, PCAProjection):
-            title = f"PCA of {store.attrs.get('backbone', 'backbone')} tokens, {store.attrs.get('dataset', '')} train"
+            backbone = backbone_label(store.attrs.get("backbone"), store.attrs.get("weights_tag")) or "backbone"
+            title = f"PCA of {store.attrs.get('dataset', '')} train tokens\n{backbone}"
             record["evr"] = write_evr(projection, ctx.out, title)
         ctx.record(fit_timing=record.pop("timing", {}))  # the manifest's: fit.json holds only what the fit made
         (ctx.out / "fit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -19,7 +19,10 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.runner import Request, plan, run_tasks
 from stages.datasets.synthetic import synthetic_scene
-from stages.predict import BackboneRecord, backbone_record, check_weights, overlay, prepare_image, write_label_png
+from stages.evaluate import palette
+from stages.predict import (
+    BackboneRecord, backbone_record, check_weights, overlay, panel_legend, prepare_image, write_label_png,
+)
 
 torch.set_num_threads(1)
 
@@ -71,11 +74,14 @@ def test_predict_writes_labels_and_overlays(chain: dict[str, Any], tmp_path: Pat
             assert ids.max() < N_CLASSES  # raw cluster ids / classes, never unmatched
             over = np.asarray(Image.open(tmp_path / f"{stem}.{name}.overlay.png"))
             assert over.shape == (48, 48, 3)
+        with Image.open(tmp_path / f"{stem}.panels.png") as panels:  # titled columns + legend, for readers
+            assert panels.info["dpi"][0] == pytest.approx(150, abs=1) and panels.width >= 3 * 300
     summary = json.loads((tmp_path / "predictions.json").read_text())
     assert summary["head"] == head and summary["probes"] == f"{head}/probes" and summary["cluster_ids"] == "clusters"
     assert summary["backbone"]["name"] == "vit_small_patch16_224.dino"
     assert summary["backbone"]["weights_tag"] == "random-seed0"
     assert summary["res"] == 48 and [im["size"] for im in summary["images"]] == [[48, 48], [48, 48]]
+    assert summary["images"][0]["files"]["panels"] == "img0.panels.png" and summary["crf_pixels"] is None
 
 
 def test_eval_assignment_full_image_and_crf(chain: dict[str, Any], tmp_path: Path) -> None:
@@ -94,6 +100,7 @@ def test_eval_assignment_full_image_and_crf(chain: dict[str, Any], tmp_path: Pat
     summary = json.loads((tmp_path / "predictions.json").read_text())
     assert summary["probes"] == metrics["protocol"]["probe_id"] == ids["stego_probe"]
     assert summary["cluster_ids"] == "classes" and summary["crf"] and summary["full"]
+    assert summary["crf_pixels"] == "reference"
     assert summary["images"][0]["input_size"] == [32, 48]  # 40x56 → shorter side 32, 56*0.8=44.8 → 48
 
 
@@ -148,6 +155,16 @@ def test_overlay_and_label_png(tmp_path: Path) -> None:
     assert label(tmp_path / "a.png").tolist() == [[0, 255]]
     write_label_png(tmp_path / "b.png", np.array([[300, -1]]))
     assert label(tmp_path / "b.png").astype(np.int64).tolist() == [[300, 65535]]
+
+
+def test_panel_legend_names_classes_and_clusters() -> None:
+    colours = palette(3)
+    linear, cluster = np.array([[0, 1]]), np.array([[1, -1]])
+    assert [name for name, _ in panel_legend(linear, cluster, colours, ["sky", "grass", "road"], True)] == \
+        ["sky", "grass", "ignore / unmatched"]
+    legend = panel_legend(linear, cluster, colours, ["sky", "grass", "road"], False)
+    assert [name for name, _ in legend] == ["sky", "grass / cluster 1", "ignore / unmatched"]
+    assert (legend[1][1] == colours[1]).all() and (legend[-1][1] == 0).all()
 
 
 def test_imported_head_backbone_from_the_checkpoint_record(tmp_path: Path) -> None:

@@ -486,18 +486,22 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
     (histogram of ``fd`` per partner kind with its shift marked) into ``out``; returns the file names."""
     from matplotlib.figure import Figure
 
+    from stages.figures import DPI
+
     steps = diagnostics["steps"]
     curves = diagnostics["curves"]
     fig = Figure(figsize=(14, 3.6), layout="constrained")
     axes = fig.subplots(1, 4)
-    groups = (("correlation losses", (*PARTS, "total")), ("probe losses", ("linear", "cluster")),
-              ("mean code correlation", ("cd_intra", "cd_inter", "cd_neg")))
-    for ax, (title, keys) in zip(axes, groups):
+    groups = (("correlation losses", "loss (parts unweighted; total weighted)", (*PARTS, "total")),
+              ("probe losses", "loss (linear: CE; cluster: −mean cos)", ("linear", "cluster")),
+              ("mean code correlation", "mean code correlation cd", ("cd_intra", "cd_inter", "cd_neg")))
+    for ax, (title, ylabel, keys) in zip(axes, groups):
         for key in keys:
             ys = [np.nan if v is None else v for v in curves[key]]
             ax.plot(steps, ys, label=key, linewidth=0.8)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     ax = axes[3]
     val = diagnostics["validation"]
@@ -506,8 +510,9 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
     ax.axvline(diagnostics["chosen_step"], color="grey", linestyle=":", label="chosen step")
     ax.set_title("validation")
     ax.set_xlabel("step")
+    ax.set_ylabel("val mIoU (%)")
     ax.legend(fontsize=7)
-    fig.savefig(out / "loss_curves.png", dpi=100)
+    fig.savefig(out / "loss_curves.png", dpi=DPI)
 
     fig = Figure(figsize=(12, 3.4), layout="constrained")
     for ax, part in zip(fig.subplots(1, 3), PARTS):
@@ -520,8 +525,9 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
         frac = info["fraction_above_shift"]
         ax.set_title(f"{part}: {100 * frac:.1f}% above shift" if frac is not None else part)
         ax.set_xlabel("feature correlation (as in the loss)")
-        ax.legend(fontsize=7)
-    fig.savefig(out / "feature_correlations.png", dpi=100)
+        ax.set_ylabel("feature pairs (count)")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.savefig(out / "feature_correlations.png", dpi=DPI)
     return ["loss_curves.png", "feature_correlations.png"]
 
 
