@@ -189,7 +189,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     cuda = device.type == "cuda"
     res = 224 if cuda else (64 if quick else 112)
     grid = res // 8
-    n, steps, repeat = (16, 4, 1) if quick else (64, 30 if cuda else 8, 3)
+    n, steps, repeat = (16, 4, 1) if quick else ((64, 30, 3) if cuda else (64, 6, 2))
     models = MODELS[:1] if quick else MODELS
     where = f"{device.type}, torch threads {torch.get_num_threads()}"
     rows = []
