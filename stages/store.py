@@ -211,38 +211,32 @@ def _as_array(x: ArrayLike) -> np.ndarray:
     return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def _as_finite_f16(name: str, x: ArrayLike, shape: tuple[int, ...], where: str, first: int,
-                   ids: Sequence[str]) -> np.ndarray:
+def _as_f16(name: str, x: ArrayLike, shape: tuple[int, ...], where: str) -> np.ndarray:
     arr = _as_array(x)
     if arr.shape != shape:
         raise InputError(f"{where}: array {name!r} has shape {arr.shape}, expected {shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"{where}: array {name!r} has dtype {arr.dtype}, expected a float dtype")
     with np.errstate(over="ignore"):
-        out = arr.astype(np.float16, copy=False)
-    bad_rows = _non_finite_rows(out)
-    if bad_rows:
-        j = bad_rows[0]
-        more = f" (and {len(bad_rows) - 1} more samples)" if len(bad_rows) > 1 else ""
-        raise InputError(
-            f"{where}: sample {ids[j]!r} (index {first + j}){more} has "
-            f"{int(np.count_nonzero(~np.isfinite(out[j])))} non-finite values in {name!r} (NaN/inf, or beyond "
-            f"the float16 range ±65504); nothing was written"
-        )
-    return out
+        return arr.astype(np.float16, copy=False)
 
 
-def _non_finite_rows(x: np.ndarray) -> list[int]:
-    """Rows of float16 ``x`` holding a NaN or inf (exponent bits all set), one cache-sized row at a time
-    (numpy's ``isfinite`` on float16 is several times slower)."""
-    bits = x.reshape(len(x), -1).view(np.uint16)
-    magnitude = np.empty(bits.shape[1], dtype=np.uint16)
-    bad = []
-    for j, row in enumerate(bits):
-        np.bitwise_and(row, 0x7FFF, out=magnitude)
-        if magnitude.size and magnitude.max() >= 0x7C00:
-            bad.append(j)
-    return bad
+def _has_non_finite(x: np.ndarray) -> bool:
+    """Whether float16 ``x`` holds a NaN or inf (all exponent bits set), by two max reductions of its bits
+    (numpy's ``isfinite`` on float16 is several times slower): ``-inf``/``-nan`` are the uint16 values
+    >= 0xFC00, ``+inf``/``+nan`` the int16 values >= 0x7C00."""
+    bits = x.reshape(-1).view(np.uint16)
+    return bool(bits.size) and (int(bits.max()) >= 0xFC00 or int(bits.view(np.int16).max()) >= 0x7C00)
+
+
+def _non_finite_error(where: str, name: str, x: np.ndarray, rows: list[int], first: int,
+                      ids: Sequence[str]) -> InputError:
+    j = rows[0]
+    more = f" (and {len(rows) - 1} more samples)" if len(rows) > 1 else ""
+    return InputError(
+        f"{where}: sample {ids[j]!r} (index {first + j}){more} has {int(np.count_nonzero(~np.isfinite(x[j])))} "
+        f"non-finite values in {name!r} (NaN/inf, or beyond the float16 range ±65504); nothing was written"
+    )
 
 
 def _as_int_range(name: str, x: ArrayLike, shape: tuple[int, ...], dtype: DTypeLike, lo: int, hi: int,
@@ -498,28 +492,32 @@ class _ShardFile:
                                     f"{self.nbytes}", sample)
             out[row] = raw.view(self.dtype).reshape(self.sample_shape)
 
-    def write(self, shard: int, data: np.ndarray) -> None:
-        """Write shard ``shard`` holding samples ``data`` (``[k, *sample_shape]``, ``k <= S``) in one go."""
+    def encode(self, data: np.ndarray, non_finite: list[int] | None = None) -> list[Any]:
+        """The bytes (a list of buffers) of a shard file holding samples ``data`` (``[k, *sample_shape]``,
+        ``k <= S``). With ``non_finite`` (float16 data), the rows holding NaN/inf are appended to it, each
+        checked while its chunk is in cache for the checksum."""
         data = np.ascontiguousarray(data, dtype=self.dtype)
         index = np.full((self.shard_size, 2), _EMPTY, dtype="<u8")
         buffers: list[Any] = []
         offset = 0
         for j in range(len(data)):
+            if non_finite is not None and _has_non_finite(data[j]):
+                non_finite.append(j)
             payload = data[j] if self.codec is None else self.codec.encode(data[j])
             buffers += [payload, _crc(payload)]
             size = memoryview(payload).nbytes + 4
             index[j] = (offset, size)
             offset += size
         index_bytes = index.tobytes()
-        _write_atomic(self.path(shard), [*buffers, index_bytes, _crc(index_bytes)])
+        return [*buffers, index_bytes, _crc(index_bytes)]
 
 
-def _write_ids_chunk(array: zarr.Array, shard: int, ids: list[str]) -> None:
-    """Write chunk ``shard`` of the ``[vlen-utf8, crc32c]`` ids array (padded with ``""`` to a full chunk,
+def _ids_chunk(array: zarr.Array, ids: list[str]) -> list[Any]:
+    """The bytes of one chunk of the ``[vlen-utf8, crc32c]`` ids array (padded with ``""`` to a full chunk,
     as zarr-python stores edge chunks)."""
     size = int(array.chunks[0])
     payload = numcodecs.VLenUTF8().encode(np.array(ids + [""] * (size - len(ids)), dtype=object))
-    _write_atomic(_local_root(array) / array.metadata.encode_chunk_key((shard,)), [payload, _crc(payload)])
+    return [payload, _crc(payload)]
 
 
 class _StoreWriter:
@@ -534,13 +532,27 @@ class _StoreWriter:
         self.sharded = {name: _ShardFile(arr, name, where) for name, arr in arrays.items()
                         if name != "ids" and self.fast[name]}
 
-    def write(self, shard: int, a: int, name: str, data: np.ndarray) -> None:
+    def encode(self, name: str, data: np.ndarray, check_finite: bool) -> tuple[Any, list[int]]:
+        """What :meth:`write` writes for ``data`` (file bytes on the fast path, else ``data``), and the rows
+        of ``data`` holding NaN/inf when ``check_finite``."""
+        bad: list[int] = []
+        if name in self.sharded:
+            return self.sharded[name].encode(data, bad if check_finite else None), bad
+        if check_finite:
+            bad = [j for j in range(len(data)) if _has_non_finite(data[j])]
+        if name == "ids" and self.fast[name]:
+            return _ids_chunk(self.arrays[name], list(data)), bad
+        return data, bad
+
+    def write(self, shard: int, a: int, name: str, encoded: Any) -> None:
+        """Write ``encoded`` (from :meth:`encode`), samples ``[a, ...)`` of shard ``shard``."""
         target = self.arrays[name]
         if name in self.sharded:
-            self.sharded[name].write(shard, data)
+            _write_atomic(self.sharded[name].path(shard), encoded)
         elif name == "ids" and self.fast[name]:
-            _write_ids_chunk(target, shard, list(data))
+            _write_atomic(_local_root(target) / target.metadata.encode_chunk_key((shard,)), encoded)
         else:
+            data = encoded
             # zarr 3.1 merges a write into the existing shard (or chunk) file, reading it first even when
             # every chunk is overwritten; drop the files the write covers whole, so a corrupt or truncated
             # one cannot block a re-run.
@@ -621,7 +633,7 @@ def write_shard(
     if len(id_list) != k:
         raise InputError(f"{where}: got {len(id_list)} ids, expected {k}")
     data: dict[str, np.ndarray] = {
-        "tokens": _as_finite_f16("tokens", tokens, (k, h, w, meta["dim"]), where, a, id_list),
+        "tokens": _as_f16("tokens", tokens, (k, h, w, meta["dim"]), where),
         "labels": _as_int_range("labels", labels, (k, H, W), np.int16, -1, np.iinfo(np.int16).max, where),
     }
     for name, value, shape in (("tokens_flip", tokens_flip, (k, h, w, meta["dim"])), ("rgb", rgb, (k, H, W, 3))):
@@ -629,11 +641,16 @@ def write_shard(
             state = "has" if name in writer.arrays else "has no"
             raise InputError(f"{where}: the store {state} array {name!r} but {name}={'None' if value is None else 'given'}")
         if value is not None:
-            data[name] = (_as_finite_f16(name, value, shape, where, a, id_list) if name == "tokens_flip"
+            data[name] = (_as_f16(name, value, shape, where) if name == "tokens_flip"
                           else _as_int_range(name, value, shape, np.uint8, 0, 255, where))
     data["ids"] = np.array(id_list, dtype=object) if k else np.array([], dtype=object)
-    for name, arr in data.items():
-        writer.write(shard_index, a, name, arr)
+    encoded = {}
+    for name, arr in data.items():  # everything encoded and checked before anything is written
+        encoded[name], bad = writer.encode(name, arr, check_finite=name.startswith("tokens"))
+        if bad:
+            raise _non_finite_error(where, name, arr, bad, a, id_list)
+    for name, value in encoded.items():
+        writer.write(shard_index, a, name, value)
 
 
 class TokenStore:

@@ -53,6 +53,12 @@ def _write_all(path: Path, d: dict[str, np.ndarray]) -> None:
                     rgb=d["rgb"][a:b], ids=list(d["ids"][a:b]))
 
 
+def _force_zarr_python(mp: pytest.MonkeyPatch) -> None:
+    """Every array refused by the fast path (and no writer cached from before)."""
+    mp.setattr(store_module, "fast_path_unsupported_reason", lambda arr: "forced for the test")
+    mp.setattr(store_module, "_WRITERS", {})
+
+
 def _write_with_zarr(path: Path, d: dict[str, np.ndarray], **config: bool) -> None:
     """The reference: zarr-python writes each shard (``config``: its array config)."""
     group = zarr.open_group(str(path), mode="r+")
@@ -93,8 +99,9 @@ def test_fast_writer_is_byte_identical_to_zarr_python(tmp_path: Path) -> None:
     # the forced zarr-python fallback of write_shard writes the same bytes too
     _create(tmp_path / "fallback.zarr")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(store_module, "fast_path_unsupported_reason", lambda arr: "forced for the test")
+        _force_zarr_python(mp)
         _write_all(tmp_path / "fallback.zarr", d)
+        assert [w.sharded for _, w in store_module._WRITERS.values()] == [{}]  # zarr-python wrote it
     assert _chunk_files(tmp_path / "fallback.zarr") == fast
 
 
@@ -176,7 +183,7 @@ def test_every_bit_flip_fails_the_read_naming_store_array_sample(tmp_path: Path,
         original = _flip_bit(shard_file, int(bit))
         with pytest.MonkeyPatch.context() as mp:
             if fallback:
-                mp.setattr(store_module, "fast_path_unsupported_reason", lambda arr: "forced for the test")
+                _force_zarr_python(mp)
             s = open_token_store(path)
             assert s.get(name, [0]).shape[0] == 1  # another shard is not affected
             with pytest.raises(InputError, match=rf"t\.zarr: array '{name}' is corrupt \((sample|shard|samples)"):
@@ -243,10 +250,14 @@ def test_reads_do_no_metadata_lookups(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sum(len(b["index"]) for b in s.iter_batches(2, arrays=("tokens", "labels", "rgb"))) == N
 
 
-def test_non_finite_tokens_name_stage_artifact_store_and_sample(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fallback", [False, True], ids=["fast", "zarr-python"])
+def test_non_finite_tokens_name_stage_artifact_store_and_sample(tmp_path: Path, fallback: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     d = _data()
     path = tmp_path / ".staging" / "extract-0123456789abcdef" / "tokens.zarr"
     _create(path)
+    if fallback:
+        _force_zarr_python(monkeypatch)
     bad = d["tokens"][3:6].astype(np.float32)
     bad[1, 0, 1, 2] = np.nan
     bad[2, 1, 1, 1] = np.inf
@@ -258,6 +269,17 @@ def test_non_finite_tokens_name_stage_artifact_store_and_sample(tmp_path: Path) 
     assert str(path) in message and "shard 1 (samples 3..5)" in message
     assert "sample 'b' (index 4) (and 1 more samples) has 1 non-finite values in 'tokens'" in message
     assert not (path / "tokens" / "c" / "1").exists()
+
+
+def test_float16_non_finite_check_by_bits() -> None:
+    finite = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1.0, -2.5], dtype=np.float16)
+    assert not store_module._has_non_finite(finite)
+    for bad in (np.inf, -np.inf, np.nan, -np.nan):
+        x = finite.copy()
+        x[3] = bad
+        assert store_module._has_non_finite(x), bad
+    negative_nan = np.array([0x7E00 | 0x8000], dtype=np.uint16).view(np.float16)
+    assert np.isnan(negative_nan).all() and store_module._has_non_finite(negative_nan)
 
 
 def _publish_fake_tokens_artifact(root: Path, artifact: str) -> Path:
