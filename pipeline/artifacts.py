@@ -158,12 +158,12 @@ class Lock:
 
     The file holds JSON: owner ``pid``, ``host``, ``since`` (epoch seconds) and ``info`` (what the owner
     declared, e.g. the ids of the artifacts a running stage reads, which gc protects). It appears with its
-    content in one step (a hard link of a written temporary file; ``O_EXCL`` where links are not
-    supported). Stale when the owner's pid is dead on
-    this host, when its heartbeat is older than ``stale_after_s``, or when its heartbeat has not moved for
-    ``stale_after_s`` by this process's own clock: a heartbeat dated in the future (another host's clock is
-    ahead by more than ``clock_skew_s``) is suspect and breaks that way. Breaking is atomic: one breaker at
-    a time (an ``O_EXCL`` ``<name>.break`` guard) removes the file only if it is still the very file
+    content in one step (a hard link of a written temporary file; ``O_EXCL`` where links are not supported).
+    Stale when the owner's pid is dead on this host, when its heartbeat is older than ``stale_after_s``, or
+    when its heartbeat has not moved for ``stale_after_s`` by this process's own clock; the last rule is
+    what breaks a heartbeat dated in the future by a host whose clock is ahead (the waiting message calls a
+    heartbeat more than ``clock_skew_s`` ahead suspect). Breaking is atomic: one breaker at a time (an
+    ``O_EXCL`` ``<name>.break`` guard) removes the file only if it is still the very file
     (inode and mtime) judged stale, so a lock another waiter has just taken is never deleted.
     """
 
@@ -217,9 +217,10 @@ class Lock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return "free"
-        since = owner.get("since")
-        since_text = (_dt.datetime.fromtimestamp(since, _dt.timezone.utc).isoformat(timespec="seconds")
-                      if isinstance(since, (int, float)) else "an unknown time")
+        try:
+            since_text = _dt.datetime.fromtimestamp(owner["since"], _dt.timezone.utc).isoformat(timespec="seconds")
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):
+            since_text = "an unknown time"
         if age < -self.clock_skew_s:
             beat = (f"heartbeat dated {-age:.0f}s in the future (clock skew?), treated as stale if it does not "
                     f"move for {self.stale_after_s:.0f}s")
