@@ -521,16 +521,19 @@ def _ids_chunk(array: zarr.Array, ids: list[str]) -> list[Any]:
 
 
 class _StoreWriter:
-    """The arrays of a writable store, opened once, with their fast writers (None: zarr-python)."""
+    """The arrays of a writable store, opened once: the sharded ones the fast path handles as
+    :class:`_ShardFile`, ``fast_ids`` when the ids chunks (one per shard) are written directly, the rest
+    through zarr-python."""
 
     def __init__(self, group: zarr.Group, label: str) -> None:
         self.label = label
         self.meta, arrays = _check_layout(group, label)
         self.arrays = {name: arr.with_config(_WRITE_CONFIG) for name, arr in arrays.items()}
-        self.fast = {name: fast_path_unsupported_reason(arr) is None for name, arr in arrays.items()}
+        fast = {name: fast_path_unsupported_reason(arr) is None for name, arr in arrays.items()}
         where = _context(label)
         self.sharded = {name: _ShardFile(arr, name, where) for name, arr in arrays.items()
-                        if name != "ids" and self.fast[name]}
+                        if name != "ids" and fast[name]}
+        self.fast_ids = fast["ids"] and tuple(arrays["ids"].chunks) == (int(self.meta["shard_size"]),)
 
     def encode(self, name: str, data: np.ndarray, check_finite: bool) -> tuple[Any, list[int]]:
         """What :meth:`write` writes for ``data`` (file bytes on the fast path, else ``data``), and the rows
@@ -540,7 +543,7 @@ class _StoreWriter:
             return self.sharded[name].encode(data, bad if check_finite else None), bad
         if check_finite:
             bad = [j for j in range(len(data)) if _has_non_finite(data[j])]
-        if name == "ids" and self.fast[name]:
+        if name == "ids" and self.fast_ids:
             return _ids_chunk(self.arrays[name], list(data)), bad
         return data, bad
 
@@ -549,20 +552,19 @@ class _StoreWriter:
         target = self.arrays[name]
         if name in self.sharded:
             _write_atomic(self.sharded[name].path(shard), encoded)
-        elif name == "ids" and self.fast[name]:
+        elif name == "ids" and self.fast_ids:
             _write_atomic(_local_root(target) / target.metadata.encode_chunk_key((shard,)), encoded)
         else:
-            data = encoded
             # zarr 3.1 merges a write into the existing shard (or chunk) file, reading it first even when
             # every chunk is overwritten; drop the files the write covers whole, so a corrupt or truncated
             # one cannot block a re-run.
-            b = a + len(data)
+            b = a + len(encoded)
             size = int((target.shards or target.chunks)[0])
             for c in range(a // size, -(-b // size)):
                 if c * size >= a and min((c + 1) * size, target.shape[0]) <= b:
                     key = target.metadata.encode_chunk_key((c,) + (0,) * (target.ndim - 1))
                     (target.store_path / key).delete_sync()
-            target[a:b] = data
+            target[a:b] = encoded
 
 
 _WRITERS: dict[str, tuple[tuple[Any, ...], _StoreWriter]] = {}
@@ -753,13 +755,9 @@ class TokenStore:
         """One sample by index or id: ``{"id", "index", "tokens" (float32 [h,w,D]), "labels"`` (and
         ``"tokens_flip"``, ``"rgb"`` when stored)``}``."""
         i = int(self.index_of(key)[0]) if isinstance(key, str) else int(key)
-        out: dict[str, Any] = {"id": None, "index": i}
-        for name in self.arrays:
-            if name != "ids":
-                value = self.get(name, [i])[0]
-                out[name] = value.astype(np.float32) if name.startswith("tokens") else value
-        out["id"] = self.ids[i]
-        return out
+        arrays = {name: self.get(name, [i], np.float32 if name.startswith("tokens") else None)[0]
+                  for name in self.arrays if name != "ids"}
+        return {"id": self.ids[i], "index": i, **arrays}
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         """Sample ranges of this store's shards."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -249,19 +250,27 @@ def test_two_concurrent_runs_of_an_experiment_compute_each_artifact_once(fork: b
 
 
 def _enospc_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> list[str]:
-    """Make zarr's LocalStore fail with ENOSPC after ``writes`` successful writes; returns the written keys."""
+    """Make file writes fail with ENOSPC after ``writes`` successful ones: zarr's LocalStore (metadata) and
+    the token store's direct shard writes (``os.writev``); returns the written keys."""
     from zarr.storage import LocalStore
 
-    real = LocalStore.set
+    real_set, real_writev = LocalStore.set, os.writev
     done: list[str] = []
 
     async def full_disk(self: LocalStore, key: str, value: Any) -> None:
         if len(done) >= writes:
             raise OSError(errno.ENOSPC, "No space left on device", key)
         done.append(key)
-        await real(self, key, value)
+        await real_set(self, key, value)
+
+    def full_disk_writev(fd: int, buffers: Any) -> int:
+        if len(done) >= writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        done.append(f"fd {fd}")
+        return real_writev(fd, buffers)
 
     monkeypatch.setattr(LocalStore, "set", full_disk)
+    monkeypatch.setattr(os, "writev", full_disk_writev)
     return done
 
 
