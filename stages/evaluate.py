@@ -126,7 +126,8 @@ def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tupl
 
 def example_panels(image: np.ndarray, label: np.ndarray, preds: Mapping[str, np.ndarray],
                    assignments: Mapping[str, np.ndarray], colours: np.ndarray,
-                   class_names: Sequence[str] | None) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+                   class_names: Sequence[str] | None) -> tuple[list[tuple[str, np.ndarray]],
+                                                                list[tuple[str, np.ndarray]]]:
     """Titled RGB panels (image, ground truth, then each entry of ``preds``: ``linear``, ``cluster``,
     ``linear_crf``, ``cluster_crf``; cluster ids mapped to classes by ``assignments[entry]``) and the
     colour → class legend of the ids shown."""
@@ -437,7 +438,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
         "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
         "resolution": list(store.label_hw), "feature_grid": list(store.grid),
-        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"], "drop_extra_clusters": p["drop_extra_clusters"],
+        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"],
+        "drop_extra_clusters": p["drop_extra_clusters"],
         "probe_id": probes_in.id, "n_classes": n, "n_clusters": k,
         "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
         "projection": {"method": p["projection"]["method"],

@@ -379,7 +379,8 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
                "cluster": palette(probes.n_classes if assignment is not None else probes.n_clusters)}
     widest = colours["linear"] if probes.n_classes >= len(colours["cluster"]) - 1 else colours["cluster"]
     suffix = " + CRF" if crf else ""
-    caption = f"head {head_id}" + (f" on {backbone_label(record.name, tag)}" if backbone_label(record.name, tag) else "")
+    features = backbone_label(record.name, tag)
+    caption = f"head {head_id}" + (f" on {features}" if features else "")
     written = []
     for path, stem, rgb in zip(paths, _stems(paths), rgbs):
         x, shown = prepare_image(rgb, res, record.patch, full=full)

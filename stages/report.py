@@ -102,7 +102,8 @@ def config_fingerprint(manifest_of: Callable[[str], Mapping[str, Any] | None], a
     stage = manifest.get("stage")
     params = {k: v for k, v in (manifest.get("params") or {}).items()
               if k not in ignore and not (k == "seed" and stage in RUN_SEED_STAGES)}
-    inputs = {name: config_fingerprint(manifest_of, dep, memo) for name, dep in sorted((manifest.get("inputs") or {}).items())}
+    inputs = {name: config_fingerprint(manifest_of, dep, memo)
+              for name, dep in sorted((manifest.get("inputs") or {}).items())}
     blob = json.dumps({"stage": stage, "version": manifest.get("version"), "params": params, "inputs": inputs},
                       sort_keys=True, default=str)
     memo[key] = hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -276,7 +277,8 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     readable = [k for k in CELL_KEYS if k != "config"]
     extra = _varying(all_cells, FLAG_KEYS) + (["config"] if _ambiguous(all_cells, readable) else [])
     names = {"backbone": "backbone", "weights_tag": "weights", "resolution": "resolution", "n_images": "images",
-             "crf_pixels": "CRF pixels", "flip_tta": "flip-TTA", "drop_extra_clusters": "drop extra", "config": "config"}
+             "crf_pixels": "CRF pixels", "flip_tta": "flip-TTA", "drop_extra_clusters": "drop extra",
+             "config": "config"}
     header = ["dataset", "method", "dim", "probe", "CRF", *(names[k] for k in extra), "seeds", "mIoU", "accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for c in all_cells:

@@ -51,10 +51,12 @@ def test_perfect_codes_score_100_miou(onehot: Path, monkeypatch: pytest.MonkeyPa
     store = ArtifactStore(onehot)
     assert protocol["probe_id"] in store.ids("probe") and protocol["tokens_id"].startswith("test-onehot-tokens-")
     assert protocol["index_id"] is None  # the hand-made tokens have no prepare input
-    assert (protocol["crf"], protocol["crf_pixels"], protocol["flip_tta"], protocol["split"]) == (False, None, False, "val")
+    assert (protocol["crf"], protocol["crf_pixels"]) == (False, None)
+    assert (protocol["flip_tta"], protocol["split"]) == (False, "val")
     assert (protocol["resolution"], protocol["feature_grid"]) == ([8, 8], [4, 4])
     assert (protocol["n_classes"], protocol["n_clusters"], protocol["seed"], protocol["n_images"]) == (3, 3, 0, 8)
-    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 6, "requested_dim": None}
+    assert protocol["projection"] == {"method": "identity", "id": None, "kind": "identity", "dim": 6,
+                                      "requested_dim": None}
     confusion = np.load(path / "confusion_linear.npy")
     assert confusion.dtype == np.int64 and confusion.sum() == 8 * (64 - 3)  # 3 ignored pixels per image
     assert np.count_nonzero(confusion - np.diag(np.diag(confusion))) == 0

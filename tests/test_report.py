@@ -62,7 +62,8 @@ def test_protocol_flags_and_configurations_split_cells() -> None:
     rows = _rows(DEMO[:2]) + _rows(DEMO[:2], flip_tta=True)
     table = table2_markdown(rows)
     lines = _line(table, "| STEGO (stegopipe")
-    assert sorted(line[0] for line in lines) == ["STEGO (stegopipe, CRF, flip-TTA)", "STEGO (stegopipe, CRF, no flip-TTA)"]
+    assert sorted(line[0] for line in lines) == ["STEGO (stegopipe, CRF, flip-TTA)",
+                                                 "STEGO (stegopipe, CRF, no flip-TTA)"]
     assert all(line[2] == "75.5 ± 10.3" for line in lines)
     sweep = sweep_markdown(rows)
     assert "flip-TTA" in sweep.splitlines()[0] and "config" not in sweep.splitlines()[0]
