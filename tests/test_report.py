@@ -99,11 +99,25 @@ def test_config_fingerprint_ignores_only_the_run_seed() -> None:
     assert config_fingerprint(manifests.get, "gone", memo) == "gone"
 
 
-def test_fig4_is_legible_and_separates_dims_and_flags(tmp_path: Path) -> None:
+def test_fig4_is_legible_and_its_legend_covers_no_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), real(self, *a, **k)))
     rows = _rows(DEMO) + _rows([("pca", 4, 0, 50.0), ("pca", 4, 1, 54.0), ("pca", 16, 0, 60.0)], crf=False)
     rows += _rows([("identity", 384, 0, 70.0), ("identity", 384, 1, 72.0)])
     path = tmp_path / "fig4.png"
     assert plot_fig4(rows, "miou", path)
+    fig = drawn[0]
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    legend = fig.legends[0].get_window_extent(canvas.get_renderer())
+    assert all(not legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["STEGO", "STEGO + CRF", "PCA", "DINO (D=384)", "DINO + CRF"]
+    assert "random init (seed 0)" in fig._suptitle.get_text() and "dino" not in fig._suptitle.get_text().lower()
     with Image.open(path) as png:
         assert png.info["dpi"][0] == pytest.approx(150, abs=1)
         assert png.width >= 900 and png.height >= 1000  # one dataset: 6.4 × 7.6 in at 150 dpi
