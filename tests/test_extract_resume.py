@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ import stages.extract as extract_module
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import StageError
-from pipeline.runner import Request, TaskResult, plan, run_tasks
+from pipeline.runner import FAULT_ENV, Request, TaskResult, plan, run_tasks
 from stages.extract import TOKENS_STORE
 from tests.conftest import cli_process
 
@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
 SMALL = ["dataset.synthetic.n_train=7", "dataset.synthetic.height=40", "dataset.synthetic.width=48",
          "backbone.name=vit_small_patch16_224.dino", "extract.train_res=32", "extract.shard_size=2",
          "extract.batch_size=2"]
-# enough shards that a kill after the first marker lands mid-run
-KILLED = ["dataset.synthetic.n_train=48", "dataset.synthetic.height=40", "dataset.synthetic.width=48",
+# 6 shards; the CLI child kills itself after the third marker
+KILLED = ["dataset.synthetic.n_train=24", "dataset.synthetic.height=40", "dataset.synthetic.width=48",
           "backbone.name=vit_small_patch16_224.dino", "extract.train_res=64", "extract.shard_size=4",
           "extract.batch_size=4", "extract.loader_workers=1"]
 
@@ -66,25 +66,18 @@ def test_failed_run_publishes_nothing_and_the_rerun_reuses_written_shards(
 def test_kill_9_then_rerun_is_bit_identical_to_an_uninterrupted_run(
         root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_extract(KILLED, stage="prepare")  # in-process, so the subprocess starts extracting at once
-    proc = cli_process("run", "extract", *KILLED)
-    deadline = time.time() + 120
-    markers: list[Path] = []
-    while not markers and proc.poll() is None and time.time() < deadline:
-        markers = list((root / ".staging").glob("extract-*/.shards/*.done"))
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = cli_process("run", "extract", *KILLED, env={**os.environ, FAULT_ENV: "extract:shard:3"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL  # it killed itself after its third shard marker
     done_at_kill = len(list((root / ".staging").glob("extract-*/.shards/*.done")))
-    assert ArtifactStore(root).ids("extract") == [], "the run finished before it could be killed"
-    assert 1 <= done_at_kill < 12
+    assert ArtifactStore(root).ids("extract") == [] and done_at_kill == 3
 
     again = cli_process("run", "extract", *KILLED)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     resumed = Path(out.strip().splitlines()[-1])
     manifest = json.loads((resumed / "manifest.json").read_text())
-    assert manifest["shards"]["reused"] == done_at_kill > 0
-    assert manifest["shards"]["computed"] == 12 - done_at_kill
+    assert manifest["shards"] == {"computed": 3, "reused": 3}
 
     monkeypatch.setenv("STEGOPIPE_ROOT", str(tmp_path / "uninterrupted"))
     reference = run_extract(KILLED)

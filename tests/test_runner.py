@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import time
@@ -15,6 +16,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import MissingArtifactError, StageError
 from pipeline.runner import (
+    FAULT_ENV,
     RemoteFailure,
     Request,
     StageContext,
@@ -65,15 +67,18 @@ def test_missing_upstream_names_the_make_target(toy: Path) -> None:
         run_tasks(tasks, cfg.run, only=set(targets))
 
 
+def _killed_at(fault: str) -> dict[str, str]:
+    """The environment of a CLI child that SIGKILLs itself at ``fault`` (the runner's test hook)."""
+    return {**os.environ, FAULT_ENV: fault}
+
+
 def test_kill_9_before_the_manifest_leaves_no_artifact(toy: Path, tmp_path: Path) -> None:
     log = tmp_path / "toy.log"
-    proc = cli_process("run", "t_source", "toy.sleep=30", f"toy.log={log}")
+    proc = cli_process("run", "t_source", f"toy.log={log}", env=_killed_at("t_source:publish:1"))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
     store = ArtifactStore(toy)
-    deadline = time.time() + 60
-    while not list((toy / ".staging").glob("*/partial.txt")) and time.time() < deadline:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert list((toy / ".staging").glob("*/out.json"))  # every file written, then killed before the manifest
     assert store.ids() == []  # half-written work is invisible
     again = cli_process("run", "t_source", f"toy.log={log}")
     out, err = again.communicate(timeout=120)
@@ -105,16 +110,13 @@ def test_dask_runs_independent_stages_in_parallel_and_respects_dependencies(toy:
 
 
 def test_resumable_stage_reuses_finished_shards_after_kill(toy: Path, tmp_path: Path) -> None:
-    proc = cli_process("run", "t_shards", "toy.sleep=0.4")
-    deadline = time.time() + 60
-    while len(list((toy / ".staging").glob("*/.shards/*.done"))) < 2 and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = cli_process("run", "t_shards", env=_killed_at("t_shards:shard:2"))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list((toy / ".staging").glob("*/.shards/*.done"))) == 2
     results = _run("t_shards", ["run.executor=local"])
     manifest = ArtifactStore(toy).manifest(results[0].id)
-    assert manifest["shards"]["reused"] >= 2
-    assert manifest["shards"]["reused"] + manifest["shards"]["computed"] == 6
+    assert manifest["shards"] == {"computed": 4, "reused": 2}
     assert json.loads((results[0].path / "out.json").read_text())["value"] == 6
 
 
