@@ -32,7 +32,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,20 @@ def _numcodec(codec: Any) -> Any:
     return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
 
 
+@cache
+def _f16_to_f32() -> np.ndarray:
+    """The float32 value of every float16 bit pattern (256 KiB, stays in cache)."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``; float16 → float32 by table look-up (exact, and faster than numpy's cast)."""
+    if dst.dtype == np.float32 and src.dtype == np.float16:
+        np.take(_f16_to_f32(), src.view(np.uint16), out=dst)
+    else:
+        dst[...] = src
+
+
 def _crc(data: Any) -> bytes:
     """crc32c of a contiguous buffer, as the 4 little-endian bytes zarr's ``crc32c`` codec appends."""
     return int(google_crc32c.value(np.frombuffer(data, dtype=np.uint8))).to_bytes(4, "little")
@@ -470,7 +484,9 @@ class _ShardFile:
                     raise self._corrupt(sample // self.shard_size,
                                         "chunk checksum mismatch" if got >= span else "truncated chunk", sample)
             if cast:
-                out[rows] = target.view(self.dtype).reshape(len(rows), *self.sample_shape)
+                values = target.view(self.dtype).reshape(len(rows), *self.sample_shape)
+                for j, row in enumerate(rows):
+                    _cast_into(out[row], values[j])
             return
         data = memoryview(os.pread(fd, span, offsets[0]))
         pos = 0

@@ -119,6 +119,13 @@ def test_both_readers_agree_bit_for_bit(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ours.view(np.uint8), np.asarray(group[name][:])[idx].view(np.uint8))
         np.testing.assert_array_equal(ours.view(np.uint8), d[name][idx].view(np.uint8))
     assert np.signbit(s.get("tokens_flip", [1])).all()  # -0.0 survives
+    # float32 reads (cast by table look-up) are numpy's exact cast, subnormals and extremes included
+    special = np.array([6e-8, -6e-8, 65504, -65504, -0.0, 1 / 3], dtype=np.float16)
+    tokens = d["tokens"].copy()
+    tokens.reshape(-1)[: special.size] = special
+    write_shard(path, 0, tokens=tokens[:3], tokens_flip=d["tokens_flip"][:3], labels=d["labels"][:3],
+                rgb=d["rgb"][:3], ids=list(d["ids"][:3]))
+    np.testing.assert_array_equal(s.get_tokens(idx).view(np.uint32), tokens[idx].astype(np.float32).view(np.uint32))
     assert s.ids == list(d["ids"]) == list(group["ids"][:])
 
 
