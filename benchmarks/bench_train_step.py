@@ -92,7 +92,7 @@ class CachedLoop:
         import itertools
 
         from pipeline.prefetch import prefetch
-        from stages.stego.train import _to_device_map, read_batch
+        from stages.stego.train import batch_to_device, read_batch
 
         pin = self.device.type == "cuda"
         wait = 0.0
@@ -102,7 +102,7 @@ class CachedLoop:
             for _ in range(steps):
                 t0 = time.perf_counter()
                 tokens, labels = next(batches)
-                both = _to_device_map(tokens, self.device)
+                both, labels = batch_to_device(tokens, labels, self.device)
                 wait += time.perf_counter() - t0
                 self.trainer.step(both[:BATCH], both[BATCH:], labels)
         _sync(self.device)

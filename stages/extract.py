@@ -221,10 +221,16 @@ def _normalised_values() -> np.ndarray:
     return np.ascontiguousarray(preprocess_image(ramp, 256)[:, :, 0])
 
 
+@cache
+def _normalised_table(device: torch.device) -> torch.Tensor:
+    """:func:`_normalised_values` on ``device``, copied there once (a per-batch copy would sync the host)."""
+    return torch.from_numpy(_normalised_values()).to(device)
+
+
 def normalise_images(rgb: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B,R,R,3]`` → float32 ``[B,3,R,R]`` on the same device, bit-identical to
     :func:`preprocess_image` on each image (a per-channel table lookup of its values)."""
-    table = torch.from_numpy(_normalised_values()).to(rgb.device)
+    table = _normalised_table(rgb.device)
     index = rgb.long()
     return torch.stack([table[c][index[..., c]] for c in range(3)], dim=1)
 

@@ -233,11 +233,18 @@ def batch_indices(n: int, nns: np.ndarray, batch_size: int, num_neighbors: int,
 def read_batch(store: TokenStore, batch: tuple[np.ndarray, np.ndarray], *,
                pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[2B, h, w, D]`` as stored (anchors, then partners) and int64 anchor labels ``[B, H, W]``
-    of one ``(anchors, partners)`` batch; in pinned memory when ``pin`` (for a non-blocking device copy)."""
+    of one ``(anchors, partners)`` batch; in pinned memory when ``pin`` (for :func:`batch_to_device`)."""
     anchors, partners = batch
     tokens = torch.from_numpy(store.get("tokens", np.concatenate([anchors, partners])))
     labels = torch.from_numpy(store.get_labels(anchors).astype(np.int64))
-    return (tokens.pin_memory(), labels) if pin else (tokens, labels)
+    return (tokens.pin_memory(), labels.pin_memory()) if pin else (tokens, labels)
+
+
+def batch_to_device(tokens: torch.Tensor, labels: torch.Tensor,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :func:`read_batch` result on ``device``: float32 maps ``[2B, D, h, w]`` and the labels (copies
+    from pinned memory do not block the host)."""
+    return _to_device_map(tokens, device), labels.to(device, non_blocking=device.type == "cuda" and labels.is_pinned())
 
 
 def _to_device_map(tokens: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -432,7 +439,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
             t0 = time.perf_counter()
             tokens, labels = next(batches)
             wait_s += time.perf_counter() - t0
-            both = _to_device_map(tokens, dev)
+            both, labels = batch_to_device(tokens, labels, dev)
             values, drop_feats, drop_pos = trainer.step(both[:settings.batch_size], both[settings.batch_size:],
                                                         labels)
             if not math.isfinite(values["total"]):
