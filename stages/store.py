@@ -320,7 +320,7 @@ def _f16_to_f32() -> np.ndarray:
 def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src``; float16 → float32 by table look-up (exact, and faster than numpy's cast)."""
     if dst.dtype == np.float32 and src.dtype == np.float16:
-        np.take(_f16_to_f32(), src.view(np.uint16), out=dst)
+        np.take(_f16_to_f32(), src.view(np.uint16), out=dst, mode="clip")  # "raise" would buffer `out`
     else:
         dst[...] = src
 
