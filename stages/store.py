@@ -57,8 +57,8 @@ _META_KEY = "stegopipe"
 _SAMPLE_ARRAYS = ("tokens", "tokens_flip", "labels", "rgb", "ids")
 _WRITE_CONFIG = {"write_empty_chunks": True}
 """zarr-python writes every chunk, as the fast path does (identical bytes, a checksum for every sample)."""
-_EMPTY = np.uint64(2**64 - 1)
-_EMPTY_INT = 2**64 - 1
+_EMPTY = 2**64 - 1
+"""Offset and length of an empty shard index entry (no chunk stored)."""
 _RUN_BYTES = 2 << 20
 """Raw chunks are read about this many bytes per ``preadv`` and checksummed (and cast) while in cache."""
 _IOV_MAX = 1000  # below every platform's IOV_MAX (1024 on Linux)
@@ -442,8 +442,8 @@ class _ShardFile:
             start = 0
             while start < len(samples):  # runs of chunks stored back to back
                 stop = start + 1
-                while (stop < len(samples) and stop - start < limit and offsets[stop] != _EMPTY_INT
-                       and offsets[stop - 1] != _EMPTY_INT and offsets[stop] == offsets[stop - 1] + lengths[stop - 1]):
+                while (stop < len(samples) and stop - start < limit and offsets[stop] != _EMPTY
+                       and offsets[stop - 1] != _EMPTY and offsets[stop] == offsets[stop - 1] + lengths[stop - 1]):
                     stop += 1
                 self._read_run(fd, samples[start:stop], rows[start:stop], offsets[start:stop],
                                lengths[start:stop], out)
@@ -460,7 +460,7 @@ class _ShardFile:
 
     def _read_run(self, fd: int, samples: np.ndarray, rows: np.ndarray, offsets: list[int],
                   lengths: list[int], out: np.ndarray) -> None:
-        if offsets[0] == _EMPTY_INT:  # a chunk zarr-python skipped as equal to the fill value
+        if offsets[0] == _EMPTY:  # a chunk zarr-python skipped as equal to the fill value
             out[rows[0]] = self.fill
             return
         span = offsets[-1] + lengths[-1] - offsets[0]
