@@ -11,10 +11,11 @@ evaluation flips them back) and the cropped uint8 image (for the CRF). Tokens go
 Pipelined decode → forward → write: ``extract.loader_workers`` threads decode, resize and crop samples
 ahead of the forward (:mod:`pipeline.prefetch`, bounded), the main thread runs the model in batches of
 ``extract.batch_size`` that never cross a shard boundary (so a shard's bytes do not depend on which
-shards ran before it) and copies a shard's tokens back from the device once, and writer threads write
-finished shards side by side (at most three in flight; a failed write stops the run). A shard is
-marked done only after its data is written (markers in shard order), so a run killed at any moment
-resumes with the missing shards and ends bit-identical to an uninterrupted one (CPU).
+shards ran before it) and starts one copy of a shard's tokens back from the device without waiting
+for it (:class:`HostCopy`), and writer threads write finished shards side by side (at most three in
+flight; a failed write stops the run). A shard is marked done only after its data is written (markers
+in shard order), so a run killed at any moment resumes with the missing shards and ends bit-identical
+to an uninterrupted one (CPU).
 
 Scale-out (``extract.dask_shards=true``): when the stage runs inside a Dask worker or
 ``run.scheduler`` is set, each missing shard becomes an independent Dask task (resources
@@ -239,7 +240,7 @@ def forward_tokens(model: torch.nn.Module, images: torch.Tensor, *, amp: bool) -
     """``[B,3,H,W]`` images (on the model's device) → float16 tokens ``[B,h,w,D]`` on the same device.
 
     ``torch.inference_mode``; fp16 autocast when ``amp`` and the images are on CUDA. No host sync: the
-    caller copies a whole shard back at once, so the device queue stays full between batches.
+    caller copies a whole shard back at once, without blocking, so the device queue stays full.
     """
     on_cuda = images.device.type == "cuda"
     with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.float16, enabled=amp and on_cuda):
@@ -275,8 +276,34 @@ class Settings:
     model: ModelSettings
 
 
-def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Settings) -> dict[str, np.ndarray]:
-    """Arrays of one shard for :func:`stages.store.write_shard` (ids excluded).
+class HostCopy:
+    """A device tensor being copied into pinned host memory without blocking the host; :meth:`numpy`
+    waits for the copy. Lets the forward of the next shard start while this one travels back."""
+
+    def __init__(self, device_tensor: torch.Tensor) -> None:
+        self._host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+        self._host.copy_(device_tensor, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def numpy(self) -> np.ndarray:
+        self._done.synchronize()
+        return self._host.numpy()
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray | HostCopy:
+    return HostCopy(t) if t.device.type == "cuda" else t.numpy()
+
+
+def write_computed(store: str | Path, shard: int, arrays: Mapping[str, np.ndarray | HostCopy], ids: list[str]) -> None:
+    """:func:`stages.store.write_shard` of :func:`compute_shard`'s arrays (waits for their device copies)."""
+    write_shard(store, shard, **{k: v.numpy() if isinstance(v, HostCopy) else v for k, v in arrays.items()}, ids=ids)
+
+
+def compute_shard(model: torch.nn.Module, samples: list[Sample],
+                  settings: Settings) -> dict[str, np.ndarray | HostCopy]:
+    """Arrays of one shard for :func:`write_computed` (ids excluded); on CUDA the tokens are still being
+    copied back when it returns (:class:`HostCopy`).
 
     The model runs on batches of ``settings.batch_size`` counted from the shard's first sample.
     """
@@ -290,9 +317,9 @@ def compute_shard(model: torch.nn.Module, samples: list[Sample], settings: Setti
         tokens.append(forward_tokens(model, images, amp=settings.amp))
         if settings.flip:
             flipped.append(forward_tokens(model, images.flip(-1), amp=settings.amp))
-    out = {"tokens": torch.cat(tokens).cpu().numpy(), "labels": np.stack([s.label for s in samples])}
+    out = {"tokens": _to_host(torch.cat(tokens)), "labels": np.stack([s.label for s in samples])}
     if settings.flip:
-        out["tokens_flip"] = torch.cat(flipped).cpu().numpy()
+        out["tokens_flip"] = _to_host(torch.cat(flipped))
     if settings.rgb:
         out["rgb"] = np.stack([s.rgb for s in samples])
     return out
@@ -332,7 +359,7 @@ def extract_shard_task(store_path: str, shard: int, start: int, stop: int, setti
     with prefetch(lambda ref: load_sample(index, ref, settings.res), refs, workers=settings.loader_workers,
                   depth=max(1, 2 * settings.loader_workers), name="extract-load") as loaded:
         samples = list(loaded)
-    write_shard(store_path, shard, **compute_shard(model, samples, settings), ids=[r.id for r in refs])
+    write_computed(store_path, shard, compute_shard(model, samples, settings), [r.id for r in refs])
     return stop - start
 
 
@@ -411,7 +438,7 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
                 continue
             arrays = compute_shard(model, buffer, settings)
             ids = [ref.id for ref in index.samples[a:b]]
-            in_flight.append((shard_of[shard], writer.submit(write_shard, store, shard, **arrays, ids=ids)))
+            in_flight.append((shard_of[shard], writer.submit(write_computed, store, shard, arrays, ids)))
             bar.update(b - a)
             buffer = []
             settle(_WRITES_IN_FLIGHT)

@@ -203,3 +203,14 @@ def test_normalise_images_is_bit_identical_to_preprocess_image() -> None:
     expected = np.stack([preprocess_image(image, 16) for image in images])
     assert got.dtype == np.float32 and got.shape == (3, 3, 16, 16)
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_copy_returns_the_device_tensor() -> None:
+    from stages.extract import HostCopy
+
+    t = torch.randn(4, 3, 5, 7, device="cuda").to(torch.float16)
+    expected = t.cpu().numpy()
+    copy = HostCopy(t)
+    t.zero_()  # queued after the copy on the same stream: the copy still sees the old values
+    assert np.array_equal(copy.numpy(), expected)
