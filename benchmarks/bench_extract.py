@@ -11,9 +11,9 @@ reported), and the two limit rows show which one it is.
 - bare forward: :func:`stages.backbones.dino_features` under ``torch.inference_mode`` (and AMP on CUDA)
   on a tensor already in memory on the device, same backbone, resolution and batch size, after one
   warm-up batch.
-- decode: :func:`stages.extract.load_sample` (image + label decode, resize, crop, normalise) over the
-  same prepared index through the stage's loader (:mod:`pipeline.prefetch`, same thread count), no
-  forward, nothing written.
+- decode: :func:`stages.extract.load_sample` (image + label decode, resize, crop) over the same
+  prepared index through the stage's loader (:mod:`pipeline.prefetch`, same thread count), no forward,
+  nothing written (the stage normalises each batch on the device, as part of its forward).
 
 Stage, decode and forward alternate for 2 rounds (quick: 1), best of each. A last row shows the point
 of the cache: reading the stored tokens back (``TokenStore.iter_batches``) vs computing them.
