@@ -159,7 +159,7 @@ class LiveStep:
         self.trainer = HeadTrainer(model.dim, N_CLASSES, _settings(), _sub_seeds(0), device)
         gen = torch.Generator().manual_seed(3)
         self.images = torch.randn(2 * BATCH, 3, res, res, generator=gen).to(device)
-        self.labels = torch.randint(-1, N_CLASSES, (BATCH, res, res), generator=gen)
+        self.labels = torch.randint(-1, N_CLASSES, (BATCH, res, res), generator=gen).to(device)
 
     def step(self) -> None:
         import torch
