@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, plan, run_tasks
 from pipeline.specs import validate as validate_spec
 from stages.probe import ClusterProbe, LinearProbe, load_probes
@@ -93,6 +93,27 @@ def test_training_is_deterministic_and_seeded(data) -> None:
         torch.manual_seed(_sub_seeds(0)["head"])
         init = StegoHead(D, 5)
     assert not torch.equal(init.cluster1[0].weight, a["head.cluster1.0.weight"])
+
+
+def test_a_failed_read_stops_training_and_leaves_no_reader_threads(data, monkeypatch) -> None:
+    """A read error in a prefetch thread reaches the loop at its batch; the reader threads are joined."""
+    import threading
+
+    train, val, nns = data
+    store = open_token_store(train.path)
+    calls = []
+    real_get = store.get
+
+    def failing_get(name, indices, *args, **kwargs):
+        calls.append(name)
+        if name == "tokens" and len([c for c in calls if c == "tokens"]) == 3:
+            raise InputError(f"token store {store.path}: chunk of sample 7 is corrupt")
+        return real_get(name, indices, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get", failing_get)
+    with pytest.raises(InputError, match="sample 7 is corrupt"):
+        train_head(store, nns, _settings(steps=6, val_every=0), n_classes=N_CLASSES, loader_workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("train-head-read")]
 
 
 def test_first_step_is_the_reference_step(data) -> None:
