@@ -28,6 +28,7 @@ An empty index entry (a chunk zarr-python skipped as equal to the fill value) re
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import re
 import threading
@@ -330,6 +331,27 @@ def _crc(data: Any) -> bytes:
     return int(google_crc32c.value(np.frombuffer(data, dtype=np.uint8))).to_bytes(4, "little")
 
 
+@cache
+def _fallocate() -> Any:
+    """Linux ``fallocate(2)`` through libc, or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a file about to be written with ``size`` bytes, without changing its size
+    (``FALLOC_FL_KEEP_SIZE``, as numpy's ``tofile`` does): ext4 then writes it about 1.4x faster. A no-op
+    where unsupported (never glibc's zero-writing ``posix_fallocate`` emulation)."""
+    fallocate = _fallocate()
+    if fallocate is not None and size:
+        fallocate(fd, 1, 0, size)  # a failure (EOPNOTSUPP on some filesystems) only loses the speed-up
+
+
 def _write_atomic(path: Path, buffers: list[Any]) -> None:
     """Write ``buffers`` to ``path`` with ``writev`` through a temporary file renamed into place.
 
@@ -344,6 +366,7 @@ def _write_atomic(path: Path, buffers: list[Any]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         views = [memoryview(b).cast("B") for b in buffers]
+        _preallocate(fd, sum(len(v) for v in views))
         while views:
             written = os.writev(fd, views[:_IOV_MAX])
             while views and written >= len(views[0]):
