@@ -60,7 +60,7 @@ _WRITE_CONFIG = {"write_empty_chunks": True}
 """zarr-python writes every chunk, as the fast path does (identical bytes, a checksum for every sample)."""
 _EMPTY = 2**64 - 1
 """Offset and length of an empty shard index entry (no chunk stored)."""
-_RUN_BYTES = 2 << 20
+_RUN_BYTES = 1 << 20
 """Raw chunks are read about this many bytes per ``preadv`` and checksummed (and cast) while in cache."""
 _IOV_MAX = 1000  # below every platform's IOV_MAX (1024 on Linux)
 _TMP = ".tmp-"
