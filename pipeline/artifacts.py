@@ -6,6 +6,7 @@ Layout under the root (``STEGOPIPE_ROOT``, default ``./artifacts``)::
     <root>/.staging/<id>/           work in progress (resumable stages keep shard markers here)
     <root>/.locks/<id>.lock         one writer per artifact id (see :class:`Lock`)
     <root>/.trash/                  folders on their way out (gc and ``--force`` move them here in one rename)
+    <root>/.pins                    ids pinned by hand (``stegopipe pin``), one a line: gc keeps them and their inputs
 
 Contracts:
 - ``artifact_id`` is ``<stage>-<first 16 hex of sha256>`` over canonical JSON of stage name, stage code
@@ -43,6 +44,7 @@ from pipeline.errors import ArtifactError, MissingArtifactError
 _log = logging.getLogger("stegopipe")
 
 MANIFEST = "manifest.json"
+PINS = ".pins"
 SHARD_MARKERS = ".shards"
 ID_PATTERN = re.compile(r"^(?P<stage>[a-z][a-z0-9_-]*)-(?P<hash>[0-9a-f]{16})$")
 
@@ -377,6 +379,33 @@ class ArtifactStore:
         found.sort(key=lambda p: (p / MANIFEST).stat().st_mtime)
         return [p.name for p in found]
 
+    def size(self, artifact: str) -> int:
+        """Bytes of the files an artifact's manifest lists."""
+        return sum(int(entry["size"]) for entry in self.manifest(artifact).get("files", []))
+
+    # -- pins ---------------------------------------------------------------------------------
+    def pins(self) -> list[str]:
+        """Ids pinned by hand (``<root>/.pins``, one a line; blank lines and ``#`` comments ignored)."""
+        try:
+            lines = (self.root / PINS).read_text().splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+    def set_pinned(self, artifact: str, pinned: bool) -> bool:
+        """Pin (or unpin) a published ``artifact``; False when nothing changed. The file is rewritten atomically."""
+        current = self.pins()
+        if (artifact in current) == pinned:
+            return False
+        if pinned:
+            self.manifest(artifact)  # MissingArtifactError for an id that is not published
+        updated = current + [artifact] if pinned else [a for a in current if a != artifact]
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{PINS}.tmp-{os.getpid()}"
+        tmp.write_text("".join(f"{a}\n" for a in updated))
+        os.replace(tmp, self.root / PINS)
+        return True
+
     def resolve(self, prefix: str) -> str:
         """Full id from an id or an unambiguous prefix of one (as git does for commits)."""
         if ID_PATTERN.match(prefix) and self.exists(prefix):
@@ -506,8 +535,8 @@ class ArtifactStore:
         return trash
 
     def gc(self, keep: set[str], *, dry_run: bool = True) -> GcReport:
-        """Delete (or with ``dry_run`` only list) published artifacts outside the closure of ``keep``,
-        staging folders whose lock is absent or stale, and leftovers in ``.trash``.
+        """Delete (or with ``dry_run`` only list) published artifacts outside the closure of ``keep`` and of
+        the pinned ids (:meth:`pins`), staging folders whose lock is absent or stale, and leftovers in ``.trash``.
 
         Never deleted: artifacts that a live lock holds or declares as input (a running stage). Deleting
         renames the folder into ``.trash`` first, so a killed gc never leaves a published-looking half;
@@ -515,7 +544,7 @@ class ArtifactStore:
         """
         if not dry_run:
             self.require_writable()
-        referenced = self.closure(keep)
+        referenced = self.closure(set(keep) | set(self.pins()))
         used = self.in_use()
         report = GcReport()
         for artifact in self.ids():
@@ -533,6 +562,7 @@ class ArtifactStore:
                     continue
                 shutil.rmtree(trash, ignore_errors=True)
             report.artifacts.append(artifact)
+            report.sizes[artifact] = size
             report.bytes += size
         staging_root = self.root / ".staging"
         for directory in sorted(staging_root.iterdir()) if staging_root.is_dir() else []:
@@ -568,6 +598,7 @@ class GcReport:
     """What :meth:`ArtifactStore.gc` deleted (or would delete)."""
 
     artifacts: list[str] = field(default_factory=list)  # unreferenced published artifacts
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes on disk of each of them
     staging: list[str] = field(default_factory=list)  # ids of stale staging folders
     in_use: dict[str, str] = field(default_factory=dict)  # unreferenced but kept: id -> the lock using it
     trash_bytes: int = 0  # leftovers of an earlier, interrupted gc or publish

@@ -14,16 +14,19 @@ import shutil
 import sys
 from typing import Any
 
-if "--quiet" in sys.argv[1:]:  # tqdm reads TQDM_* when it is imported: hide progress bars before that
+if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
+    # tqdm reads TQDM_* when it is imported: no progress bars (no `\r` lines) when they would not be
+    # seen as bars; the runner's per-stage [run]/[done] lines remain
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 import click  # noqa: E402
+from click.shell_completion import CompletionItem  # noqa: E402
 
-from pipeline import runner
-from pipeline.artifacts import ArtifactStore
-from pipeline.config import load_config, parse_override, to_yaml
-from pipeline.errors import StegopipeError
-from pipeline.experiments import Experiment, experiment_names, experiment_path
+from pipeline import runner  # noqa: E402
+from pipeline.artifacts import ArtifactStore  # noqa: E402
+from pipeline.config import load_config, parse_override, to_yaml  # noqa: E402
+from pipeline.errors import ConfigError, StegopipeError, did_you_mean  # noqa: E402
+from pipeline.experiments import Experiment, experiment_names, experiment_path  # noqa: E402
 
 EXTRA_COMMANDS: list[click.Command] = []
 
@@ -82,10 +85,115 @@ def store_from(preset: str | None = None, overrides: tuple[str, ...] = ()) -> Ar
 
 
 # --------------------------------------------------------------------------------------------------
+# shell completion (stage, experiment and artifact names; no stage code is imported for them)
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_plugins() -> None:
+    runner.load_plugins(runner.plugin_names())
+
+
+def _complete_stages(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    _load_plugins()
+    return [CompletionItem(name, help="stage") for name in sorted(runner.STAGES) if name.startswith(incomplete)]
+
+
+def _complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    experiments = [CompletionItem(name, help="experiment") for name in experiment_names()
+                   if name.startswith(incomplete)]
+    return experiments + _complete_stages(ctx, param, incomplete)
+
+
+def _complete_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(a) for a in store_from().ids() if a.startswith(incomplete)]
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------------
+
+_FIRST_KEYS = ("method", "dataset", "split", "dim", "backbone", "res", "seed", "experiment")
+
+
+def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{prefix}{key}.")]
+    return [(prefix[:-1], value)]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]" if len(value) > 3 else ",".join(_short(v) for v in value)
+    text = str(value)
+    return text if len(text) <= 16 else text[:15] + "…"
+
+
+def params_summary(params: dict[str, Any], width: int = 72) -> str:
+    """A one-line ``key=value`` summary of an artifact's params, the telling keys first."""
+    leaves = [(k, v) for k, v in _leaves(params) if v is not None and k]
+    order = {key: n for n, key in enumerate(_FIRST_KEYS)}
+    leaves.sort(key=lambda kv: order.get(kv[0].rsplit(".", 1)[-1], len(order)))
+    text = " ".join(f"{k.rsplit('.', 1)[-1] if k.rsplit('.', 1)[-1] in order else k}={_short(v)}" for k, v in leaves)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _when(created: str | None) -> str:
+    return (created or "")[:16].replace("T", " ")
+
+
+def _lock_holder(store: ArtifactStore, artifact: str) -> str | None:
+    """Who is building ``artifact`` now (None when no live lock holds it)."""
+    lock = store.lock(artifact)
+    if not lock.path.exists() or lock.is_stale():
+        return None
+    return lock.describe()
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cli_overrides: list[str],
+                 problems: list[str] | None) -> tuple[list[runner.Task], list[str], Any, Experiment | None]:
+    """Tasks, target ids, config and experiment (if any) of ``run TARGET`` (see :func:`runner.plan`)."""
+    _load_plugins()
+    if target in runner.STAGES:
+        stage = runner.get_stage(target)
+        args = {}
+        config_overrides = []
+        for text in overrides:
+            key, value = parse_override(text)
+            if key in stage.args:
+                args[key] = value
+            else:
+                config_overrides.append(text)
+        cfg = load_config(preset, config_overrides + cli_overrides)
+        tasks, targets = runner.plan([runner.Request(target, cfg, args)], problems)
+        return tasks, targets, cfg, None
+    if experiment_path(target):
+        experiment = Experiment.load(target)
+        cfg = load_config(experiment.spec.get("preset") or preset,
+                          list(experiment.spec.get("overrides") or []) + list(overrides) + cli_overrides)
+        tasks, targets = experiment.plan(list(overrides) + cli_overrides, problems)
+        return tasks, targets, cfg, experiment
+    names = sorted(runner.STAGES) + experiment_names()
+    raise ConfigError(f"'{target}' is neither a stage ({', '.join(sorted(runner.STAGES))}) "
+                      f"nor an experiment ({', '.join(experiment_names())}){did_you_mean(target, names)}")
 
 
 @main.command("run")
-@click.argument("target")
+@click.argument("target", shell_complete=_complete_targets)
 @click.argument("overrides", nargs=-1)
 @click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
 @click.option("--force", "force_stages", multiple=True, help="Re-run this stage even if cached (repeatable).")
@@ -100,31 +208,12 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
     """Build TARGET (a stage or an experiment) and everything it needs that is not cached.
 
     OVERRIDES are dotted config keys (head.dim=90 dataset.root=/data/coco) and stage arguments
-    (split=val).
+    (split=val). Every config problem and every missing data root or weights file is reported at once,
+    before any work starts (`stegopipe plan TARGET` shows them without running).
     """
     cli_overrides = [f"run.{k}={v}" for k, v in (("executor", executor), ("scheduler", scheduler),
                                                    ("cluster", cluster), ("workers", workers)) if v is not None]
-    experiment = None
-    if target in runner.STAGES:
-        stage = runner.get_stage(target)
-        args = {}
-        config_overrides = []
-        for text in overrides:
-            key, value = parse_override(text)
-            if key in stage.args:
-                args[key] = value
-            else:
-                config_overrides.append(text)
-        cfg = load_config(preset, config_overrides + cli_overrides)
-        tasks, targets = runner.plan([runner.Request(target, cfg, args)])
-    elif experiment_path(target):
-        experiment = Experiment.load(target)
-        cfg = load_config(experiment.spec.get("preset") or preset,
-                          list(experiment.spec.get("overrides") or []) + list(overrides) + cli_overrides)
-        tasks, targets = experiment.plan(list(overrides) + cli_overrides)
-    else:
-        raise StegopipeError(f"'{target}' is neither a stage ({', '.join(sorted(runner.STAGES))}) "
-                             f"nor an experiment ({', '.join(experiment_names())})")
+    tasks, targets, cfg, experiment = _plan_target(target, overrides, preset, cli_overrides, None)
     only = set(targets) if no_upstream else None
     results = runner.run_tasks(tasks, cfg.run, force_stages=force_stages, only=only)
     ran = sum(r.status == "ran" for r in results)
@@ -139,60 +228,142 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
         click.echo(f"copied {targets[-1]} to {copy_to}/", err=True)
 
 
+@main.command("plan")
+@click.argument("target", shell_complete=_complete_targets)
+@click.argument("overrides", nargs=-1)
+@click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
+def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> None:
+    """Show what `run TARGET` would do, without running anything (alias: status).
+
+    Every artifact of the DAG in dependency order (inputs as [n]), cached, missing or running (with the
+    lock holder), the size of what exists and an estimate of what is missing, the data roots and weights
+    it reads, and every problem at once. Exit status 1 when something blocks the run.
+    """
+    problems: list[str] = []
+    tasks, targets, cfg, _ = _plan_target(target, overrides, preset, [], problems)
+    store = ArtifactStore(cfg.run.root)
+    number = {task.id: n for n, task in enumerate(tasks, 1)}
+    click.echo(f"plan of {target}: {len(tasks)} artifacts under {store.root}")
+    click.echo(f"{'':4} {'STAGE':<11} {'ID':<30} {'STATUS':<8} {'SIZE':>9}  {'INPUTS':<12} PARAMS")
+    cached_bytes, missing_bytes, unknown, counts = 0, 0, 0, {"cached": 0, "missing": 0, "running": 0}
+    for n, task in enumerate(tasks, 1):
+        holder = _lock_holder(store, task.id)
+        if runner.is_cached(store, task.id):
+            state, size = "cached", store.size(task.id)
+            cached_bytes += size
+            size_text = human_bytes(size)
+        else:
+            state = "running" if holder else "missing"
+            estimate = runner.ESTIMATES[task.stage](task, store) if task.stage in runner.ESTIMATES else None
+            if estimate is None:
+                unknown += 1
+            else:
+                missing_bytes += estimate
+            size_text = f"~{human_bytes(estimate)}" if estimate is not None else ""
+        counts[state] += 1
+        inputs = ",".join(f"[{number[d]}]" for d in task.inputs.values() if d in number)
+        click.echo(f"[{n:>2}] {task.stage:<11} {task.id:<30} {state:<8} {size_text:>9}  {inputs:<12} "
+                   f"{params_summary(task.params, 60)}")
+        if holder:
+            click.echo(f"{'':5}{holder}")
+    click.echo(f"{counts['cached']} cached ({human_bytes(cached_bytes)}), {counts['running']} running, "
+               f"{counts['missing']} missing (about {human_bytes(missing_bytes)}"
+               f"{f'; {unknown} without an estimate' if unknown else ''})")
+    needs = {(need.what, need.path): need for task in tasks for need in task.needs}
+    for need in needs.values():
+        click.echo(f"needs {need.what}: {need.path}  {'ok' if need.ok else 'MISSING (set ' + need.setting + ')'}")
+    blocking = problems + [need.problem() for need in needs.values() if not need.ok]
+    if blocking:
+        click.echo(f"cannot run: {runner.problems_error(blocking)}", err=True)
+        sys.exit(1)
+    if targets:
+        click.echo(f"targets: {' '.join(dict.fromkeys(targets))}")
+
+
+main.add_command(plan_cmd, "status")
+
+
 @main.command("stages")
 def stages_cmd() -> None:
     """List the registered stages, their artifact kinds and make targets."""
+    _load_plugins()
+    click.echo(f"{'STAGE':<12} {'VER':<5} {'KIND':<10} {'MAKE TARGET':<22} DESCRIPTION")
     for stage in sorted(runner.STAGES.values(), key=lambda s: s.name):
         args = ", ".join(f"{k}={v}" for k, v in stage.args.items())
-        click.echo(f"{stage.name:<12} v{stage.version:<4} -> {stage.kind:<10} {stage.make_target:<22} "
+        click.echo(f"{stage.name:<12} v{stage.version:<4} {stage.kind:<10} {stage.make_target:<22} "
                    f"{stage.description}{f'  [args: {args}]' if args else ''}")
 
 
 @main.command("ls")
-@click.argument("stage", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.argument("stage", required=False, shell_complete=_complete_stages)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with params).")
 def ls_cmd(stage: str | None, as_json: bool) -> None:
-    """List published artifacts (optionally of one STAGE)."""
+    """List published artifacts (optionally of one STAGE), oldest first, with a short params summary."""
+    if stage is not None:
+        _load_plugins()
+        runner.get_stage(stage)  # an unknown stage is an error (with a "did you mean")
     store = store_from()
+    pinned = set(store.pins())
     rows = []
     for artifact in store.ids(stage):
         manifest = store.manifest(artifact)
-        size = sum(f["size"] for f in manifest.get("files", []))
         rows.append({"id": artifact, "stage": manifest.get("stage"), "created": manifest.get("created"),
-                     "wall_s": manifest.get("wall_time_s"), "bytes": size})
+                     "wall_s": manifest.get("wall_time_s"), "bytes": store.size(artifact),
+                     "pinned": artifact in pinned, "params": manifest.get("params", {}),
+                     "inputs": manifest.get("inputs", {})})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo(f"no artifacts under {store.root}", err=True)
+        return
+    click.echo(f"{'ID':<32} {'CREATED':<16} {'WALL':>8} {'SIZE':>9}  PARAMS")
     for row in rows:
-        click.echo(f"{row['id']:<34} {row['created'] or '':<26} {row['wall_s'] or 0:>8.1f}s {row['bytes'] / 1e6:>10.2f} MB")
-
-
-def _print_lineage(node: dict[str, Any], indent: int = 0, name: str = "") -> None:
-    label = f"{name}: " if name else ""
-    click.echo(f"{'  ' * indent}{label}{node['id']}{' (missing)' if node.get('missing') else ''}")
-    for child_name, child in node.get("inputs", {}).items():
-        _print_lineage(child, indent + 1, child_name)
+        click.echo(f"{row['id']:<32} {_when(row['created']):<16} {row['wall_s'] or 0:>7.1f}s "
+                   f"{human_bytes(row['bytes']):>9}  {'[pinned] ' if row['pinned'] else ''}"
+                   f"{params_summary(row['params'])}")
+    click.echo(f"{len(rows)} artifacts, {human_bytes(sum(r['bytes'] for r in rows))} under {store.root}", err=True)
 
 
 @main.command("show")
-@click.argument("artifact")
-@click.option("--files", is_flag=True, help="Also list files with sizes and checksums.")
-def show_cmd(artifact: str, files: bool) -> None:
-    """Pretty-print an artifact's manifest (id or unique prefix) and its lineage."""
+@click.argument("artifact", shell_complete=_complete_ids)
+@click.option("--json", "as_json", is_flag=True, help="The whole manifest (files, packages, code version, ...).")
+def show_cmd(artifact: str, as_json: bool) -> None:
+    """Summarise an artifact (id or unique prefix): stage, key params, inputs, size, wall time, status."""
     store = store_from()
     artifact = store.resolve(artifact)
     manifest = store.manifest(artifact)
-    shown = {k: v for k, v in manifest.items() if files or k != "files"}
-    click.echo(json.dumps(shown, indent=2, sort_keys=True))
-    click.echo(f"path: {store.path(artifact)}")
-    click.echo("lineage:")
-    _print_lineage(store.lineage(artifact), 1)
+    if as_json:
+        click.echo(json.dumps({**manifest, "path": str(store.path(artifact))}, indent=2, sort_keys=True))
+        return
+    status = "published" if runner.is_cached(store, artifact) else "INCOMPLETE (files missing; rebuilt on the next run)"
+    if artifact in store.pins():
+        status += ", pinned"
+    holder = store.in_use().get(artifact)
+    if holder:
+        status += f", read by the running stage of {holder}"
+    files = manifest.get("files", [])
+    lines = [("id", artifact), ("stage", f"{manifest.get('stage')} v{manifest.get('version')} "
+                                         f"({manifest.get('kind')})"),
+             ("status", status), ("params", params_summary(manifest.get("params", {}), 100))]
+    for name, dep in manifest.get("inputs", {}).items():
+        lines.append(("input", f"{name}: {dep}{'' if store.exists(dep) else ' (missing)'}"))
+    lines += [("size", f"{human_bytes(store.size(artifact))} in {len(files)} files"),
+              ("wall time", f"{manifest.get('wall_time_s', 0):.1f}s on {manifest.get('host')} "
+                            f"({manifest.get('device')}), {_when(manifest.get('created'))}")]
+    if manifest.get("headline"):
+        lines.append(("result", manifest["headline"]))
+    if manifest.get("skipped"):
+        lines.append(("skipped", f"{len(manifest['skipped'])} bad inputs (--json lists them)"))
+    lines.append(("path", str(store.path(artifact))))
+    if any(entry["path"] == runner.LOG_FILE for entry in files):
+        lines.append(("log", str(store.path(artifact) / runner.LOG_FILE)))
+    for key, value in lines:
+        click.echo(f"{key:<10} {value}")
 
 
 @main.command("verify")
-@click.argument("artifacts", nargs=-1)
+@click.argument("artifacts", nargs=-1, shell_complete=_complete_ids)
 def verify_cmd(artifacts: tuple[str, ...]) -> None:
     """Re-hash artifact files against their manifests (all artifacts if none given). Exit 1 on damage."""
     store = store_from()
@@ -209,35 +380,61 @@ def verify_cmd(artifacts: tuple[str, ...]) -> None:
         sys.exit(1)
 
 
+@main.command("pin")
+@click.argument("artifacts", nargs=-1, required=True, shell_complete=_complete_ids)
+def pin_cmd(artifacts: tuple[str, ...]) -> None:
+    """Protect artifacts (ids or unique prefixes) and their inputs from gc (listed in <root>/.pins)."""
+    store = store_from()
+    for artifact in (store.resolve(a) for a in artifacts):
+        click.echo(f"{'pinned' if store.set_pinned(artifact, True) else 'already pinned'} {artifact}")
+
+
+@main.command("unpin")
+@click.argument("artifacts", nargs=-1, required=True, shell_complete=_complete_ids)
+def unpin_cmd(artifacts: tuple[str, ...]) -> None:
+    """Let gc delete artifacts pinned with `stegopipe pin` again (when nothing else keeps them)."""
+    store = store_from()
+    pinned = store.pins()
+    for text in artifacts:
+        artifact = text if text in pinned else store.resolve(text)
+        click.echo(f"{'unpinned' if store.set_pinned(artifact, False) else 'not pinned'} {artifact}")
+
+
 @main.command("gc")
-@click.option("--experiment", "experiments", multiple=True,
-              help="Experiments whose artifacts to keep (default: every experiment in configs/experiments).")
+@click.option("--experiment", "--keep-experiment", "experiments", multiple=True, shell_complete=_complete_targets,
+              help="Keep the artifacts of this experiment (repeatable); only the named experiments are "
+                   "planned. Default: every experiment in configs/experiments, and --yes refuses while "
+                   "any of them cannot be planned here.")
 @click.option("--keep", multiple=True, help="Also keep this artifact id and its inputs (repeatable).")
 @click.option("--yes", is_flag=True, help="Really delete (default is a dry run).")
 def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> None:
-    """Delete artifacts that no experiment (and no --keep id) references, and the staging folders of runs
-    that are gone. Dry run unless --yes. Inputs and outputs of running stages are kept."""
+    """Delete artifacts that no experiment, pin (`stegopipe pin`) or --keep id references, and the staging
+    folders of runs that are gone. Dry run unless --yes. Inputs and outputs of running stages are kept."""
     store = store_from()
     kept: set[str] = {store.resolve(k) for k in keep}
-    unplanned = []
+    unplanned: dict[str, str] = {}
+    if experiments or experiment_names():
+        _load_plugins()
     for name in experiments or experiment_names():
-        try:
-            tasks, _ = Experiment.load(name).plan()
-        except StegopipeError as exc:
+        problems: list[str] = []
+        tasks, _ = Experiment.load(name).plan(problems=problems)
+        if problems:
             if experiments:  # named explicitly: it must be plannable
-                raise
-            unplanned.append(name)
-            click.echo(f"note: experiment {name} cannot be planned here ({exc}); its artifacts are not protected",
-                       err=True)
-            continue
+                raise runner.problems_error(problems)
+            unplanned[name] = problems[0]
         kept |= {t.id for t in tasks}
-    if yes and unplanned:
-        raise StegopipeError(f"refusing to delete: experiments {', '.join(unplanned)} cannot be planned here, so "
-                             "their artifacts would be deleted too; name the experiments to keep with --experiment")
+    if unplanned:
+        click.echo(f"note: {len(unplanned)} experiments cannot be planned here ({', '.join(unplanned)}; "
+                   f"`stegopipe plan NAME` says why), so their artifacts are not protected", err=True)
+        if yes:
+            raise StegopipeError(
+                f"refusing to delete: experiments {', '.join(unplanned)} cannot be planned here, so their "
+                "artifacts would be deleted too; name the experiments to keep with --experiment NAME "
+                "(repeatable) or pin what to keep with `stegopipe pin ID`")
     report = store.gc(kept, dry_run=not yes)
     verb = "deleted" if yes else "would delete"
-    for artifact in report.artifacts:
-        click.echo(f"{verb} {artifact}")
+    for artifact, size in report.sizes.items():
+        click.echo(f"{verb} {artifact:<32} {human_bytes(size):>9}")
     for artifact in report.staging:
         click.echo(f"{verb} staging folder {artifact} (its run is gone)")
     for artifact, holder in report.in_use.items():
@@ -253,6 +450,7 @@ def config_cmd(preset: str | None, overrides: tuple[str, ...]) -> None:
     """Print the resolved config of PRESET with OVERRIDES applied."""
     if preset and "=" in preset:
         overrides, preset = (preset, *overrides), None
+    _load_plugins()
     click.echo(to_yaml(load_config(preset, list(overrides))), nl=False)
 
 

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -119,7 +119,9 @@ def resolve_preset(preset: str) -> Path:
         if path.is_file():
             return path
     names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
-    raise ConfigError(f"unknown preset '{preset}': no such file and not one of {', '.join(names)}")
+    short = [n.rpartition("/")[2] for n in names]
+    raise ConfigError(f"unknown preset '{preset}'{did_you_mean(preset, short)} (no such file and not one of "
+                      f"{', '.join(names)})")
 
 
 def _merge_checked(cfg: DictConfig, other: Any, origin: str) -> DictConfig:

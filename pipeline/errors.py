@@ -5,6 +5,9 @@ it as one line (no traceback unless ``--debug``) and exits non-zero.
 """
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class StegopipeError(Exception):
     """Base class: an error whose message is meant for the user as it stands."""
@@ -28,3 +31,9 @@ class ArtifactError(StegopipeError):
 
 class StageError(StegopipeError):
     """A stage failed; nothing was published."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean X?"`` naming the choices closest to ``name`` (empty when none is close)."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""

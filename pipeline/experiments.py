@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import CONFIG_DIR, load_config, load_yaml
-from pipeline.errors import ConfigError
-from pipeline.runner import Request, Task, get_stage, plan
+from pipeline.errors import ConfigError, did_you_mean
+from pipeline.runner import Request, Task, get_stage, plan, problems_error
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiments"
 KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect", "copy_to"}
@@ -55,7 +55,8 @@ class Experiment:
     def load(cls, name: str) -> Experiment:
         path = experiment_path(name)
         if path is None:
-            raise ConfigError(f"unknown experiment '{name}'; experiments: {', '.join(experiment_names())}")
+            raise ConfigError(f"unknown experiment '{name}'{did_you_mean(name, experiment_names())}; "
+                              f"experiments: {', '.join(experiment_names())}")
         spec = load_yaml(path)
         unknown = set(spec) - KNOWN_KEYS
         if unknown:
@@ -95,8 +96,12 @@ class Experiment:
                 raise ConfigError(f"{self.path}: target {target!r} must be a stage name or {{stage:, args:}}")
         return out
 
-    def plan(self, overrides: Iterable[str] = ()) -> tuple[list[Task], list[str]]:
-        """Tasks of the whole experiment (dependency order) and the ids of its final artifacts."""
+    def plan(self, overrides: Iterable[str] = (), problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
+        """Tasks of the whole experiment (dependency order) and the ids of its final artifacts.
+
+        Every bad config of every matrix point is reported at once (see :func:`pipeline.runner.plan`);
+        with a ``problems`` list, the points that cannot be planned are left out and nothing is collected.
+        """
         overrides = list(overrides)
         base = list(self.spec.get("overrides") or [])
         requests = []
@@ -104,11 +109,17 @@ class Experiment:
             cfg = load_config(preset, base + point + overrides)
             requests += [Request(stage, cfg, args) for stage, args in self.targets()]
         collect = self.spec.get("collect")
+        found: list[str] = []
+        tasks, targets = plan(requests, found)
+        if found:
+            if problems is None:
+                raise problems_error(found)
+            problems += found
+            return tasks, targets
         if not collect:
-            return plan(requests)
-        tasks, targets = plan(requests)
+            return tasks, targets
         get_stage(collect)
         cfg = load_config(self.spec.get("preset"), base + overrides)
         extra = {f"{n:04d}": target for n, target in enumerate(dict.fromkeys(targets))}
-        collect_tasks, collect_ids = plan([Request(collect, cfg, {"experiment": self.name}, extra)])
+        collect_tasks, collect_ids = plan([Request(collect, cfg, {"experiment": self.name}, extra)], problems)
         return tasks + collect_tasks, collect_ids

@@ -31,11 +31,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import specs
 from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
 from pipeline.config import to_container
-from pipeline.errors import ArtifactError, ConfigError, MissingArtifactError, StageError, StegopipeError
+from pipeline.errors import (ArtifactError, ConfigError, MissingArtifactError, StageError, StegopipeError,
+                             did_you_mean)
 
 log = logging.getLogger("stegopipe")
 
@@ -113,8 +115,38 @@ def load_plugins(names: Iterable[str]) -> None:
 
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
-        raise ConfigError(f"unknown stage '{name}'; stages: {', '.join(sorted(STAGES)) or '(none registered)'}")
+        raise ConfigError(f"unknown stage '{name}'{did_you_mean(name, STAGES)}; stages: "
+                          f"{', '.join(sorted(STAGES)) or '(none registered)'}")
     return STAGES[name]
+
+
+@dataclass(frozen=True)
+class Need:
+    """Something outside the artifact store that a stage reads (a data root, a weights file)."""
+
+    what: str  # e.g. "data root", "weights"
+    path: str
+    setting: str  # how to point at it, e.g. "dataset.root (make DATA_ROOT=..., or STEGOPIPE_DATA_ROOT)"
+    ok: bool  # it exists
+
+    def problem(self) -> str:
+        return f"{self.what} {self.path} does not exist; set {self.setting}"
+
+
+NeedsFn = Callable[[DictConfig, Mapping[str, Any]], list[Need]]
+EstimateFn = Callable[["Task", ArtifactStore], "int | None"]
+NEEDS: dict[str, NeedsFn] = {}
+ESTIMATES: dict[str, EstimateFn] = {}
+
+
+def register_needs(stage: str, needs: NeedsFn) -> None:
+    """Declare what a stage reads from outside the store; ``plan`` shows it and ``run`` checks it first."""
+    NEEDS[stage] = needs
+
+
+def register_estimate(stage: str, estimate: EstimateFn) -> None:
+    """Declare a size estimate (bytes) of a stage's missing artifact, shown by ``stegopipe plan``."""
+    ESTIMATES[stage] = estimate
 
 
 @dataclass(frozen=True)
@@ -140,31 +172,69 @@ class Task:
     args: dict[str, Any]
     cfg: dict[str, Any]
     inputs: dict[str, str]
+    needs: list[Need] = field(default_factory=list)
 
 
-def _resolve(request: Request, tasks: dict[str, Task], order: list[str]) -> str:
+def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problems: list[str]) -> str | None:
+    """The task id of ``request`` (planned into ``tasks``/``order``), or None when a stage's config is bad
+    here or upstream: its ConfigError is added to ``problems`` and planning goes on."""
     stage = get_stage(request.stage)
     unknown = set(request.args) - set(stage.args)
     if unknown:
         raise ConfigError(f"stage '{stage.name}' takes no argument {', '.join(sorted(unknown))}; "
                           f"arguments: {', '.join(sorted(stage.args)) or 'none'}")
     args = {**stage.args, **request.args}
-    upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
-    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order) for name, req in upstream.items()}
-    params = stage.params(request.cfg, args)
+    try:
+        upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return None
+    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems)
+              for name, req in upstream.items()}
+    try:
+        params = stage.params(request.cfg, args)
+        needs = NEEDS[stage.name](request.cfg, args) if stage.name in NEEDS else []
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return None
+    if None in inputs.values():
+        return None
     task_id = artifact_id(stage.name, stage.version, params, inputs)
     if task_id not in tasks:
-        tasks[task_id] = Task(stage.name, task_id, params, args, to_container(request.cfg), inputs)
+        tasks[task_id] = Task(stage.name, task_id, params, args, to_container(request.cfg), inputs, needs)
         order.append(task_id)
     return task_id
 
 
-def plan(requests: Iterable[Request]) -> tuple[list[Task], list[str]]:
-    """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to."""
+def problems_error(problems: list[str]) -> ConfigError:
+    """One error listing every problem (a single one as it stands), duplicates removed."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) == 1:
+        return ConfigError(unique[0])
+    return ConfigError(f"{len(unique)} problems:\n" + "\n".join(f"  - {p}" for p in unique))
+
+
+def plan(requests: Iterable[Request], problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
+    """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to.
+
+    Every request is planned, and every bad config found on the way is reported at once: one
+    ConfigError listing them all; or, when a ``problems`` list is given, the messages are appended to it
+    and the requests that cannot be planned are left out of the tasks and targets.
+    """
     tasks: dict[str, Task] = {}
     order: list[str] = []
-    targets = [_resolve(request, tasks, order) for request in requests]
-    return [tasks[t] for t in order], targets
+    found: list[str] = []
+    targets = [_resolve(request, tasks, order, found) for request in requests]
+    if problems is None and found:
+        raise problems_error(found)
+    if problems is not None:
+        problems += [p for p in dict.fromkeys(found) if p not in problems]
+    return [tasks[t] for t in order], [t for t in targets if t is not None]
+
+
+def missing_needs(tasks: Iterable[Task]) -> list[str]:
+    """Problem lines for everything the tasks need from outside the store that is not there."""
+    return list(dict.fromkeys(need.problem() for task in tasks for need in task.needs if not need.ok))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +351,41 @@ class TaskResult:
     status: str  # "hit" | "ran"
     path: Path
     wall_s: float
+    headline: str = ""  # the stage's one-line summary (its manifest's ``headline``), for the console
+
+
+LOG_FILE = "log.txt"
+MAX_LISTED = 10
+
+
+def _done_line(result: TaskResult) -> None:
+    log.info("[done] %s in %.1fs%s", result.id, result.wall_s, f": {result.headline}" if result.headline else "")
+
+
+@contextlib.contextmanager
+def _stage_log(path: Path) -> Iterator[None]:
+    """Copy the log records (and Python warnings) emitted while a stage runs into ``path``."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        logging.root.removeHandler(handler)
+        handler.close()
+
+
+def _report_skipped(task: Task, skipped: Any) -> None:
+    """List the inputs a stage left out (its ``skipped`` rows: id and reason) on the console."""
+    if not isinstance(skipped, list) or not skipped:
+        return
+    rows = [f"{row.get('id', '?')}: {row.get('reason', '?')}" if isinstance(row, dict) else str(row)
+            for row in skipped[:MAX_LISTED]]
+    more = f"\n  ... and {len(skipped) - MAX_LISTED} more (`stegopipe show {task.id} --json`)" \
+        if len(skipped) > MAX_LISTED else ""
+    log.warning("%s skipped %d bad input(s):\n  %s%s", task.id, len(skipped), "\n  ".join(rows), more)
 
 
 def _fault_point(stage: str, event: str) -> None:
@@ -388,11 +493,13 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
         staging = store.staging(task.id, fresh=not stage.resumable or force)
         ctx = StageContext(task, store, staging, inputs, resolve_device(device))
-        log.info("[run] %s", task.id)
-        _fault_point(task.stage, "start")
         start = time.perf_counter()
         try:
-            result = stage.run(ctx) or {}
+            with _stage_log(staging.dir / LOG_FILE):
+                log.info("[run] %s", task.id)
+                _fault_point(task.stage, "start")
+                result = stage.run(ctx) or {}
+                _report_skipped(task, {**ctx.extras, **result}.get("skipped"))
         except Exception as exc:
             gone = [(name, dep) for name, dep in task.inputs.items() if not store.exists(dep)]
             if gone:  # the cause, not its symptom (a file the stage could no longer read)
@@ -419,8 +526,9 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
                                 f"published, the staged work in {staging.dir} is kept for the next run") from exc
     finally:
         lock.release()
-    log.info("[done] %s in %.1fs", task.id, wall)
-    return TaskResult(task.id, task.stage, "ran", path, wall)
+    done = TaskResult(task.id, task.stage, "ran", path, wall, str(manifest.get("headline") or ""))
+    _done_line(done)
+    return done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -540,14 +648,15 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                     resources=(dict(stage.resources) or None) if gpu else None))
 
     submit_ready()
-    with tqdm(total=len(pending), unit="stage", desc="stages", leave=False) as progress:
+    # log lines go through tqdm.write while the bar is shown, so they never land on a bar fragment
+    with logging_redirect_tqdm(), tqdm(total=len(pending), unit="stage", desc="stages", leave=False) as progress:
         for future in completed:
             result = future.result()
             if isinstance(result, RemoteFailure):
                 log.debug("traceback on the Dask worker:\n%s", result.traceback)
                 raise result.error
             results[result.id] = result
-            log.info("[done] %s in %.1fs", result.id, result.wall_s)
+            _done_line(result)
             progress.update()
             submit_ready()
 
@@ -570,6 +679,9 @@ def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[
             log.info("[hit] %s", task.id)
         else:
             pending.append(task)
+    missing = missing_needs(pending)
+    if missing:  # before any work: everything missing at once
+        raise problems_error(missing)
     if pending:
         store.require_writable()
     executor = run_cfg.executor

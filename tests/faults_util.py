@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import MANIFEST, SHARD_MARKERS, ArtifactStore
 from pipeline.config import load_config
-from pipeline.runner import FAULT_ENV, Request, Task, TaskResult, plan, run_tasks
+from pipeline.runner import FAULT_ENV, LOG_FILE, Request, Task, TaskResult, plan, run_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,8 @@ def manifest(path: Path) -> dict[str, Any]:
 
 
 def digests(path: Path) -> dict[str, str]:
-    """``{relative file: sha256}`` of a published artifact, as its manifest records them."""
-    return {entry["path"]: entry["sha256"] for entry in manifest(path)["files"]}
+    """``{relative file: sha256}`` of a published artifact, as its manifest records them (but its log)."""
+    return {entry["path"]: entry["sha256"] for entry in manifest(path)["files"] if entry["path"] != LOG_FILE}
 
 
 def markers(root: Path, artifact: str) -> list[str]:
