@@ -3,7 +3,7 @@
 Data: seeded blocky RGB images (random colour rectangles) with smooth, noisy class scores at the
 reference eval size: 32 images of 320×320 and 27 classes (quick: 8 images of 160×160). Rows:
 
-* CRF pool speed-up: ``stages.crf.crf_map`` with 2 spawn-mode workers vs 1 (serial, in-process), same
+* CRF pool speed-up: ``stages.evaluation.crf.crf_map`` with 2 spawn-mode workers vs 1 (serial, in-process), same
   items; wall time of the whole map, pool start-up (workers import the ``stages`` package) included.
   Goal ≥ 1.8× (on a machine with 2 idle cores).
 * CRF pool start-up: ``crf_map(workers=2)`` on two 8×8 images (report), and the speed-up without it.
@@ -70,9 +70,9 @@ def _probe_throughput(batches: int, size: int) -> float:
     import torch
 
     from stages.evaluate import upsampled_codes
-    from stages.metrics import confusion_matrix
-    from stages.probe import ClusterProbe
-    from stages.projection import IdentityProjection
+    from stages.evaluation.metrics import confusion_matrix
+    from stages.evaluation.probes import ClusterProbe
+    from stages.projections import IdentityProjection
 
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def _probe_throughput(batches: int, size: int) -> float:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    from stages.crf import crf_map, dense_crf
+    from stages.evaluation.crf import crf_map, dense_crf
 
     n, size = (8, 160) if quick else (32, 320)
     items = _images(n, size)

@@ -1,4 +1,4 @@
-"""kNN of global descriptors (``stages.knn.topk_neighbors``) vs scikit-learn brute force.
+"""kNN of global descriptors (``stages.stego.knn.topk_neighbors``) vs scikit-learn brute force.
 
 ``N`` × 384 seeded Gaussian descriptors (N = 100k; quick: 10k), k = 30 (STEGO's ``nns`` width). Each
 side runs in its own fresh process, so its peak RSS (``ru_maxrss``, interpreter and imports included)
@@ -40,7 +40,7 @@ def child(side: str, n: int, queries: int, out: Path) -> dict[str, Any]:
     """
     x = _descriptors(n)
     if side == "ours":
-        from stages.knn import topk_neighbors
+        from stages.stego.knn import topk_neighbors
 
         start = time.perf_counter()
         nns = topk_neighbors(x, K)
@@ -79,7 +79,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                  "brute force in its own process; ratio = baseline/ours"),
         row(f"kNN time ({label})", ours["seconds"], "s", baseline=base_seconds, higher_is_better=False,
             goal=">= 1",
-            note=f"stages.knn.topk_neighbors vs NearestNeighbors(algorithm='brute', metric='cosine').kneighbors; "
+            note=f"stages.stego.knn.topk_neighbors vs NearestNeighbors(algorithm='brute', metric='cosine').kneighbors; "
                  f"ratio = sklearn/ours (speed-up){scaled}; identical neighbour sets in {100 * agree:.2f}% of "
                  f"the rows both answered"),
     ]

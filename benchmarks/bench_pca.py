@@ -66,7 +66,7 @@ def make_store(path: Path, n_tokens: int, seed: int = 0) -> Any:
 def fit_pca(store: Any, backend: str = "auto") -> Any:
     """The reduce stage's PCA fit on every token of ``store`` (CPU)."""
     from stages.reduce import fit_moments, select_fit_rows
-    from stages.reducers import PCAProjection
+    from stages.projections.pca import PCAProjection
 
     fit = select_fit_rows(store.n, GRID[0] * GRID[1], {"subset": "all"})
     moments, _ = fit_moments(store, fit, backend, "cpu", 0)

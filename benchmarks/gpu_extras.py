@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.backbones import load_backbone, dino_features  # noqa: E402
-from stages.reducers import PCAMoments, accumulate_moments  # noqa: E402
+from stages.projections.linear import PCAMoments, accumulate_moments  # noqa: E402
 
 
 def amp_parity() -> None:

@@ -4,8 +4,8 @@ Protocol (spec §6.1, §7, §9.2): for each val sample, ``code = projection(toke
 (with ``evaluate.flip_tta``: ``(code + flip_W(projection(tokens_flip))) / 2``), bilinearly upsampled
 (``align_corners=False``) to the label size; linear probe → argmax, cluster probe → argmax cosine. The
 linear confusion matrix is scored as it stands, the cluster one after Hungarian matching
-(:func:`stages.metrics.scores`). With ``evaluate.crf`` both probes' predictions are also refined by the
-dense CRF (:func:`stages.crf.crf_map`, spawn pool, per-image timeout) from the unaries
+(:func:`stages.evaluation.metrics.scores`). With ``evaluate.crf`` both probes' predictions are also refined by the
+dense CRF (:func:`stages.evaluation.crf.crf_map`, spawn pool, per-image timeout) from the unaries
 ``log_softmax(logits)`` (linear) and ``log_softmax(2·cos)`` (cluster), then scored the same way; the CRF
 sees the reference's pixels (``evaluate.crf_pixels=reference``: the stored uint8 image through the
 normalise → un-normalise → truncate round trip, BGR; ``raw``: the stored values). The
@@ -51,12 +51,13 @@ from pipeline.config import register_section
 from pipeline.errors import ArtifactError, ConfigError, InputError, StageError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
-from stages.crf import PIXEL_MODES, CrfResult, crf_map
-from stages.figures import backbone_label, class_legend, save_panels
-from stages.metrics import confusion_matrix, map_clusters, scores
-from stages.probe import TOKENS_STORE, Probes, load_probes, predict_batch, probe_request, upsample_code
-from stages.projection import BaseProjection
-from stages.select import open_projection, projection_params, projection_request
+from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
+from stages.evaluation.figures import backbone_label, class_legend, save_panels
+from stages.evaluation.metrics import confusion_matrix, map_clusters, scores
+from stages.evaluation.probes import Probes, load_probes, predict_batch, upsample_code
+from stages.probe import TOKENS_STORE, probe_request
+from stages.projections import BaseProjection
+from stages.projections.select import open_projection, projection_params, projection_request
 from stages.store import TokenStore, open_token_store
 
 __all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "example_panels", "evaluate_stage"]
@@ -73,7 +74,7 @@ class EvaluateConfig:
     """Evaluation on the val split (``evaluate.*``); crf_workers, crf_timeout_s, batch_size are runtime."""
 
     crf: bool = False  # also report dense-CRF-refined scores
-    crf_pixels: str = "reference"  # reference | raw: the image the CRF sees (stages.crf.crf_pixels)
+    crf_pixels: str = "reference"  # reference | raw: the image the CRF sees (stages.evaluation.crf.crf_pixels)
     flip_tta: bool = False  # average the code with the flipped image's code (eval_segmentation.py)
     examples: int = 4  # example PNGs (evenly spaced val samples)
     drop_extra_clusters: bool = False  # reference scoring of extra clusters (spec §6.2-6.3)

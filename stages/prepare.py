@@ -1,7 +1,6 @@
-"""``synthesize`` and ``prepare`` stages: a dataset on disk → an ``index`` artifact.
+"""``prepare`` stage: a dataset on disk → an ``index`` artifact.
 
-``synthesize`` writes the built-in synthetic dataset (generic folder layout) into a ``dataset``
-artifact. ``prepare`` lists one split of a dataset through its reader, decodes every image and
+``prepare`` lists one split of a dataset through its reader, decodes every image and
 label once to validate them, checksums the files and writes ``index.json``: one row per sample (id,
 image path + sha256, virtual crop box, label path + sha256, size) plus what is needed to reopen the
 reader. Bad inputs raise one :class:`InputError` naming the file, or with ``on_bad_input=skip`` are
@@ -26,7 +25,6 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, StageContext, register_stage
 from stages.datasets.base import DatasetReader, SampleRef, check_sample
 from stages.datasets.registry import dataset_names, get_reader
-from stages.datasets.synthetic import generate_synthetic
 
 SPLITS = ("train", "val")
 
@@ -75,25 +73,6 @@ def reader_options(dataset: Any, split: str) -> dict[str, Any]:
         if dataset.class_names is not None:
             options["class_names"] = list(dataset.class_names)
     return options
-
-
-# --------------------------------------------------------------------------------------------------
-# synthesize
-# --------------------------------------------------------------------------------------------------
-
-
-def synthesize_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return dict(cfg.dataset.synthetic)
-
-
-@register_stage("synthesize", version="1", kind="dataset", params=synthesize_params,
-                make_target="make prepare DATASET=synthetic")
-def synthesize(ctx: StageContext) -> dict[str, Any]:
-    """Generate the built-in synthetic dataset (folder layout)."""
-    p = ctx.params
-    generate_synthetic(ctx.out, n_train=p["n_train"], n_val=p["n_val"], size=(p["height"], p["width"]),
-                       seed=p["seed"])
-    return {"counts": {"train": p["n_train"], "val": p["n_val"]}, "seeds": {"synthetic": p["seed"]}}
 
 
 # --------------------------------------------------------------------------------------------------

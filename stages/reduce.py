@@ -16,7 +16,7 @@ Only the chunks (samples) holding selected rows are read.
 - **PCA**: one streaming pass accumulating exact float64 moments (memory O(D²), independent of N) on Dask
   (one task per block of samples, tree-reduced; runs on the active Dask client if there is one), in numpy,
   or on the GPU (cupy / torch) — ``reduce.backend``. All components are stored, so one PCA artifact serves
-  every ``projection.dim`` of a sweep (:func:`stages.select.open_projection` narrows it); the dim is not a
+  every ``projection.dim`` of a sweep (:func:`stages.projections.select.open_projection` narrows it); the dim is not a
   param. Also writes the explained-variance curve (``evr.json``, ``evr.csv``) and paper Figure 3
   (``evr.png``: cumulative explained variance vs fraction of components).
 - **RP**: seeded Gaussian matrix with orthonormal columns; with ``standardize=fit`` the mean/std come from
@@ -54,21 +54,13 @@ from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
-from stages.figures import DPI, backbone_label
-from stages.projection import BaseProjection, load_projection
-from stages.reducers import (
-    HNNE_VERSIONS,
-    STANDARDIZE_MODES,
-    HNNEProjection,
-    PCAMoments,
-    PCAProjection,
-    RandomProjection,
-    accumulate_moments,
-    check_hnne_memory,
-    pca_moments_dask,
-    sample_token_rows,
-)
-from stages.select import PROJECTION_DIR, check_method
+from stages.evaluation.figures import DPI, backbone_label
+from stages.projections import BaseProjection, load_projection
+from stages.projections.hnne import HNNE_VERSIONS, HNNEProjection, check_hnne_memory, sample_token_rows
+from stages.projections.linear import STANDARDIZE_MODES, PCAMoments, accumulate_moments, pca_moments_dask
+from stages.projections.pca import PCAProjection
+from stages.projections.rp import RandomProjection
+from stages.projections.select import PROJECTION_DIR, check_method
 from stages.store import TokenStore, create_token_store, open_token_store, write_shard
 
 REDUCE_METHODS = ("pca", "rp", "hnne")

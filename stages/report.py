@@ -16,9 +16,9 @@ mean ± std over its seeds. Outputs:
   lineage, so an experiment that targets evaluations gets it too.
 
 Titles and captions name the backbone from the lineage (timm name and weights tag, via
-:func:`stages.figures.backbone_label`). Files: ``report.md``, ``metrics.csv``, ``lineage.json``,
+:func:`stages.evaluation.figures.backbone_label`). Files: ``report.md``, ``metrics.csv``, ``lineage.json``,
 ``fig3.png``, ``fig4_miou.png``, ``fig4_accuracy.png`` (each figure only when there is data for it),
-at :data:`stages.figures.DPI` dpi.
+at :data:`stages.evaluation.figures.DPI` dpi.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.config import register_section
 from pipeline.errors import InputError
 from pipeline.runner import StageContext, register_stage
-from stages.figures import DPI, backbone_label
+from stages.evaluation.figures import DPI, backbone_label
 
 # Table 2 of Koenig et al. (CVPRW 2023), validation results with CRF, in %:
 # {row: {dataset: (cluster acc, cluster mIoU, linear acc, linear mIoU)}}; None = not reported.

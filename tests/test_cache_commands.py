@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.cli import main
-from stages.knn import load_nns_npz
+from stages.stego.knn import load_nns_npz
 from stages.store import open_token_store
 
 TINY = ["dataset.synthetic.n_train=6", "dataset.synthetic.n_val=2", "dataset.synthetic.height=40",

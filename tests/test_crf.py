@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ConfigError, InputError
-from stages.crf import (
+from stages.evaluation.crf import (
     BI_RGB_STD, BI_W, BI_XY_STD, MAX_ITER, POS_W, POS_XY_STD, crf_map, crf_pixels, dense_crf, reference_pixels,
     resize_bilinear,
 )

@@ -16,7 +16,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.runner import Request
 from stages.evaluate import colorize, palette, upsampled_codes
-from stages.projection import IdentityProjection
+from stages.projections import IdentityProjection
 from tests.test_probe_stage import config, onehot, onehot_requests, run_request  # noqa: F401
 
 torch.set_num_threads(1)
@@ -116,7 +116,7 @@ def test_crf_pixel_mode_is_a_recorded_protocol_flag(onehot: Path) -> None:
 
 
 def test_the_crf_sees_the_reference_pixels(onehot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages import crf
+    from stages.evaluation import crf
 
     seen: list[str] = []
     real = crf.dense_crf
@@ -164,7 +164,7 @@ def test_killed_crf_run_resumes_from_finished_shards(onehot: Path, monkeypatch: 
 
 
 def test_failed_crf_images_keep_their_plain_prediction(onehot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages import crf
+    from stages.evaluation import crf
 
     real = crf.dense_crf
 

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from stages.evaluate import palette
-from stages.figures import IGNORE_LABEL, class_legend, save_panels
+from stages.evaluation.figures import IGNORE_LABEL, class_legend, save_panels
 from stages.stego.loss import PARTS
 from stages.stego.train import plot_diagnostics
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError, InputError
-from stages.knn import (
+from stages.stego.knn import (
     descriptors_from_store,
     global_descriptors,
     load_nns_npz,

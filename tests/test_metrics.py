@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from stages.metrics import confusion_matrix, map_clusters, scores
+from stages.evaluation.metrics import confusion_matrix, map_clusters, scores
 
 RV6_TARGET = [0, 0, 0, 1, 1, 2, 2, 2, -1, 1, 0, 2]
 RV6_PREDS = [1, 1, 0, 2, 2, 0, 0, 0, 1, 2, 1, 1]

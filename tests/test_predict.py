@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.runner import Request, plan, run_tasks
 from stages.datasets.synthetic import synthetic_scene
 from stages.evaluate import palette
-from stages.predict import (
+from stages.commands.predict import (
     BackboneRecord, backbone_record, check_weights, overlay, panel_legend, prepare_image, write_label_png,
 )
 

@@ -12,8 +12,8 @@ from stages.backbones import BACKBONES
 from stages.datasets.cityscapes import CityscapesReader
 from stages.datasets.cocostuff import CocoStuff27Reader
 from stages.datasets.potsdam import PotsdamReader
-from stages.probe import PROBE_LR
-from stages.stego.train import head_params
+from stages.evaluation.probes import PROBE_LR
+from stages.train_head import head_params
 
 # Koenig et al. (CVPRW 2023), Table 1, "Actual" columns, as printed (λ and b rounded to 2 decimals;
 # "-" = not available in the checkpoint: STEGO's default applies).

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, InputError
-from stages.metrics import confusion_matrix, scores
-from stages.probe import (
+from stages.evaluation.metrics import confusion_matrix, scores
+from stages.evaluation.probes import (
     CLUSTER_CRF_ALPHA, PROBE_LR, ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code,
 )
 

@@ -18,8 +18,8 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.runner import STAGES, Request, StageContext, plan, register_stage, run_tasks
-from stages.probe import ClusterProbe, LinearProbe, load_probes, save_probes
-from stages.projection import IdentityProjection
+from stages.evaluation.probes import ClusterProbe, LinearProbe, load_probes, save_probes
+from stages.projections import IdentityProjection
 from stages.store import create_token_store, open_token_store, write_shard
 
 torch.set_num_threads(1)

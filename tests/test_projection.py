@@ -1,4 +1,4 @@
-"""The Projection protocol, registry and identity projection (stages/projection.py)."""
+"""The Projection protocol, registry and identity projection (stages/projections/)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.errors import ArtifactError, ConfigError, InputError
-from stages.projection import (
+from stages.projections import (
     IdentityProjection,
     Projection,
     check_tokens,
@@ -116,14 +116,14 @@ def test_registry_rejects_a_second_class_for_a_kind() -> None:
 
 
 def test_load_projection_imports_the_module_of_a_saved_kind(tmp_path: Path) -> None:
-    """A saved PCA loads in a process that never imported stages.reducers."""
-    from stages.reducers import PCAProjection
+    """A saved PCA loads in a process that never imported stages.projections.pca."""
+    from stages.projections.pca import PCAProjection
 
     x = np.random.default_rng(0).standard_normal((50, 4))
     PCAProjection.fit(x, dim=2).save(tmp_path)
     code = (
-        "import sys; from stages.projection import load_projection\n"
-        "assert 'stages.reducers' not in sys.modules\n"
+        "import sys; from stages.projections import load_projection\n"
+        "assert 'stages.projections.pca' not in sys.modules\n"
         f"p = load_projection({str(tmp_path)!r}); print(p.kind, p.dim)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

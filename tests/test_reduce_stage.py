@@ -18,10 +18,13 @@ import stages.plugin  # noqa: F401  (registers stages and config sections)
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.runner import Request, plan, run_tasks
-from stages.projection import load_projection
+from stages.projections import load_projection
 from stages.reduce import FitRows, fit_moments, fit_parts, read_rows, select_fit_rows, subsample_rows
-from stages.reducers import HNNEProjection, PCAMoments, PCAProjection, RandomProjection, sample_token_rows
-from stages.select import open_projection
+from stages.projections.hnne import HNNEProjection, sample_token_rows
+from stages.projections.linear import PCAMoments
+from stages.projections.pca import PCAProjection
+from stages.projections.rp import RandomProjection
+from stages.projections.select import open_projection
 from stages.store import open_token_store
 
 torch.set_num_threads(1)
@@ -161,12 +164,12 @@ def test_config_errors_name_the_key(art: Path, monkeypatch: pytest.MonkeyPatch) 
         plan([Request("reduce", cfg_of(art, "projection.method=pca", "reduce.fit_subset=some"))])
     with pytest.raises(ConfigError, match="the reduce stage fits one of"):
         plan([Request("reduce", cfg_of(art, "projection.method=stego"))])
-    import stages.reducers
+    import stages.projections.hnne
 
     class LowMemory:
         available = 2**20
 
-    monkeypatch.setattr(stages.reducers.psutil, "virtual_memory", lambda: LowMemory)
+    monkeypatch.setattr(stages.projections.hnne.psutil, "virtual_memory", lambda: LowMemory)
     with pytest.raises(ConfigError, match="h-NNE on a subsample of 100 tokens"):
         run_reduce(art, *HNNE, "projection.seed=9")
 

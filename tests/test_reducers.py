@@ -1,4 +1,4 @@
-"""Streaming PCA, random projection and h-NNE reducers (stages/reducers.py); spec §10.3–10.5, RV14."""
+"""Streaming PCA, random projection and h-NNE reducers (stages/projections/); spec §10.3–10.5, RV14."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,18 +11,11 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import ConfigError, InputError
-from stages.projection import load_projection
-from stages.reducers import (
-    HNNEProjection,
-    PCAMoments,
-    PCAProjection,
-    RandomProjection,
-    accumulate_moments,
-    check_hnne_memory,
-    hnne_memory_estimate,
-    pca_moments_dask,
-    sample_token_rows,
-)
+from stages.projections import load_projection
+from stages.projections.hnne import HNNEProjection, check_hnne_memory, hnne_memory_estimate, sample_token_rows
+from stages.projections.linear import PCAMoments, accumulate_moments, pca_moments_dask
+from stages.projections.pca import PCAProjection
+from stages.projections.rp import RandomProjection
 
 torch.set_num_threads(1)
 

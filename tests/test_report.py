@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from stages.figures import backbone_label
+from stages.evaluation.figures import backbone_label
 from stages.report import cells, config_fingerprint, eval_rows, plot_fig4, sweep_markdown, table2_markdown
 
 

@@ -8,7 +8,7 @@ import pytest
 from squirrel.driver import MessagepackDriver
 
 from pipeline.errors import InputError
-from stages.squirrel_io import (
+from stages.store.squirrel import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     denormalize_img,

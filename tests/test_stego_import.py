@@ -16,10 +16,10 @@ from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.runner import Request, plan, run_tasks
 from pipeline.specs import validate
-from stages.probe import load_probes
-from stages.select import open_projection
+from stages.evaluation.probes import load_probes
+from stages.projections.select import open_projection
 from stages.stego.head import StegoHead
-from stages.stego.train import VERSION
+from stages.train_head import VERSION
 
 D, DIM, N = 16, 6, 3
 

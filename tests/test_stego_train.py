@@ -15,22 +15,14 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, plan, run_tasks
 from pipeline.specs import validate as validate_spec
-from stages.probe import ClusterProbe, LinearProbe, load_probes
-from stages.projection import load_projection
-from stages.select import open_projection
+from stages.evaluation.probes import ClusterProbe, LinearProbe, load_probes
+from stages.projections import load_projection
+from stages.projections.select import open_projection
 from stages.stego.head import StegoHead
 from stages.stego.loss import correlation_loss, tensor_correlation, weighted_total
-from stages.stego.projection import StegoProjection
-from stages.stego.train import (
-    TrainSettings,
-    _sub_seeds,
-    batch_indices,
-    feature_correlations,
-    head_params,
-    settings_from_config,
-    train_head,
-    validate,
-)
+from stages.projections.stego import StegoProjection
+from stages.stego.train import TrainSettings, _sub_seeds, batch_indices, feature_correlations, train_head, validate
+from stages.train_head import head_params, settings_from_config
 from stages.store import create_token_store, open_token_store, write_shard
 
 D, GRID, LABEL, N_CLASSES = 12, 4, 8, 3

@@ -1,4 +1,4 @@
-"""``train-head``: STEGO segmentation heads trained from the token cache (spec §2, §3, §5.3, §9.1).
+"""STEGO segmentation head training on cached tokens (spec §2, §3, §5.3, §9.1).
 
 The backbone is frozen and Dropout2d follows it, so training on cached tokens with the three channel
 dropout masks drawn on the fly is exactly STEGO's training. One step = one batch:
@@ -23,17 +23,16 @@ weights. On CUDA the head forward runs under autocast (``head.amp``: bfloat16 wh
 float16 with a gradient scaler); the loss is computed in float32.
 
 ``head.checkpoint=<file.ckpt>`` makes the stage import a released STEGO checkpoint instead
-(:mod:`stages.stego.importer`); its params are then only the file's sha256, so the artifact is the one
+(:mod:`stages.commands.import_stego`); its params are then only the file's sha256, so the artifact is the one
 ``stegopipe import-stego <file.ckpt>`` creates.
 """
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,77 +41,18 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from pipeline.config import register_section
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, register_stage
-from stages.metrics import confusion_matrix, scores
-from stages.probe import ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code
+from stages.evaluation.metrics import confusion_matrix, scores
+from stages.evaluation.probes import ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code
 from stages.stego.head import PROJECTIONS, StegoHead
-from stages.stego.importer import checkpoint_sha256, write_imported
 from stages.stego.loss import PARTS, correlation_loss, correlation_term, sample, super_perm, weighted_total
-from stages.stego.projection import write_head_files
-from stages.store import TokenStore, open_token_store
+from stages.store import TokenStore
 
-STAGE = "train-head"
-VERSION = "1"
 SELECTIONS = ("last", "best_val_cluster_miou")
 HIST_BINS = 100
 HIST_RANGE = (-1.0, 1.0)
 DIAG_BATCHES = 8  # batches whose feature correlations go into the histograms
-
-
-@dataclass
-class LossWeights:
-    """λ of the three partner kinds (spec §3.4); defaults: STEGO's train_config.yml."""
-
-    intra: float = 0.67  # λ_self
-    inter: float = 0.25  # λ_knn
-    neg: float = 0.63  # λ_rand
-
-
-@dataclass
-class LossShifts:
-    """b of the three partner kinds (spec §3.2); defaults: STEGO's train_config.yml."""
-
-    intra: float = 0.18  # b_self
-    inter: float = 0.12  # b_knn
-    neg: float = 0.46  # b_rand
-
-
-@dataclass
-class HeadConfig:
-    """The STEGO head and its training (``head.*``). Defaults are STEGO's ``train_config.yml`` (which
-    matches no paper model, spec §12.1); the dataset presets set the paper's Table 1 values."""
-
-    projection: str = "nonlinear"  # nonlinear | linear
-    dim: int = 70  # code width (projection.dim overrides it when projection.method=stego)
-    dropout: float = 0.1  # Dropout2d probability on the features
-    lr: float = 5e-4  # head Adam learning rate (probes: 5e-3)
-    steps: int = 5000  # one step = one batch
-    batch_size: int = 16
-    feature_samples: int = 11  # S: S×S sample points per image
-    neg_samples: int = 5
-    pointwise: bool = True
-    zero_clamp: bool = True
-    stabilize: bool = False
-    weights: LossWeights = field(default_factory=LossWeights)
-    shifts: LossShifts = field(default_factory=LossShifts)
-    num_neighbors: int = 7  # kNN partner uniform over nns columns 1..num_neighbors
-    true_permutation: bool = False  # negatives from a true derangement instead of STEGO's super_perm
-    val_every: int = 100  # validate every N steps (0: never; then selection must be last)
-    selection: str = "last"  # last | best_val_cluster_miou
-    extra_clusters: int = 0
-    amp: bool = True  # autocast on CUDA
-    checkpoint: str | None = None  # import this STEGO .ckpt instead of training
-    checkpoint_ignore_unknown: bool = False  # import even if the checkpoint has unknown state-dict keys
-    val_batch_size: int = 8  # runtime only: samples per validation forward
-    loader_workers: int = 4  # runtime only: batches read (and decompressed) ahead in parallel threads
-
-
-register_section("head", HeadConfig)
-
-_RUNTIME_KEYS = ("checkpoint", "checkpoint_ignore_unknown", "val_batch_size", "loader_workers")
 
 
 @dataclass(frozen=True)
@@ -163,34 +103,6 @@ class TrainSettings:
              "best_val_cluster_miou needs validation (head.val_every > 0)")
         need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
              "a derangement of the batch needs head.batch_size >= 2")
-
-
-def settings_from_config(cfg: Any) -> TrainSettings:
-    """The :class:`TrainSettings` of a config: ``head.*`` (runtime keys dropped), ``projection.seed``,
-    and ``projection.dim`` as the head dim when ``projection.method == "stego"`` and it is set."""
-    head = {k: v for k, v in dict(cfg.head).items() if k not in _RUNTIME_KEYS}
-    head["weights"] = {k: float(v) for k, v in dict(cfg.head.weights).items()}
-    head["shifts"] = {k: float(v) for k, v in dict(cfg.head.shifts).items()}
-    if cfg.projection.method == "stego" and cfg.projection.dim is not None:
-        head["dim"] = int(cfg.projection.dim)
-    return TrainSettings(**head, seed=int(cfg.projection.seed))
-
-
-def head_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Imported: ``{"imported": sha256 of the file}``; trained: every :class:`TrainSettings` field."""
-    if cfg.head.checkpoint:
-        return {"imported": checkpoint_sha256(Path(cfg.head.checkpoint))}
-    return asdict(settings_from_config(cfg))
-
-
-def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
-    """tokens (extract train), knn, and the val tokens when validating; none for an import."""
-    if cfg.head.checkpoint:
-        return {}
-    inputs = {"tokens": Request("extract", cfg, {"split": "train"}), "knn": Request("knn", cfg)}
-    if cfg.head.val_every > 0:
-        inputs["val"] = Request("extract", cfg, {"split": "val"})
-    return inputs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +343,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
         return read_batch(train, batch, pin=dev.type == "cuda")
 
     start = time.perf_counter()
-    bar = tqdm(total=settings.steps, desc=STAGE, unit="step", disable=not progress)
+    bar = tqdm(total=settings.steps, desc="train-head", unit="step", disable=not progress)
     ahead = max(1, loader_workers)
     with prefetch(read, itertools.islice(sampler, settings.steps), workers=ahead, depth=ahead,
                   name="train-head-read") as batches:
@@ -443,7 +355,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
             values, drop_feats, drop_pos = trainer.step(both[:settings.batch_size], both[settings.batch_size:],
                                                         labels)
             if not math.isfinite(values["total"]):
-                raise StageError(f"{STAGE}: the loss became {values['total']} at step {step}; try head.amp=false "
+                raise StageError(f"train-head: the loss became {values['total']} at step {step}; try head.amp=false "
                                  f"or a smaller head.lr (now {settings.lr})")
             for key, curve in curves.items():
                 curve.append(values[key])
@@ -493,7 +405,7 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
     (histogram of ``fd`` per partner kind with its shift marked) into ``out``; returns the file names."""
     from matplotlib.figure import Figure
 
-    from stages.figures import DPI
+    from stages.evaluation.figures import DPI
 
     steps = diagnostics["steps"]
     curves = diagnostics["curves"]
@@ -549,43 +461,3 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
-
-
-# --------------------------------------------------------------------------------------------------
-# the stage
-# --------------------------------------------------------------------------------------------------
-
-
-@register_stage(STAGE, version=VERSION, kind="head", params=head_params, inputs=head_inputs,
-                make_target="make train-head", resources={"GPU": 1})
-def run_train_head(ctx: StageContext) -> dict[str, Any]:
-    """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
-    cfg = ctx.cfg
-    if "imported" in ctx.params:
-        return write_imported(Path(cfg.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
-                              ignore_unknown=bool(cfg.head.checkpoint_ignore_unknown))
-    from stages.knn import load_nns_npz
-
-    settings = TrainSettings(**ctx.params)
-    train = open_token_store(ctx.input("tokens").path / "tokens.zarr")
-    n_classes = train.attrs.get("n_classes")
-    if not isinstance(n_classes, int) or n_classes < 1:
-        raise InputError(f"token store {train.path}: attribute n_classes is {n_classes!r}, expected an integer >= 1")
-    nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
-    val = open_token_store(ctx.input("val").path / "tokens.zarr") if "val" in ctx.inputs else None
-    result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
-                        val_batch_size=int(cfg.head.val_batch_size), loader_workers=int(cfg.head.loader_workers),
-                        progress=True)
-    info = {"source": "trained", "chosen_step": result.chosen_step, "selection": settings.selection,
-            "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}
-    class_names = list(train.attrs.get("class_names") or [f"class_{i}" for i in range(n_classes)])
-    write_head_files(ctx.out, result.head, result.linear, result.cluster, class_names=class_names, info=info)
-    diagnostics = _json_safe(result.diagnostics)
-    (ctx.out / "diagnostics.json").write_text(json.dumps(diagnostics) + "\n")
-    plot_diagnostics(diagnostics, ctx.out)
-    chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
-    final = {k: v[-1] for k, v in diagnostics["curves"].items()}
-    return {"counts": {"train_samples": train.n, "val_samples": val.n if val else 0, "steps": settings.steps},
-            "chosen_step": result.chosen_step, "selection": settings.selection, "val_at_chosen_step": chosen_val,
-            "final_losses": final, "throughput": result.stats, "seeds": {"projection.seed": settings.seed,
-                                                                          **result.seeds}}

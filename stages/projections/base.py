@@ -39,10 +39,11 @@ FORMAT_VERSION = 1
 
 # Modules that register kinds, imported on demand by `load_projection` when a saved kind is not yet known.
 _PROVIDERS: dict[str, str] = {
-    "pca": "stages.reducers",
-    "rp": "stages.reducers",
-    "hnne": "stages.reducers",
-    "stego": "stages.stego.projection",
+    "identity": "stages.projections.identity",
+    "pca": "stages.projections.pca",
+    "rp": "stages.projections.rp",
+    "hnne": "stages.projections.hnne",
+    "stego": "stages.projections.stego",
 }
 
 _REGISTRY: dict[str, type["BaseProjection"]] = {}
@@ -225,27 +226,3 @@ class BaseProjection(ABC):
             return cls._from_state(int(meta["in_dim"]), meta["params"], arrays)
         except KeyError as err:
             raise ArtifactError(f"{directory}: saved {cls.kind} projection lacks {err}") from err
-
-
-@register_projection("identity")
-class IdentityProjection(BaseProjection):
-    """Codes are the tokens themselves (the DINO baseline)."""
-
-    def __init__(self, in_dim: int) -> None:
-        if in_dim < 1:
-            raise ConfigError(f"in_dim must be >= 1, got {in_dim}")
-        self.in_dim = int(in_dim)
-
-    @property
-    def dim(self) -> int:
-        return self.in_dim
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()  # never alias the caller's tokens
-
-    def _state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {}, {}
-
-    @classmethod
-    def _from_state(cls, in_dim: int, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> "IdentityProjection":
-        return cls(in_dim)

@@ -22,10 +22,10 @@ from pipeline.artifacts import sha256_file
 from pipeline.cli import register_command
 from pipeline.errors import InputError
 from stages.datasets.labelmaps import CITYSCAPES27_CLASS_NAMES, COCO27_CLASS_NAMES, POTSDAM3_CLASS_NAMES
-from stages.probe import ClusterProbe, LinearProbe
+from stages.evaluation.probes import ClusterProbe, LinearProbe
 from stages.stego.checkpoint import read_stego_checkpoint
 from stages.stego.head import StegoHead
-from stages.stego.projection import write_head_files
+from stages.projections.stego import write_head_files
 
 STEGO_CFG_FILE = "stego_cfg.json"
 KNOWN_CLASS_NAMES = {"cocostuff27": COCO27_CLASS_NAMES, "cityscapes": CITYSCAPES27_CLASS_NAMES,

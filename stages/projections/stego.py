@@ -1,4 +1,4 @@
-"""A trained (or imported) STEGO head as a :class:`~stages.projection.Projection` of kind ``"stego"``,
+"""A trained (or imported) STEGO head as a :class:`~stages.projections.Projection` of kind ``"stego"``,
 and the files of a ``head`` artifact.
 
 ``transform_map`` is the eval-mode code ``cluster1(f) + cluster2(f)`` (no dropout) of a feature map;
@@ -23,8 +23,8 @@ import torch
 from safetensors.numpy import save_file
 
 from pipeline.errors import ArtifactError, InputError
-from stages.probe import ClusterProbe, LinearProbe, save_probes
-from stages.projection import BaseProjection, register_projection
+from stages.evaluation.probes import ClusterProbe, LinearProbe, save_probes
+from stages.projections import BaseProjection, register_projection
 from stages.stego.head import StegoHead
 
 
@@ -94,7 +94,7 @@ def write_head_files(out: Path, head: StegoHead, linear: LinearProbe, cluster: C
                      class_names: Sequence[str], info: Mapping[str, Any]) -> None:
     """Write a head artifact's common files into ``out``: ``head.safetensors`` (the head's state dict),
     ``head.json`` (``info`` plus the head's shape), ``projection/`` (kind ``stego``) and ``probes/``
-    (:func:`stages.probe.save_probes`, the probe stage's format)."""
+    (:func:`stages.evaluation.probes.save_probes`, the probe stage's format)."""
     out = Path(out)
     if linear.dim != head.dim:
         raise InputError(f"probes read codes of width {linear.dim}, but the head outputs {head.dim}")

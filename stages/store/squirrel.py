@@ -32,17 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import fsspec
 import msgpack
 import numpy as np
-import zarr
 
-from pipeline.artifacts import ArtifactStore
-from pipeline.cli import register_command
-from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.runner import import_artifact
 from stages.datasets import transforms
 from stages.store import (
     create_token_store,
@@ -302,51 +296,3 @@ def import_squirrel(url: str, dest_path: str | os.PathLike[str], *, shard_size: 
         shutil.rmtree(dest_path, ignore_errors=True)  # publish nothing half-built
         raise
     return str(dest_path)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI: export-squirrel / import-squirrel
-# --------------------------------------------------------------------------------------------------
-
-
-@register_command
-@click.command("export-squirrel")
-@click.argument("artifact")
-@click.argument("url")
-@click.option("--shard-size", default=SQUIRREL_SHARD_SIZE, show_default=True, help="Samples per Squirrel shard.")
-def export_squirrel_cmd(artifact: str, url: str, shard_size: int) -> None:
-    """Write a tokens ARTIFACT as a stego-studies Squirrel store at URL (folder or fsspec URL)."""
-    store = ArtifactStore(load_config().run.root)
-    artifact = store.resolve(artifact)
-    if store.manifest(artifact).get("kind") != "tokens":
-        raise InputError(f"{artifact} is not a tokens artifact")
-    result = export_squirrel(store.path(artifact) / "tokens.zarr", url, shard_size=shard_size)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"{result.n} samples in {result.shards} shards at {result.url}")
-
-
-@register_command
-@click.command("import-squirrel")
-@click.argument("url")
-@click.option("--attr", "attrs", multiple=True, metavar="KEY=VALUE",
-              help="Store attribute to set when the source has none (backbone, dataset, split, res, ...).")
-def import_squirrel_cmd(url: str, attrs: tuple[str, ...]) -> None:
-    """Turn the Squirrel store at URL into a tokens artifact (content-addressed by the store's files)."""
-    root = load_config().run.root
-    fs, path = fsspec.core.url_to_fs(url)
-    listing = sorted((info["name"], info.get("size")) for info in fs.ls(path, detail=True))
-    extra = dict(a.split("=", 1) for a in attrs if "=" in a)
-    params = {"squirrel": url, "files": listing, "attrs": extra}
-
-    def write(ctx: Any) -> dict[str, Any]:
-        dest = import_squirrel(url, ctx.out / "tokens.zarr")
-        group = zarr.open_group(dest, mode="r+")
-        for key, value in extra.items():
-            group.attrs.setdefault(key, value)
-        return {"counts": {"samples": open_token_store(dest).n}, "source": url}
-
-    result = import_artifact(root, stage="extract", kind="tokens", version="squirrel-import-2", params=params,
-                             write=write, description="imported Squirrel store")
-    click.echo(str(result.path))

@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.config import register_section
 from pipeline.errors import ConfigError
 from pipeline.runner import Request
-from stages.projection import BaseProjection, IdentityProjection, load_projection
+from stages.projections import BaseProjection, IdentityProjection, load_projection
 
 METHODS = ("identity", "pca", "rp", "hnne", "stego")
 PROVIDER_STAGE = {"pca": "reduce", "rp": "reduce", "hnne": "reduce", "stego": "train-head"}

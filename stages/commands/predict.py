@@ -20,7 +20,7 @@ Geometry: by default the evaluation transform (shorter side → ``res``, nearest
 outputs at ``res``×``res``; with ``--full`` the whole image is resized (nearest) so that the shorter side
 is ``res`` and both sides are multiples of the patch, and the outputs have the original image size.
 
-CRF: :func:`stages.crf.dense_crf` on the reference's pixels (``evaluate``'s default), recorded in
+CRF: :func:`stages.evaluation.crf.dense_crf` on the reference's pixels (``evaluate``'s default), recorded in
 ``predictions.json``.
 
 Weights: the backbone weights come from the current config (``backbone.weights``, ``backbone.weights_dir``
@@ -48,15 +48,15 @@ from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.runner import resolve_device
 from stages.backbones import BACKBONES, dino_features, load_backbone
-from stages.crf import dense_crf
+from stages.evaluation.crf import dense_crf
 from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_nearest, resize_shorter_nearest
 from stages.evaluate import colorize, palette
 from stages.extract import weights_tag
-from stages.figures import IGNORE_LABEL, backbone_label, save_panels
-from stages.metrics import map_clusters
-from stages.probe import Probes, load_probes, predict_batch, upsample_code
-from stages.projection import BaseProjection
-from stages.select import open_projection
+from stages.evaluation.figures import IGNORE_LABEL, backbone_label, save_panels
+from stages.evaluation.metrics import map_clusters
+from stages.evaluation.probes import Probes, load_probes, predict_batch, upsample_code
+from stages.projections import BaseProjection
+from stages.projections.select import open_projection
 
 __all__ = ["BackboneRecord", "PredictResult", "backbone_record", "check_weights", "predict_image", "prepare_image",
            "overlay", "panel_legend", "resolve_probes", "write_label_png", "predict_cmd"]

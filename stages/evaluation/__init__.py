@@ -1,0 +1,1 @@
+"""Evaluation science: metrics (confusion, Hungarian matching), the dense CRF, probes and figures."""

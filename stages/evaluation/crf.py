@@ -1,0 +1,315 @@
+"""Dense CRF refinement (spec §7): a pure per-image function around pydensecrf2 and a process-pool
+runner with a per-image timeout.
+
+This module imports neither torch nor anything heavy, so spawned pool workers start quickly; torch
+tensors are accepted as inputs (converted with ``.detach().cpu().numpy()``).
+
+Pixels: the reference receives the ImageNet-normalised float32 image, un-normalises it
+(``x·std + mean``), converts it to uint8 by *truncation* (``mul(255).byte()``, so many values come out
+one lower than the source pixel) and reverses it to BGR. Both steps change the result, because
+pydensecrf's permutohedral lattice only approximates the bilateral kernel and is not symmetric in the
+colour channels. :func:`dense_crf` takes the uint8 RGB image and by default rebuilds exactly those
+pixels (:func:`reference_pixels`); ``pixels="raw"`` skips the round trip (BGR order kept).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.errors import ConfigError, InputError
+
+__all__ = [
+    "MAX_ITER", "POS_W", "POS_XY_STD", "BI_W", "BI_XY_STD", "BI_RGB_STD", "PIXEL_MODES",
+    "resize_bilinear", "reference_pixels", "crf_pixels", "dense_crf", "CrfResult", "crf_map",
+]
+
+log = logging.getLogger(__name__)
+
+# Reference constants (spec §7).
+MAX_ITER = 10
+POS_W = 3
+POS_XY_STD = 1
+BI_W = 4
+BI_XY_STD = 67
+BI_RGB_STD = 3
+UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax default
+PIXEL_MODES = ("reference", "raw")  # what dense_crf hands pydensecrf: see crf_pixels
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _source_index(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Taps of 1-D linear interpolation with ``align_corners=False`` (torch semantics, no antialias)."""
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize ``x [C, h, w]`` to ``[C, H, W]`` like ``F.interpolate(mode="bilinear",
+    align_corners=False)``; float32 out."""
+    x = np.asarray(x, dtype=np.float32)
+    height, width = size
+    if x.shape[1:] == (height, width):
+        return x
+    r0, r1, ry = _source_index(height, x.shape[1])
+    c0, c1, cx = _source_index(width, x.shape[2])
+    rows = x[:, r0, :] * (1 - ry)[None, :, None] + x[:, r1, :] * ry[None, :, None]
+    return rows[:, :, c0] * (1 - cx)[None, None, :] + rows[:, :, c1] * cx[None, None, :]
+
+
+def reference_pixels(image: np.ndarray) -> np.ndarray:
+    """The uint8 RGB ``[H, W, 3]`` values the reference's CRF sees (still RGB, same shape): the image
+    ImageNet-normalised as torchvision does it (``x / 255``, then ``(x − mean) / std``), un-normalised
+    (``x·std + mean``), ×255 and truncated to uint8, every step in float32 in torch's order, so the
+    result is bit-identical to ``to_pil_image(unnorm(normalize(to_tensor(image))))``."""
+    from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # lazily: keeps pool workers light
+
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    x = (image.astype(np.float32) / np.float32(255) - mean) / std
+    x = (x * std + mean) * np.float32(255)
+    return np.clip(x, 0, 255).astype(np.uint8)  # the clip only catches -0.x / 255.0x; uint8 cast truncates
+
+
+def crf_pixels(image: Any, pixels: str = "reference") -> np.ndarray:
+    """The contiguous uint8 BGR ``[H, W, 3]`` image :func:`dense_crf` hands pydensecrf for the uint8 RGB
+    ``image``: ``pixels="reference"`` (default) rebuilds the reference's pixels (:func:`reference_pixels`);
+    ``"raw"`` keeps the image's own values. Both reverse to BGR, as the reference does."""
+    img = _to_numpy(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"image: expected uint8 [H, W, 3] RGB, got {img.dtype} {img.shape}")
+    if pixels not in PIXEL_MODES:
+        raise ConfigError(f"pixels={pixels!r}: expected one of {', '.join(PIXEL_MODES)}")
+    if pixels == "reference":
+        img = reference_pixels(img)
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def _softmax0(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=0, keepdims=True))
+    return (z / z.sum(axis=0, keepdims=True)).astype(np.float32)
+
+
+def dense_crf(image: Any, logits: Any, *, pixels: str = "reference", iterations: int = MAX_ITER,
+              gaussian_sxy: float = POS_XY_STD, gaussian_w: float = POS_W, bilateral_sxy: float = BI_XY_STD,
+              bilateral_srgb: float = BI_RGB_STD, bilateral_w: float = BI_W) -> np.ndarray:
+    """Refine class scores with a fully connected CRF.
+
+    ``image``: uint8 ``[H, W, 3]`` RGB, handed to pydensecrf as :func:`crf_pixels` ``(image, pixels)``
+    (default: exactly the reference's pixels). ``logits``: float ``[C, h, w]`` (any log-scale scores, e.g.
+    ``log_softmax`` outputs), bilinearly resized to ``(H, W)`` when needed. The unary is
+    ``−log(clip(softmax(logits), 1e-5, 1))``; pairwise terms: a Gaussian kernel (``gaussian_sxy``,
+    weight ``gaussian_w``) and a bilateral kernel (``bilateral_sxy``, ``bilateral_srgb``, weight
+    ``bilateral_w``), Potts compatibility, ``iterations`` mean-field steps. Returns float32
+    marginals ``[C, H, W]`` (callers take ``argmax(0)``).
+    """
+    import pydensecrf.densecrf as dcrf  # here, so importing this module never needs the extension
+
+    img = crf_pixels(image, pixels)
+    scores = _to_numpy(logits)
+    if scores.ndim != 3 or scores.dtype.kind != "f" or scores.shape[0] < 1:
+        raise InputError(f"logits: expected float [C, h, w], got {scores.dtype} {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise InputError("logits: contains NaN or infinite values")
+    height, width = img.shape[:2]
+    n_classes = scores.shape[0]
+    probs = _softmax0(resize_bilinear(scores, (height, width)))
+    unary = np.ascontiguousarray(-np.log(np.clip(probs, UNARY_CLIP, 1.0)).reshape(n_classes, -1),
+                                 dtype=np.float32)
+    crf = dcrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_w)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=img, compat=bilateral_w)
+    q = crf.inference(iterations)
+    return np.asarray(q, dtype=np.float32).reshape(n_classes, height, width)
+
+
+@dataclass
+class CrfResult:
+    """Outcome of one item of :func:`crf_map`: marginals ``[C, H, W]`` or an error message."""
+
+    index: int
+    marginals: np.ndarray | None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+Items = Sequence[tuple[Any, Any]] | Callable[[int], tuple[Any, Any]]
+
+
+def _run_one(index: int, pair: tuple[Any, Any] | None, loader: Callable | None,
+             params: dict[str, Any]) -> CrfResult:
+    start = time.perf_counter()
+    try:
+        image, logits = pair if pair is not None else loader(index)
+        q = dense_crf(image, logits, **params)
+        return CrfResult(index, q, None, time.perf_counter() - start)
+    except Exception as exc:  # one bad item must not abort the batch; it is reported
+        return CrfResult(index, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+
+
+def _worker_main(conn: Any, loader: Callable | None, params: dict[str, Any]) -> None:
+    """Pool worker: announce readiness, then run ``(index, pair)`` tasks until ``None``."""
+    conn.send("ready")
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        index, pair = task
+        conn.send(_run_one(index, pair, loader, params))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, loader: Callable | None, params: dict[str, Any]) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, loader, params), daemon=True)
+        self.proc.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.index: int | None = None  # item in progress
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(2)
+        if self.proc.is_alive():
+            self.kill()
+        else:
+            self.conn.close()
+
+
+def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, Any], workers: int,
+              timeout_s: float, startup_timeout_s: float, emit: Callable[[CrfResult], None]) -> set[int]:
+    """Process items in spawned workers; returns the indices it could not start (pool failure)."""
+    ctx = mp.get_context("spawn")
+    pending = deque(range(n))
+    pool: list[_Worker] = []
+    try:
+        pool = [_Worker(ctx, loader, params) for _ in range(min(workers, n))]
+        while pending or any(w.index is not None for w in pool):
+            now = time.monotonic()
+            for w in pool:
+                if w.ready and w.index is None and pending:
+                    index = pending.popleft()
+                    w.conn.send((index, None if loader is not None else items[index]))
+                    w.index, w.deadline = index, time.monotonic() + timeout_s
+            deadlines = [w.started + startup_timeout_s if not w.ready else w.deadline
+                         for w in pool if not w.ready or w.index is not None]
+            readable = wait([w.conn for w in pool],
+                            timeout=max(0.0, min(deadlines) - now) if deadlines else None)
+            for w in list(pool):
+                if w.conn in readable:
+                    try:
+                        msg = w.conn.recv()
+                    except (EOFError, OSError):
+                        w.kill()  # reaps it: exitcode is then the worker's own status
+                        code = w.proc.exitcode
+                        pool.remove(w)
+                        if w.index is not None:
+                            emit(CrfResult(w.index, None, f"worker died (exit code {code})"))
+                        if not w.ready:  # a worker that cannot start: do not respawn blindly
+                            continue
+                        pool.append(_Worker(ctx, loader, params))
+                        continue
+                    if msg == "ready":
+                        w.ready = True
+                    else:
+                        w.index = None
+                        emit(msg)
+            now = time.monotonic()
+            for w in list(pool):
+                if w.ready and w.index is not None and now > w.deadline:
+                    w.kill()
+                    pool.remove(w)
+                    emit(CrfResult(w.index, None, f"timed out after {timeout_s:g} s", timeout_s))
+                    pool.append(_Worker(ctx, loader, params))
+                elif not w.ready and now > w.started + startup_timeout_s:
+                    w.kill()
+                    pool.remove(w)
+            if not pool:
+                log.warning("crf_map: no pool worker could start; running %d items serially",
+                            len(pending))
+                return set(pending)
+        return set()
+    finally:
+        for w in pool:
+            if w.index is None and w.ready:
+                w.stop()
+            else:
+                w.kill()
+
+
+def crf_map(items: Items, *, workers: int, timeout_s: float, n_items: int | None = None,
+            on_result: Callable[[CrfResult], None] | None = None, progress: bool = True,
+            startup_timeout_s: float = 120.0, **crf_params: Any) -> list[CrfResult]:
+    """Run :func:`dense_crf` over many images; results in input order.
+
+    ``items`` is a sequence of ``(image, logits)`` pairs, or a picklable callable ``load(i) ->
+    (image, logits)`` together with ``n_items`` (workers then load their own items, so large arrays
+    are never pickled). ``crf_params`` are passed to :func:`dense_crf`.
+
+    With ``workers > 1`` the items run in a spawn-mode process pool (safe from a process that has
+    torch or CUDA loaded): an item running longer than ``timeout_s`` gets its worker killed and
+    replaced and is returned as failed (``marginals=None``, ``error`` says why), as is an item whose
+    worker crashed or whose computation raised. ``workers <= 1``, or a pool whose workers cannot
+    start within ``startup_timeout_s``, runs serially in this process, where ``timeout_s`` is not
+    enforced. ``on_result`` is called in this process as each result arrives (completion order).
+    """
+    if not isinstance(workers, int) or isinstance(workers, bool):
+        raise ConfigError(f"workers={workers!r}: must be an integer (<= 1 means serial)")
+    if not timeout_s > 0:
+        raise ConfigError(f"timeout_s={timeout_s!r}: must be > 0 seconds")
+    if callable(items):
+        if n_items is None or n_items < 0:
+            raise ConfigError("n_items: required (>= 0) when items is a loader callable")
+        loader, n = items, n_items
+    else:
+        loader, n = None, len(items)
+    results: list[CrfResult | None] = [None] * n
+    with tqdm(total=n, desc="crf", unit="img", disable=not progress) as bar:
+        def emit(result: CrfResult) -> None:
+            results[result.index] = result
+            bar.update(1)
+            if on_result is not None:
+                on_result(result)
+
+        todo: set[int] | range = range(n)
+        if workers > 1 and n > 0:
+            try:
+                todo = _run_pool(n, items, loader, params=crf_params, workers=workers,
+                                 timeout_s=timeout_s, startup_timeout_s=startup_timeout_s, emit=emit)
+            except OSError as exc:  # e.g. cannot spawn processes here
+                log.warning("crf_map: process pool failed (%s); running serially", exc)
+                todo = [i for i in range(n) if results[i] is None]
+        for index in sorted(todo):
+            emit(_run_one(index, None if loader is not None else items[index], loader, crf_params))
+    return results  # type: ignore[return-value]
