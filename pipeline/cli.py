@@ -262,6 +262,7 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> Non
             size_text = f"~{human_bytes(estimate)}" if estimate is not None else ""
         counts[state] += 1
         inputs = ",".join(f"[{number[d]}]" for d in task.inputs.values() if d in number)
+        inputs = inputs if len(inputs) <= 12 else f"{len(task.inputs)} inputs"
         click.echo(f"[{n:>2}] {task.stage:<11} {task.id:<30} {state:<8} {size_text:>9}  {inputs:<12} "
                    f"{params_summary(task.params, 60)}")
         if holder:
@@ -454,5 +455,7 @@ def config_cmd(preset: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(to_yaml(load_config(preset, list(overrides))), nl=False)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the importable module, where plugins add commands
+    from pipeline import cli
+
+    cli.main()

@@ -379,6 +379,10 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
                "cluster": palette(probes.n_classes if assignment is not None else probes.n_clusters)}
     widest = colours["linear"] if probes.n_classes >= len(colours["cluster"]) - 1 else colours["cluster"]
     suffix = " + CRF" if crf else ""
+    maps = ("linear", "cluster") if probes.linear_trained else ("cluster",)
+    if not probes.linear_trained:
+        click.echo(f"warning: the linear probe of {probes_source} was never trained (no labelled pixel in its "
+                   "train split), so only cluster maps are written", err=True)
     features = backbone_label(record.name, tag)
     caption = f"head {head_id}" + (f" on {features}" if features else "")
     written = []
@@ -387,7 +391,7 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
         result = predict_image(model, projection, probes, x, shown, assignment=assignment, crf=crf)
         files = {}
         panels = [("image", shown)]
-        for name in ("linear", "cluster"):
+        for name in maps:
             ids = getattr(result, name)
             write_label_png(out_dir / f"{stem}.{name}.png", ids)
             blended = overlay(shown, ids, colours[name])
@@ -395,7 +399,8 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
             panels.append((f"{name} probe{suffix}", blended))
             files[name] = f"{stem}.{name}.png"
             files[f"{name}_overlay"] = f"{stem}.{name}.overlay.png"
-        legend = panel_legend(result.linear, result.cluster, widest, probes.meta.get("class_names"),
+        legend = panel_legend(result.linear if "linear" in maps else np.empty(0, np.int64), result.cluster, widest,
+                              probes.meta.get("class_names"),
                               assignment is not None)
         save_panels(out_dir / f"{stem}.panels.png", panels, legend, title=f"{path.name}: {caption}")
         files["panels"] = f"{stem}.panels.png"
@@ -406,7 +411,7 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
                "cluster_ids": "classes" if assignment is not None else "clusters",
                "class_names": probes.meta.get("class_names"), "n_clusters": probes.n_clusters,
                "backbone": {**asdict(record), "weights_tag": tag}, "res": res, "full": full, "crf": crf,
-               "crf_pixels": CRF_PIXELS if crf else None,
+               "crf_pixels": CRF_PIXELS if crf else None, "maps": list(maps),
                "images": written}
     (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     click.echo(f"{len(written)} images → {out_dir}/", err=True)

@@ -295,7 +295,7 @@ def crf_map(items: Items, *, workers: int, timeout_s: float, n_items: int | None
     else:
         loader, n = None, len(items)
     results: list[CrfResult | None] = [None] * n
-    with tqdm(total=n, desc="crf", unit="img", disable=not progress) as bar:
+    with tqdm(total=n, desc="crf", unit="img", **({} if progress else {"disable": True})) as bar:
         def emit(result: CrfResult) -> None:
             results[result.index] = result
             bar.update(1)

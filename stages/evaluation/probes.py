@@ -102,6 +102,7 @@ class LinearProbe(nn.Module):
         self.dim = dim
         self.n_classes = n_classes
         self.conv = nn.Conv2d(dim, n_classes, kernel_size=1, bias=True)
+        self.updates: int | None = None  # optimiser steps taken when trained here (0: no labelled pixel seen)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -178,6 +179,7 @@ class ProbeTrainer:
             torch.manual_seed(seed)
             self.cluster = ClusterProbe(dim, n_clusters or n_classes).to(self.device)
             self.linear = LinearProbe(dim, n_classes).to(self.device)
+        self.linear.updates = 0
         self.linear_opt = torch.optim.Adam(self.linear.parameters(), lr=lr)
         self.cluster_opt = (torch.optim.Adam(self.cluster.parameters(), lr=lr)
                             if cluster_fit == "adam" else None)
@@ -191,10 +193,11 @@ class ProbeTrainer:
         _check_code(code, self.linear.dim)
         labels = labels.to(self.device)
         linear_loss = self.linear.loss(code, labels)
-        if torch.isfinite(linear_loss):
+        if torch.isfinite(linear_loss):  # not finite: no labelled pixel in the batch
             self.linear_opt.zero_grad(set_to_none=True)
             linear_loss.backward()
             self.linear_opt.step()
+            self.linear.updates = (self.linear.updates or 0) + 1
         if self.cluster_opt is not None:
             cluster_loss, _ = self.cluster(code, None)
             self.cluster_opt.zero_grad(set_to_none=True)
@@ -299,6 +302,12 @@ class Probes:
         return self.linear.dim
 
     @property
+    def linear_trained(self) -> bool:
+        """False when the linear probe never took a step (trained without any labelled pixel); probes
+        saved without that record (imported, older) count as trained."""
+        return self.meta.get("linear_updates") != 0
+
+    @property
     def n_classes(self) -> int:
         return self.linear.n_classes
 
@@ -329,6 +338,7 @@ def save_probes(directory: Path, linear: LinearProbe, cluster: ClusterProbe, *, 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / PROBES_TENSORS))
     meta = {**dict(extra or {}), "format": PROBES_FORMAT, "n_classes": linear.n_classes,
             "n_clusters": cluster.n_clusters, "dim": linear.dim, "class_names": [str(c) for c in class_names],
+            "linear_updates": linear.updates,
             "projection": {"kind": projection.kind, "in_dim": int(projection.in_dim), "dim": int(projection.dim)}}
     (directory / PROBES_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

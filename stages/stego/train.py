@@ -343,7 +343,8 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
         return read_batch(train, batch, pin=dev.type == "cuda")
 
     start = time.perf_counter()
-    bar = tqdm(total=settings.steps, desc="train-head", unit="step", disable=not progress)
+    bar = tqdm(total=settings.steps, desc="train-head", unit="step",
+               **({} if progress else {"disable": True}))  # else TQDM_DISABLE (--quiet, no TTY) decides
     ahead = max(1, loader_workers)
     with prefetch(read, itertools.islice(sampler, settings.steps), workers=ahead, depth=ahead,
                   name="train-head-read") as batches:
