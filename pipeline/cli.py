@@ -1,8 +1,11 @@
 """The ``stegopipe`` command line (click).
 
-Stage plugins (``STEGOPIPE_PLUGINS``, default ``stages.plugin``) are imported before a command runs; they
-register stages, config sections and extra commands (:func:`register_command`). Errors of the
-:class:`StegopipeError` family print as one line and exit with status 2 (``--debug`` shows the
+Stage plugins (``STEGOPIPE_PLUGINS``, default ``stages.plugin``) register stages, config sections and
+extra commands: :func:`register_lazy_commands` (the command's module is imported only when it runs, so
+``--help`` and completion stay light) or :func:`register_command` (from a module the plugin imports).
+The built-in commands import plugins only when they need stages (``run``, ``plan``, ``stages``, ``gc``,
+``config``, ``ls STAGE``); ``ls``, ``show``, ``verify``, ``pin`` read the artifact store alone. Errors of
+the :class:`StegopipeError` family print as one line and exit with status 2 (``--debug`` shows the
 traceback).
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pipeline.errors import ConfigError, StegopipeError, did_you_mean  # noqa: E
 from pipeline.experiments import Experiment, experiment_names, experiment_path  # noqa: E402
 
 EXTRA_COMMANDS: list[click.Command] = []
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {}  # command name -> (module that registers it, short help)
 
 
 def register_command(command: click.Command) -> click.Command:
@@ -37,22 +41,52 @@ def register_command(command: click.Command) -> click.Command:
     return command
 
 
-class PluginGroup(click.Group):
-    """A click group that imports the stage plugins before listing or resolving commands."""
+def register_lazy_commands(module: str, commands: dict[str, str]) -> None:
+    """Let a plugin announce subcommands ``{name: short help}`` that ``module`` registers (with
+    :func:`register_command`) when imported; it is imported only when one of them runs."""
+    for name, short_help in commands.items():
+        LAZY_COMMANDS[name] = (module, short_help)
 
-    def _load(self) -> None:
-        runner.load_plugins(runner.plugin_names())
+
+class PluginGroup(click.Group):
+    """A click group whose plugin commands are loaded on demand (see the module docstring)."""
+
+    def _load(self, module: str | None = None) -> None:
+        runner.load_plugins(runner.plugin_names() + ([module] if module else []))
         for command in EXTRA_COMMANDS:
             if command.name not in self.commands:
                 self.add_command(command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load()
-        return super().list_commands(ctx)
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        self._load()
+        if name not in self.commands:
+            self._load()
+            if name not in self.commands and name in LAZY_COMMANDS:
+                self._load(LAZY_COMMANDS[name][0])
         return super().get_command(ctx, name)
+
+    def _short_help(self, ctx: click.Context, name: str, limit: int = 45) -> str | None:
+        """A command's one-line help without importing a lazy command's module (None: hidden/unknown)."""
+        if name in LAZY_COMMANDS and name not in self.commands:
+            return LAZY_COMMANDS[name][1]
+        command = self.get_command(ctx, name)
+        return None if command is None or command.hidden else command.get_short_help_str(limit)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = [(name, text) for name in names if (text := self._short_help(ctx, name, limit)) is not None]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        names = [n for n in self.list_commands(ctx) if n.startswith(incomplete)]
+        items = [CompletionItem(n, help=text) for n in names if (text := self._short_help(ctx, n)) is not None]
+        return items + click.Command.shell_complete(self, ctx, incomplete)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

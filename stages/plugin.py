@@ -14,5 +14,15 @@ from stages import (  # noqa: F401  (each module registers its stage and config 
     synthesize,
     train_head,
 )
-from stages.commands import export_nns, import_stego, predict, squirrel  # noqa: F401  (extra CLI commands)
+from pipeline.cli import register_lazy_commands
+
+# extra CLI commands: each module is imported only when one of its commands runs (light --help, completion)
+register_lazy_commands("stages.commands.predict", {"predict": "Segment images with a STEGO head (label PNGs, overlays)."})
+register_lazy_commands("stages.commands.import_stego",
+                       {"import-stego": "Import a released STEGO .ckpt as a train-head artifact."})
+register_lazy_commands("stages.commands.export_nns",
+                       {"export-nns": "Copy a knn artifact's neighbours into STEGO's nns file layout."})
+register_lazy_commands("stages.commands.squirrel", {
+    "export-squirrel": "Write a tokens artifact as a stego-studies Squirrel store.",
+    "import-squirrel": "Turn a Squirrel store into a tokens artifact."})
 from stages.projections import select  # noqa: F401  (the projection.* config section)
