@@ -74,9 +74,9 @@ def test_labels_are_exact_region_masks(tmp_path):
 
 
 def test_demo_size_is_fast(tmp_path):
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time of this process: other load on the machine does not count
     generate_synthetic(tmp_path, n_train=80, n_val=20, size=(96, 128), seed=0)
-    assert time.perf_counter() - t0 < 5.0
+    assert time.process_time() - t0 < 5.0
 
 
 def test_refuses_foreign_files_and_bad_args(tmp_path):
