@@ -51,7 +51,7 @@ def _images(n: int, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarr
 
 
 def _direct(image: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The baseline: pydensecrf2 called directly with the reference constants (spec §7)."""
+    """The baseline: pydensecrf2 called directly with the reference constants (method.md §7)."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 

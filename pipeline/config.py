@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import difflib
 from functools import cache
-from dataclasses import dataclass, field, is_dataclass, make_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -22,6 +22,23 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pipeline.errors import ConfigError, did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def setting(default: Any = MISSING, *, default_factory: Any = MISSING, runtime: bool = False,
+            choices: tuple[Any, ...] | None = None, min: float | None = None, above: float | None = None,
+            below: float | None = None) -> Any:
+    """A config field with its contract in metadata, for dataclass sections.
+
+    ``runtime=True``: the field never changes an artifact's content (worker counts, inference batch sizes,
+    devices, root paths), so it is left out of the artifact id and reaches a stage as ``ctx.runtime``;
+    every other field is part of the id of each stage that declares its section. ``choices``, ``min``
+    (inclusive), ``above``/``below`` (exclusive): the allowed values, checked by :func:`check_section`
+    (None always passes a range check).
+    """
+    metadata = {"runtime": runtime, "choices": choices, "min": min, "above": above, "below": below}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -56,6 +73,7 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig}
+"""Top-level sections by name; ``run`` is framework-only: no stage declares it and it never enters an id."""
 
 
 def register_section(name: str, schema: type) -> None:
@@ -66,6 +84,90 @@ def register_section(name: str, schema: type) -> None:
     if existing is not None and existing is not schema and existing.__qualname__ != schema.__qualname__:
         raise ValueError(f"config section '{name}' registered twice")
     SECTIONS[name] = schema
+
+
+def section_class(path: str) -> type:
+    """The dataclass of a section or sub-section (``"head"``, ``"dataset.synthetic"``)."""
+    name, *rest = path.split(".")
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section '{name}'{did_you_mean(name, SECTIONS)}")
+    cls = SECTIONS[name]
+    for part in rest:
+        hint = get_type_hints(cls).get(part)
+        if not is_dataclass(hint):
+            raise ConfigError(f"config section '{path}': '{part}' is not a sub-section of {cls.__name__}")
+        cls = hint
+    return cls
+
+
+def section_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dict[str, Any]]]:
+    """Every leaf field of a section dataclass: (dotted key relative to the section, type, metadata);
+    the fields of a runtime sub-section are runtime."""
+    out = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            sub = section_fields(hints[f.name], f"{prefix}{f.name}.")
+            if f.metadata.get("runtime"):
+                sub = [(key, typ, {**meta, "runtime": True}) for key, typ, meta in sub]
+            out += sub
+        else:
+            out.append((f"{prefix}{f.name}", hints[f.name], dict(f.metadata)))
+    return out
+
+
+def _pop(tree: dict[str, Any], dotted: str) -> Any:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree[part]
+    return tree.pop(leaf)
+
+
+def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def split_sections(cfg: Any, paths: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sections ``paths`` of a config, split by the fields' metadata into (id part, runtime part):
+    plain nested dicts keyed by section path; the ``run`` section is always in the runtime part."""
+    ident: dict[str, Any] = {}
+    runtime: dict[str, Any] = {"run": to_container(OmegaConf.select(cfg, "run")) if "run" in cfg else {}}
+    for path in paths:
+        node = OmegaConf.select(cfg, path)
+        values = to_container(node) if node is not None else {}
+        moved: dict[str, Any] = {}
+        for key, _, meta in section_fields(section_class(path)):
+            if meta.get("runtime"):
+                _put(moved, key, _pop(values, key))
+        ident[path], runtime[path] = values, moved
+    return ident, runtime
+
+
+def check_section(path: str, values: Any) -> None:
+    """Check a section's values against its fields' ``choices`` and ranges (see :func:`setting`); one
+    :class:`ConfigError` naming the key, the value and what is allowed."""
+    for key, _, meta in section_fields(section_class(path)):
+        value = OmegaConf.select(values, key) if isinstance(values, DictConfig) else _get(values, key)
+        name = f"{path}.{key}"
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{name}={value!r}: must be >= {meta['min']}")
+        if meta.get("above") is not None and not value > meta["above"]:
+            raise ConfigError(f"{name}={value!r}: must be > {meta['above']}")
+        if meta.get("below") is not None and not value < meta["below"]:
+            raise ConfigError(f"{name}={value!r}: must be < {meta['below']}")
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def schema() -> DictConfig:

@@ -1,8 +1,13 @@
 """Stage registry, DAG resolution, skip-if-done execution, local or Dask.
 
-A stage registers a ``run(ctx)`` function with its name, code version, artifact kind, a ``params``
-function (config + request args → the params that change its output) and an ``inputs`` function
-(config + args → upstream :class:`Request` s). :func:`plan` turns requests into a deduplicated,
+A stage registers a ``run(ctx)`` function with its name, code version, artifact kind, the config
+sections it reads, an optional ``params`` function and an ``inputs`` function (config + args → upstream
+:class:`Request` s). The stage contract: the id params come from the declared sections with their
+runtime-only fields removed (:func:`pipeline.config.setting`): by default those values as they are; a
+``params`` function, when given, sees only them (a read-only view: reading a runtime field or an
+undeclared section fails) and the request args, to validate and shape them. A running stage gets
+``ctx.params``, ``ctx.config`` (that view) and ``ctx.runtime`` (the runtime fields and ``run``), never
+the whole config. :func:`plan` turns requests into a deduplicated,
 topologically sorted list of :class:`Task` s whose ids are content addresses; :func:`run_tasks`
 executes only tasks whose artifact is missing (DVC ``repro`` semantics), in-process or on a Dask
 cluster (LocalCluster, an existing scheduler, or SLURM through dask-jobqueue), independent tasks in
@@ -35,7 +40,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import specs
 from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
-from pipeline.config import to_container
+from pipeline.config import check_section, split_sections, to_container
 from pipeline.errors import (ArtifactError, ConfigError, MissingArtifactError, StageError, StegopipeError,
                              did_you_mean)
 
@@ -60,13 +65,14 @@ class Stage:
     version: str
     kind: str
     run: Callable[[StageContext], dict[str, Any] | None]
-    params: ParamsFn
+    params: ParamsFn | None
     inputs: InputsFn
     args: Mapping[str, Any]
     resumable: bool
     make_target: str
     resources: Mapping[str, float]
     description: str
+    sections: tuple[str, ...] = ()
 
 
 STAGES: dict[str, Stage] = {}
@@ -77,7 +83,8 @@ def register_stage(
     *,
     version: str,
     kind: str,
-    params: ParamsFn,
+    sections: tuple[str, ...] = (),
+    params: ParamsFn | None = None,
     inputs: InputsFn | None = None,
     args: Mapping[str, Any] | None = None,
     resumable: bool = False,
@@ -89,7 +96,7 @@ def register_stage(
 
     def decorate(run: Callable[[StageContext], Any]) -> Callable[[StageContext], Any]:
         STAGES[name] = Stage(
-            name=name, version=version, kind=kind, run=run, params=params,
+            name=name, version=version, kind=kind, run=run, params=params, sections=tuple(sections),
             inputs=inputs or (lambda cfg, args: {}), args=dict(args or {}), resumable=resumable,
             make_target=make_target or f"make {name}", resources=dict(resources or {}),
             description=description or (run.__doc__ or "").strip().split("\n")[0],
@@ -97,6 +104,32 @@ def register_stage(
         return run
 
     return decorate
+
+
+def config_view(tree: dict[str, Any]) -> DictConfig:
+    """A read-only, struct-mode config of ``{section path: values}`` (missing keys raise)."""
+    nested: dict[str, Any] = {}
+    for path, values in tree.items():
+        node = nested
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = values
+    view = OmegaConf.create(nested)
+    OmegaConf.set_struct(view, True)
+    OmegaConf.set_readonly(view, True)
+    return view
+
+
+def id_params(stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of ``stage``'s artifact id under ``cfg`` (see the module docstring); checks the
+    declared sections' choices and ranges first."""
+    for path in stage.sections:
+        check_section(path, OmegaConf.select(cfg, path))
+    ident, _ = split_sections(cfg, stage.sections)
+    if stage.params is not None:
+        return stage.params(config_view(ident), args)
+    return ident[stage.sections[0]] if len(stage.sections) == 1 else ident  # every id field, as it is
 
 
 def plugin_names() -> list[str]:
@@ -192,7 +225,7 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
     inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems)
               for name, req in upstream.items()}
     try:
-        params = stage.params(request.cfg, args)
+        params = id_params(stage, request.cfg, args)
         needs = NEEDS[stage.name](request.cfg, args) if stage.name in NEEDS else []
     except ConfigError as exc:
         problems.append(str(exc))
@@ -258,12 +291,14 @@ class StageContext:
     staging: Staging
     inputs: dict[str, InputArtifact]
     device: str
+    sections: tuple[str, ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
     shards_computed: int = 0
     shards_reused: int = 0
 
     @property
     def params(self) -> dict[str, Any]:
+        """The id params (what the artifact id was computed from)."""
         return self.task.params
 
     @property
@@ -271,8 +306,14 @@ class StageContext:
         return self.task.args
 
     @property
-    def cfg(self) -> DictConfig:
-        return OmegaConf.create(self.task.cfg)
+    def config(self) -> DictConfig:
+        """The declared sections without their runtime fields (read-only; all of it is covered by the id)."""
+        return config_view(split_sections(OmegaConf.create(self.task.cfg), self.sections)[0])
+
+    @property
+    def runtime(self) -> DictConfig:
+        """The runtime-only fields of the declared sections, and ``run`` (none of it changes the id)."""
+        return config_view(split_sections(OmegaConf.create(self.task.cfg), self.sections)[1])
 
     @property
     def out(self) -> Path:
@@ -492,7 +533,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             _check_input(store, task, name, dep)
             inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
         staging = store.staging(task.id, fresh=not stage.resumable or force)
-        ctx = StageContext(task, store, staging, inputs, resolve_device(device))
+        ctx = StageContext(task, store, staging, inputs, resolve_device(device), stage.sections)
         start = time.perf_counter()
         try:
             with _stage_log(staging.dir / LOG_FILE):

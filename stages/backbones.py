@@ -1,6 +1,6 @@
 """Frozen DINO ViT backbones (timm models) and official DINO checkpoint loading.
 
-Spec: reference §1.1 (variants, weights, hyper-parameters), §1.2 (which tensor is ``feat``),
+Spec: method.md §1.1 (variants, weights, hyper-parameters), §1.2 (which tensor is ``feat``),
 §1.3 (DINO's "+0.1" position-embedding interpolation), worked example RV11.
 
 ``feat`` is the output of the last block after the final LayerNorm, CLS token dropped, reshaped

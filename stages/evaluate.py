@@ -1,6 +1,6 @@
 """``evaluate`` stage: probes on the cached val split → confusion matrices, scores, optional dense CRF.
 
-Protocol (spec §6.1, §7, §9.2): for each val sample, ``code = projection(tokens)`` at feature resolution
+Protocol (method.md §6.1, §7, §9.2): for each val sample, ``code = projection(tokens)`` at feature resolution
 (with ``evaluate.flip_tta``: ``(code + flip_W(projection(tokens_flip))) / 2``), bilinearly upsampled
 (``align_corners=False``) to the label size; linear probe → argmax, cluster probe → argmax cosine. The
 linear confusion matrix is scored as it stands, the cluster one after Hungarian matching
@@ -33,6 +33,7 @@ Artifact (kind ``eval``):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -47,8 +48,8 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import stage_of
-from pipeline.config import register_section
-from pipeline.errors import ArtifactError, ConfigError, InputError, StageError
+from pipeline.config import register_section, setting
+from pipeline.errors import ArtifactError, InputError, StageError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
@@ -58,6 +59,8 @@ from stages.evaluation.probes import Probes, load_probes, predict_batch, upsampl
 from stages.probe import TOKENS_STORE, probe_request
 from stages.projections import BaseProjection
 from stages.projections.select import open_projection, projection_params, projection_request
+
+log = logging.getLogger("stegopipe")
 from stages.store import TokenStore, open_token_store
 
 __all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "example_panels", "evaluate_stage"]
@@ -71,16 +74,16 @@ PANEL_TITLES = {"linear": "linear probe", "cluster": "cluster probe", "linear_cr
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation on the val split (``evaluate.*``); crf_workers, crf_timeout_s, batch_size are runtime."""
+    """Evaluation on the val split (``evaluate.*``)."""
 
     crf: bool = False  # also report dense-CRF-refined scores
-    crf_pixels: str = "reference"  # reference | raw: the image the CRF sees (stages.evaluation.crf.crf_pixels)
+    crf_pixels: str = setting("reference", choices=PIXEL_MODES)  # the image the CRF sees (crf.crf_pixels)
     flip_tta: bool = False  # average the code with the flipped image's code (eval_segmentation.py)
-    examples: int = 4  # example PNGs (evenly spaced val samples)
-    drop_extra_clusters: bool = False  # reference scoring of extra clusters (spec §6.2-6.3)
-    crf_workers: int = 2  # CRF processes (<= 1: serial in the stage process)
-    crf_timeout_s: float = 120.0  # per-image CRF limit in the pool
-    batch_size: int = 8  # val samples per projection batch
+    examples: int = setting(4, min=0)  # example PNGs (evenly spaced val samples)
+    drop_extra_clusters: bool = False  # reference scoring of extra clusters (method.md §6.2-6.3)
+    crf_workers: int = setting(2, runtime=True)  # CRF processes (<= 1: serial in the stage process)
+    crf_timeout_s: float = setting(120.0, runtime=True, above=0)  # per-image CRF limit in the pool
+    batch_size: int = setting(8, runtime=True, min=1)  # val samples per projection batch
 
 
 register_section("evaluate", EvaluateConfig)
@@ -167,22 +170,9 @@ def _inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 
 def _params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     e = cfg.evaluate
-    if int(e.examples) < 0:
-        raise ConfigError(f"evaluate.examples={e.examples}: must be an integer >= 0")
-    if e.crf_pixels not in PIXEL_MODES:
-        raise ConfigError(f"evaluate.crf_pixels={e.crf_pixels!r}: expected one of {', '.join(PIXEL_MODES)}")
     return {"crf": bool(e.crf), "crf_pixels": str(e.crf_pixels) if e.crf else None, "flip_tta": bool(e.flip_tta),
             "examples": int(e.examples),
             "drop_extra_clusters": bool(e.drop_extra_clusters), "projection": projection_params(cfg)}
-
-
-def _runtime(cfg: Any) -> tuple[int, float, int]:
-    e = cfg.evaluate
-    if int(e.batch_size) < 1:
-        raise ConfigError(f"evaluate.batch_size={e.batch_size}: must be an integer >= 1")
-    if not float(e.crf_timeout_s) > 0:
-        raise ConfigError(f"evaluate.crf_timeout_s={e.crf_timeout_s}: must be > 0 seconds")
-    return int(e.crf_workers), float(e.crf_timeout_s), int(e.batch_size)
 
 
 @dataclass
@@ -362,12 +352,37 @@ def _index_id(manifest: Mapping[str, Any]) -> str | None:
     return None
 
 
-@register_stage("evaluate", version="2", kind="eval", params=_params, inputs=_inputs, resumable=True,
+def _scored_probes(labelled: bool, linear_trained: bool) -> list[str]:
+    """The probes whose scores mean something, with one warning for those that are skipped: none without
+    a labelled val pixel (a folder dataset without labels), the linear probe only if it was trained."""
+    if not labelled:
+        log.warning("evaluate: the val split has no labelled pixel (a dataset without labels/val/): no metrics "
+                    "are written; `stegopipe predict` writes the cluster maps of your images")
+        return []
+    if not linear_trained:
+        log.warning("evaluate: the linear probe never saw a labelled train pixel (no labels/train/), so it is "
+                    "skipped; cluster probe metrics only")
+        return ["cluster"]
+    return list(PROBE_NAMES)
+
+
+def _headline(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """``linear mIoU 41.2 acc 70.3 | cluster ...`` for the console (scores are ×100)."""
+    def number(x: Any) -> str:
+        return "n/a" if x is None else f"{x:.1f}"
+
+    parts = [f"{entry.replace('_crf', '+CRF')} mIoU {number(r['miou'])} acc {number(r['accuracy'])}"
+             for entry, r in results.items()]
+    return " | ".join(parts) or "no labelled val pixels: no metrics"
+
+
+@register_stage("evaluate", version="2", kind="eval", sections=("evaluate", "projection"), params=_params, inputs=_inputs, resumable=True,
                 make_target="make evaluate")
 def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
     p = ctx.params
-    workers, timeout_s, batch_size = _runtime(ctx.cfg)
+    e = ctx.runtime.evaluate
+    workers, timeout_s, batch_size = int(e.crf_workers), float(e.crf_timeout_s), int(e.batch_size)
     ev = _open(ctx, batch_size)
     store, n, k = ev.store, ev.probes.n_classes, ev.probes.n_clusters
     examples = _example_indices(store.n, p["examples"])
@@ -384,9 +399,10 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                 shown[int(i)] = {name: preds[name][j] for name in PROBE_NAMES}
     pixels = int(conf["linear"].sum())
     eval_s = time.perf_counter() - start
+    scored = _scored_probes(pixels > 0, ev.probes.linear_trained)
     failed: list[dict[str, str]] = []
     crf_images, crf_s = 0, 0.0
-    if p["crf"]:
+    if p["crf"] and scored:
         start = time.perf_counter()
         crf_images = _crf_pass(ctx, ev, workers, timeout_s, p["crf_pixels"])
         crf_s = time.perf_counter() - start
@@ -410,13 +426,15 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
     assignments: dict[str, np.ndarray] = {}
     for entry, matrix in conf.items():
-        hungarian = entry.startswith("cluster")
-        results[entry], assignments[entry] = _score_entry(matrix, hungarian, p["drop_extra_clusters"] and hungarian)
         np.save(ctx.out / f"confusion_{entry}.npy", matrix)
+        if entry.removesuffix("_crf") in scored:
+            hungarian = entry.startswith("cluster")
+            results[entry], assignments[entry] = _score_entry(matrix, hungarian,
+                                                              p["drop_extra_clusters"] and hungarian)
 
     attrs = store.attrs
     colours = palette(n)
-    if examples:
+    if examples and results:
         (ctx.out / "examples").mkdir(exist_ok=True)
         rgb = store.get_rgb(examples) if store.has_rgb else None
         labels = store.get_labels(examples)
@@ -426,7 +444,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                    f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
         for row, i in enumerate(examples):
             image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
-            preds = {entry: shown[i][entry] for entry in conf}
+            preds = {entry: shown[i][entry] for entry in results}
             panels, legend = example_panels(image, labels[row], preds, assignments, colours, names)
             name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
             save_panels(ctx.out / "examples" / f"{row}-{name}.png", panels, legend,
@@ -455,5 +473,6 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)
     ctx.record(counts={"images": store.n, "pixels": pixels, "crf_failed": len(failed)}, throughput=throughput,
                crf_failed=failed,
-               summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()})
+               summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()},
+               headline=_headline(results))
     return {}

@@ -1,6 +1,6 @@
 """``extract`` stage: frozen DINO tokens of one split → a sharded Zarr ``tokens`` artifact.
 
-Per sample (reference §1.5): decode image and label through the prepared index's reader, resize the
+Per sample (method.md §1.5): decode image and label through the prepared index's reader, resize the
 shorter side to ``res`` (nearest) and center-crop, ImageNet-normalise (per batch, on the device: uint8
 goes over the bus, the values are those of :func:`preprocess_image`); forward the frozen backbone
 (:func:`stages.backbones.dino_features`, ``torch.inference_mode``, fp16 autocast on CUDA when
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.artifacts import sha256_file
-from pipeline.config import register_section
+from pipeline.artifacts import ArtifactStore, sha256_file
+from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.runner import Request, StageContext, Task, register_estimate, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
 from stages.datasets.base import SampleRef
 from stages.datasets.transforms import (
@@ -76,23 +76,23 @@ class BackboneConfig:
     weights: str = "random"  # random | dino | timm | a checkpoint path
     weights_dir: str | None = "${oc.env:STEGOPIPE_WEIGHTS_DIR,null}"  # folder of the official DINO files
     seed: int = 0  # init seed of weights=random
-    pos_interp: str = "dino"  # dino | timm (DINOv2 always uses timm)
-    trust_checkpoint: bool = False  # allow checkpoints that need arbitrary unpickling
+    pos_interp: str = setting("dino", choices=POS_INTERP_MODES)  # DINOv2 always uses timm
+    trust_checkpoint: bool = setting(False, runtime=True)  # allow checkpoints that need arbitrary unpickling
 
 
 @dataclass
 class ExtractConfig:
-    """Token extraction (``extract.*``); batch_size, loader_workers and dask_shards are runtime only."""
+    """Token extraction (``extract.*``)."""
 
-    train_res: int = 224
-    val_res: int = 320
-    shard_size: int = 64  # samples per shard file (changes the layout, so part of the id)
-    batch_size: int = 16
-    loader_workers: int = 2  # decode/transform threads (0: decode on the main thread)
+    train_res: int = setting(224, min=1)
+    val_res: int = setting(320, min=1)
+    shard_size: int = setting(64, min=1)  # samples per shard file (changes the layout, so part of the id)
+    batch_size: int = setting(16, runtime=True, min=1)
+    loader_workers: int = setting(2, runtime=True, min=0)  # decode/transform threads (0: on the main thread)
     amp: bool = True  # fp16 autocast on CUDA (no effect on CPU)
     flip_val: bool = True  # store tokens_flip (tokens of the flipped image) for val
     rgb_val: bool = True  # store the cropped uint8 image for val (CRF)
-    dask_shards: bool = False  # shards as Dask tasks when inside a Dask worker or run.scheduler is set
+    dask_shards: bool = setting(False, runtime=True)  # shards as Dask tasks inside a Dask worker or with run.scheduler
 
 
 register_section("backbone", BackboneConfig)
@@ -135,22 +135,18 @@ def weights_tag(backbone: Any) -> str:
                               "DINO-v1 file); allowed: random, timm or a checkpoint path")
         if not backbone.weights_dir:
             raise ConfigError(f"backbone.weights=dino needs backbone.weights_dir: a folder holding "
-                              f"{spec.dino_file} (download: {spec.dino_url})")
+                              f"{spec.dino_file} (download: {spec.dino_url}); set WEIGHTS_DIR=DIR for make, "
+                              f"or the environment variable STEGOPIPE_WEIGHTS_DIR")
         path = Path(backbone.weights_dir).expanduser() / spec.dino_file
         if not path.is_file():
             raise ConfigError(f"backbone.weights_dir={backbone.weights_dir}: no {spec.dino_file} there; "
-                              f"download it from {spec.dino_url}")
+                              f"download it from {spec.dino_url} (backbone.weights_dir comes from WEIGHTS_DIR=DIR "
+                              f"for make, or STEGOPIPE_WEIGHTS_DIR)")
         return _weights_file_tag("dino", path, "backbone.weights_dir")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"backbone.weights={weights!r}: expected random, dino, timm or an existing checkpoint file")
     return _weights_file_tag("file", path, "backbone.weights")
-
-
-def _check_positive(key: str, value: Any) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    return value
 
 
 def extract_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,17 +157,11 @@ def extract_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     backbone, extract = cfg.backbone, cfg.extract
     if backbone.name not in BACKBONES:
         raise ConfigError(f"backbone.name={backbone.name!r}: expected one of {', '.join(sorted(BACKBONES))}")
-    if backbone.pos_interp not in POS_INTERP_MODES:
-        raise ConfigError(f"backbone.pos_interp={backbone.pos_interp!r}: expected one of {', '.join(POS_INTERP_MODES)}")
     spec = BACKBONES[backbone.name]
     res_key = f"extract.{split}_res"
-    res = _check_positive(res_key, extract[f"{split}_res"])
+    res = int(extract[f"{split}_res"])
     if res % spec.patch:
         raise ConfigError(f"{res_key}={res}: must be a multiple of the patch size {spec.patch} of {backbone.name}")
-    for key in ("shard_size", "batch_size"):
-        _check_positive(f"extract.{key}", extract[key])
-    if extract.loader_workers < 0:
-        raise ConfigError(f"extract.loader_workers={extract.loader_workers}: must be >= 0")
     return {
         "split": split,
         "backbone": backbone.name,
@@ -187,6 +177,25 @@ def extract_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
 
 def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return {"index": Request("prepare", cfg, {"split": args["split"]})}
+
+
+def extract_estimate(task: Task, store: ArtifactStore) -> int | None:
+    """Bytes of the token arrays, N × h × w × D float16 (twice with tokens_flip): N from the index when it
+    exists, else from the synthetic dataset's config; None when N is not known yet."""
+    p, dataset = task.params, task.cfg["dataset"]
+    index = task.inputs.get("index")
+    if index and store.exists(index):
+        n = store.manifest(index).get("counts", {}).get("samples")
+    elif dataset["name"] == "synthetic":
+        n = dataset["synthetic"][f"n_{p['split']}"] * (5 if p["split"] == "train" and dataset["train_crop"] == "five" else 1)
+    else:
+        return None
+    spec = BACKBONES[p["backbone"]]
+    grid = p["res"] // spec.patch
+    return int(n) * grid * grid * spec.embed_dim * 2 * (2 if p["flip"] else 1)
+
+
+register_estimate("extract", extract_estimate)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,21 +474,21 @@ def _run_dask(ctx: StageContext, client: Any, store: Path, todo: list[tuple[int,
         raise
 
 
-@register_stage("extract", version="2", kind="tokens", params=extract_params, inputs=extract_inputs,
+@register_stage("extract", version="2", kind="tokens", sections=("backbone", "extract"), params=extract_params, inputs=extract_inputs,
                 args={"split": "train"}, resumable=True, make_target="make extract",
                 resources={"GPU": 1})
 def extract(ctx: StageContext) -> dict[str, Any]:
     """Frozen-backbone tokens of one split into a sharded Zarr store."""
-    p, cfg = ctx.params, ctx.cfg
+    p, backbone, runtime = ctx.params, ctx.config.backbone, ctx.runtime
     index_path = ctx.input("index").path
     index = load_index(index_path)
     spec = BACKBONES[p["backbone"]]
     settings = Settings(
         index_path=str(index_path), res=p["res"], flip=p["flip"], rgb=p["rgb"], amp=p["amp"],
-        batch_size=int(cfg.extract.batch_size), loader_workers=int(cfg.extract.loader_workers),
-        model=ModelSettings(name=p["backbone"], weights=str(cfg.backbone.weights), weights_dir=cfg.backbone.weights_dir,
-                            seed=int(cfg.backbone.seed), pos_interp=p["pos_interp"],
-                            trust_checkpoint=bool(cfg.backbone.trust_checkpoint), weights_tag=p["weights_tag"],
+        batch_size=int(runtime.extract.batch_size), loader_workers=int(runtime.extract.loader_workers),
+        model=ModelSettings(name=p["backbone"], weights=str(backbone.weights), weights_dir=backbone.weights_dir,
+                            seed=int(backbone.seed), pos_interp=p["pos_interp"],
+                            trust_checkpoint=bool(runtime.backbone.trust_checkpoint), weights_tag=p["weights_tag"],
                             device=ctx.device),
     )
     grid = (p["res"] // spec.patch, p["res"] // spec.patch)
@@ -496,7 +505,7 @@ def extract(ctx: StageContext) -> dict[str, Any]:
     todo = [(int(key), key) for key in ctx.shards(keys)]
     n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)
 
-    with _dask_client(cfg.run) if cfg.extract.dask_shards else contextlib.nullcontext() as client, \
+    with _dask_client(runtime.run) if runtime.extract.dask_shards else contextlib.nullcontext() as client, \
             tqdm(total=n_todo, unit="img", desc=f"extract {index.dataset}/{index.split}@{p['res']}",
                  leave=False) as bar:
         executor = "local" if client is None else "dask"

@@ -8,8 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import register_section
-from pipeline.errors import ConfigError
+from pipeline.config import register_section, setting
 from pipeline.runner import Request, StageContext, register_stage
 from stages.stego.knn import STEGO_NUM_NEIGHBORS, descriptors_from_store, save_nns_npz, topk_neighbors
 
@@ -20,34 +19,28 @@ TOKENS_STORE = "tokens.zarr"
 class KnnConfig:
     """kNN pairs for STEGO positives (``knn.*``)."""
 
-    k: int = STEGO_NUM_NEIGHBORS  # neighbours per sample (column 0 is the sample itself)
-    block_size: int = 4096  # rows/columns per similarity block (memory ~ block_size²); runtime only
-    batch_size: int = 256  # samples per read when pooling descriptors; runtime only
+    k: int = setting(STEGO_NUM_NEIGHBORS, min=1)  # neighbours per sample (column 0 is the sample itself)
+    block_size: int = setting(4096, runtime=True, min=1)  # rows/columns per similarity block (memory ~ block_size²)
+    batch_size: int = setting(256, runtime=True, min=1)  # samples per read when pooling descriptors
 
 
 register_section("knn", KnnConfig)
-
-
-def _knn_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    if cfg.knn.k < 1:
-        raise ConfigError(f"knn.k={cfg.knn.k}: must be at least 1")
-    return {"k": int(cfg.knn.k)}
 
 
 def _knn_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return {"tokens": Request("extract", cfg, {"split": "train"})}
 
 
-@register_stage("knn", version="1", kind="knn", params=_knn_params, inputs=_knn_inputs, make_target="make knn")
+@register_stage("knn", version="1", kind="knn", sections=("knn",), inputs=_knn_inputs, make_target="make knn")
 def knn_stage(ctx: StageContext) -> dict[str, Any]:
     """Cosine top-k neighbours of the pooled train tokens (STEGO's nns file)."""
     from stages.store import open_token_store
 
     store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
     start = time.perf_counter()
-    descriptors = descriptors_from_store(store, batch_size=ctx.cfg.knn.batch_size)
+    descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size)
     k = min(ctx.params["k"], store.n)
-    nns, sims = topk_neighbors(descriptors, k, block_size=ctx.cfg.knn.block_size,
+    nns, sims = topk_neighbors(descriptors, k, block_size=ctx.runtime.knn.block_size,
                                device=ctx.device, return_similarities=True)
     save_nns_npz(ctx.out / "nns.npz", nns, sims)
     notes = [f"knn.k={ctx.params['k']} exceeds the {store.n} train samples; stored k={k}"] if k < ctx.params["k"] else []

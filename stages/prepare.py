@@ -20,9 +20,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.artifacts import sha256_file
-from pipeline.config import register_section
+from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.runner import Need, Request, StageContext, register_needs, register_stage
 from stages.datasets.base import DatasetReader, SampleRef, check_sample
 from stages.datasets.registry import dataset_names, get_reader
 
@@ -31,10 +31,12 @@ SPLITS = ("train", "val")
 
 @dataclass
 class SyntheticConfig:
-    n_train: int = 48
-    n_val: int = 16
-    height: int = 96
-    width: int = 128
+    """The built-in synthetic dataset (``dataset.synthetic.*``, read by the ``synthesize`` stage)."""
+
+    n_train: int = setting(48, min=1)
+    n_val: int = setting(16, min=1)
+    height: int = setting(96, min=8)
+    width: int = setting(128, min=8)
     seed: int = 0
 
 
@@ -46,10 +48,10 @@ class DatasetConfig:
     root: str | None = None  # dataset root on disk (unused for synthetic)
     n_classes: int | None = None  # folder datasets only
     class_names: list[str] | None = None  # folder datasets only
-    train_crop: str = "none"  # none | five (virtual five-crops of the train split, ratio 0.5)
+    train_crop: str = setting("none", choices=("none", "five"))  # five: virtual five-crops of train, ratio 0.5
     jpeg_roundtrip: bool = False  # reproduce the reference's JPEG-75 five-crop re-encode
-    on_bad_input: str = "error"  # error | skip
-    check_workers: int = 4
+    on_bad_input: str = setting("error", choices=("error", "skip"))
+    check_workers: int = setting(4, runtime=True, min=1)  # threads decoding and checksumming samples
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -89,8 +91,6 @@ def prepare_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     split = _split(args)
     if dataset.name not in dataset_names():
         raise ConfigError(f"dataset.name={dataset.name!r}: expected one of {', '.join(dataset_names())}")
-    if dataset.on_bad_input not in ("error", "skip"):
-        raise ConfigError(f"dataset.on_bad_input={dataset.on_bad_input!r}: expected error or skip")
     params: dict[str, Any] = {"dataset": dataset.name, "split": split, "options": reader_options(dataset, split),
                               "on_bad_input": dataset.on_bad_input}
     if dataset.name != "synthetic":
@@ -160,7 +160,22 @@ def _check(reader: DatasetReader, ref: SampleRef) -> dict[str, Any]:
     return row
 
 
-@register_stage("prepare", version="1", kind="index", params=prepare_params, inputs=prepare_inputs,
+DATA_ROOT_SETTING = ("dataset.root=PATH (the paper presets read it from DATA_ROOT=DIR for make, or the "
+                     "environment variable STEGOPIPE_DATA_ROOT: the folder holding cocostuff/, cityscapes/, potsdam/)")
+
+
+def prepare_needs(cfg: Any, args: dict[str, Any]) -> list[Need]:
+    """The dataset root on disk (none for the generated synthetic dataset)."""
+    if cfg.dataset.name == "synthetic" or not cfg.dataset.root:
+        return []
+    root = Path(cfg.dataset.root).expanduser().absolute()
+    return [Need("data root", str(root), DATA_ROOT_SETTING, root.is_dir())]
+
+
+register_needs("prepare", prepare_needs)
+
+
+@register_stage("prepare", version="1", kind="index", sections=("dataset",), params=prepare_params, inputs=prepare_inputs,
                 args={"split": "train"}, make_target="make prepare")
 def prepare(ctx: StageContext) -> dict[str, Any]:
     """Index and validate one split of a dataset."""
@@ -173,7 +188,7 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
     if not refs:
         raise InputError(f"{root}: split '{p['split']}' of dataset {p['dataset']} lists no samples")
     rows, skipped = [], []
-    workers = max(1, int(ctx.cfg.dataset.check_workers))
+    workers = int(ctx.runtime.dataset.check_workers)
 
     def checked(ref: SampleRef) -> dict[str, Any] | InputError:
         try:

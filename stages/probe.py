@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import register_section
-from pipeline.errors import ConfigError, InputError
+from pipeline.config import register_section, setting
+from pipeline.errors import InputError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.evaluation.probes import PROBE_LR, ProbeTrainer, save_probes
@@ -27,11 +27,11 @@ TOKENS_STORE = "tokens.zarr"  # the token store inside an ``extract`` artifact
 class ProbeConfig:
     """Probe training on cached tokens (``probe.*``); everything here changes the probes."""
 
-    steps: int = 5000  # optimisation steps (one step = one batch), spec §9.1 / §10.6
-    batch_size: int = 16  # training samples per step
-    lr: float = PROBE_LR  # Adam learning rate of both probes
-    extra_clusters: int = 0  # cluster probe gets n_classes + extra_clusters centroids
-    cluster_fit: str = "adam"  # adam (reference) | kmeans (mini-batch spherical k-means)
+    steps: int = setting(5000, min=1)  # optimisation steps (one step = one batch), method.md §9.1 / §10.6
+    batch_size: int = setting(16, min=1)  # training samples per step
+    lr: float = setting(PROBE_LR, above=0)  # Adam learning rate of both probes
+    extra_clusters: int = setting(0, min=0)  # cluster probe gets n_classes + extra_clusters centroids
+    cluster_fit: str = setting("adam", choices=("adam", "kmeans"))  # adam: the reference; kmeans: mini-batch spherical
 
 
 register_section("probe", ProbeConfig)
@@ -48,13 +48,6 @@ def _probe_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 
 def _probe_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     p = cfg.probe
-    if p.cluster_fit not in ("adam", "kmeans"):
-        raise ConfigError(f"probe.cluster_fit={p.cluster_fit!r}: allowed values are adam, kmeans")
-    for key, low in (("steps", 1), ("batch_size", 1), ("extra_clusters", 0)):
-        if int(p[key]) < low:
-            raise ConfigError(f"probe.{key}={p[key]}: must be an integer >= {low}")
-    if not float(p.lr) > 0:
-        raise ConfigError(f"probe.lr={p.lr}: must be > 0")
     return {"steps": int(p.steps), "batch_size": int(p.batch_size), "lr": float(p.lr),
             "extra_clusters": int(p.extra_clusters), "cluster_fit": str(p.cluster_fit),
             "projection": projection_params(cfg), "seed": int(cfg.projection.seed)}
@@ -75,7 +68,7 @@ def _finite_or_none(values: Sequence[float]) -> list[float | None]:
     return [v if np.isfinite(v) else None for v in values]
 
 
-@register_stage("probe", version="1", kind="probes", params=_probe_params, inputs=_probe_inputs,
+@register_stage("probe", version="1", kind="probes", sections=("probe", "projection"), params=_probe_params, inputs=_probe_inputs,
                 make_target="make probe")
 def probe_stage(ctx: StageContext) -> dict[str, Any]:
     """Train fresh linear + cluster probes on the codes of the cached train tokens.

@@ -1,4 +1,4 @@
-"""``reduce`` stage: fit a PCA, random-projection or h-NNE reducer on the cached train tokens (spec §10.3–10.5).
+"""``reduce`` stage: fit a PCA, random-projection or h-NNE reducer on the cached train tokens (method.md §10.3–10.5).
 
 The method and output width come from the ``projection`` section (``projection.method`` pca | rp | hnne,
 ``projection.dim``, ``projection.seed``); how to fit comes from the ``reduce`` section below.
@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import register_section
+from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
@@ -75,26 +75,20 @@ _CHUNK_BYTES = 2**24  # float16 bytes per fit block: 16 MiB, 64 MiB once upcast 
 class ReduceConfig:
     """How the ``reduce`` stage fits (``reduce.*``); method, dim and seed come from ``projection.*``."""
 
-    fit_subset: str = "images"  # all | images | tokens
-    fit_n: int = 5000  # images (fit_subset=images) or token rows (fit_subset=tokens) to fit on
+    fit_subset: str = setting("images", choices=FIT_SUBSETS)
+    fit_n: int = setting(5000, min=1)  # images (fit_subset=images) or token rows (fit_subset=tokens) to fit on
     subset_seed: int = 0  # which images/tokens; fixed so that a projection.seed sweep shares one PCA fit
-    standardize: str = "fit"  # fit | none | batch (reducers module docstring)
-    hnne_tokens: int = 1_000_000  # h-NNE: token rows subsampled from the fit data (projection.seed)
-    hnne_version: str = "v1"  # v1 (stego-studies' hnne layout) | v2
-    hnne_metric: str = "cosine"
+    standardize: str = setting("fit", choices=STANDARDIZE_MODES)  # stages.projections.linear docstring
+    hnne_tokens: int = setting(1_000_000, min=1)  # h-NNE: token rows subsampled from the fit data (projection.seed)
+    hnne_version: str = setting("v1", choices=HNNE_VERSIONS)  # v1: stego-studies' hnne layout
+    hnne_metric: str = setting("cosine", choices=HNNE_METRICS)
     materialize: bool | None = None  # write projected train/val stores; None = only for hnne
-    # runtime (do not change the artifact):
-    backend: str = "auto"  # auto (GPU if the stage runs on cuda, else dask) | numpy | dask | cuml
-    chunk_samples: int = 0  # samples per fit block / Dask task; 0 = about 16 MiB of float16 tokens
-    transform_samples: int = 64  # samples per transform call when materialising
+    backend: str = setting("auto", runtime=True, choices=BACKENDS)  # auto: GPU if the stage runs on cuda, else dask
+    chunk_samples: int = setting(0, runtime=True, min=0)  # samples per fit block / Dask task; 0: about 16 MiB
+    transform_samples: int = setting(64, runtime=True, min=1)  # samples per transform call when materialising
 
 
 register_section("reduce", ReduceConfig)
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
 
 
 def _materialize(cfg: Any) -> bool:
@@ -108,16 +102,6 @@ def reduce_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     if method not in REDUCE_METHODS:
         raise ConfigError(f"projection.method={method!r}: the reduce stage fits one of {', '.join(REDUCE_METHODS)}")
     r = cfg.reduce
-    _choice("reduce.fit_subset", r.fit_subset, FIT_SUBSETS)
-    _choice("reduce.standardize", r.standardize, STANDARDIZE_MODES)
-    _choice("reduce.backend", r.backend, BACKENDS)
-    _choice("reduce.hnne_version", r.hnne_version, HNNE_VERSIONS)
-    _choice("reduce.hnne_metric", r.hnne_metric, HNNE_METRICS)
-    for key in ("fit_n", "hnne_tokens", "transform_samples"):
-        if r[key] < 1:
-            raise ConfigError(f"reduce.{key}={r[key]}: must be a positive integer")
-    if r.chunk_samples < 0:
-        raise ConfigError(f"reduce.chunk_samples={r.chunk_samples}: must be >= 0 (0 = automatic)")
     dim = cfg.projection.dim
     if method != "pca" and dim is None:
         raise ConfigError(f"projection.dim is required for projection.method={method} (e.g. projection.dim=24)")
@@ -403,7 +387,7 @@ def materialize_split(ctx: StageContext, split: str, src: TokenStore, projection
 
 
 def _fit(ctx: StageContext, store: TokenStore, fit: FitRows | None) -> tuple[BaseProjection, dict[str, Any]]:
-    p, r = ctx.params, ctx.cfg.reduce
+    p, r = ctx.params, ctx.runtime.reduce
     record: dict[str, Any] = {}
     if p["method"] == "hnne":
         assert fit is not None  # params always carry a fit subset for hnne
@@ -431,7 +415,7 @@ def _fit(ctx: StageContext, store: TokenStore, fit: FitRows | None) -> tuple[Bas
     return RandomProjection.fit(store.dim, p["dim"], p["seed"], standardize=p["standardize"], moments=moments), record
 
 
-@register_stage("reduce", version="1", kind="reducer", params=reduce_params, inputs=reduce_inputs,
+@register_stage("reduce", version="1", kind="reducer", sections=("projection", "reduce"), params=reduce_params, inputs=reduce_inputs,
                 resumable=True, make_target="make reduce")
 def reduce(ctx: StageContext) -> dict[str, Any]:
     """Fit a PCA / random projection / h-NNE reducer on the train tokens (and materialise h-NNE codes)."""
@@ -459,7 +443,7 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
     if "seed" in p:
         result["seeds"] = {"projection": p["seed"]}
     if p.get("materialize"):
-        samples_per_call = 1 if p["standardize"] == "batch" else int(ctx.cfg.reduce.transform_samples)
+        samples_per_call = 1 if p["standardize"] == "batch" else int(ctx.runtime.reduce.transform_samples)
         val = open_token_store(ctx.input("tokens_val").path / "tokens.zarr")
         if val.dim != store.dim:
             raise InputError(f"{val.path}: val tokens have width {val.dim}, train tokens {store.dim}")

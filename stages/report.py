@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import register_section
+from pipeline.config import register_section, setting
 from pipeline.errors import InputError
 from pipeline.runner import StageContext, register_stage
 from stages.evaluation.figures import DPI, backbone_label
@@ -76,7 +76,7 @@ CSV_COLUMNS = ("dataset", "method", "dim", "preset_dim", "seed", "probe", "crf",
 class ReportConfig:
     """Where reports are copied (``report.*``; runtime only)."""
 
-    out_dir: str = "reports"
+    out_dir: str = setting("reports", runtime=True)
 
 
 register_section("report", ReportConfig)
@@ -439,7 +439,7 @@ FIG4_CAPTION = (
     "Features: {backbone}.")
 
 
-@register_stage("report", version="2", kind="report", params=_report_params, args={"experiment": "adhoc"},
+@register_stage("report", version="2", kind="report", sections=("report",), params=_report_params, args={"experiment": "adhoc"},
                 make_target="make report EXPERIMENT=<name>")
 def report(ctx: StageContext) -> dict[str, Any]:
     """Tables, CSV and figures of an experiment's artifacts."""

@@ -8,11 +8,7 @@ from pipeline.runner import StageContext, register_stage
 from stages.datasets.synthetic import generate_synthetic
 
 
-def synthesize_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return dict(cfg.dataset.synthetic)
-
-
-@register_stage("synthesize", version="1", kind="dataset", params=synthesize_params,
+@register_stage("synthesize", version="1", kind="dataset", sections=("dataset.synthetic",),
                 make_target="make prepare DATASET=synthetic")
 def synthesize(ctx: StageContext) -> dict[str, Any]:
     """Generate the built-in synthetic dataset (folder layout)."""

@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import register_section
+from pipeline.config import register_section, setting
 from pipeline.errors import InputError
 from pipeline.runner import Request, StageContext, register_stage
 from stages.commands.import_stego import checkpoint_sha256, write_imported
 from stages.projections.stego import write_head_files
-from stages.stego.train import TrainSettings, _json_safe, plot_diagnostics, train_head
+from stages.stego.head import PROJECTIONS
+from stages.stego.train import SELECTIONS, TrainSettings, _json_safe, plot_diagnostics, train_head
 from stages.store import open_token_store
 
 STAGE = "train-head"
@@ -27,7 +28,7 @@ VERSION = "1"
 
 @dataclass
 class LossWeights:
-    """λ of the three partner kinds (spec §3.4); defaults: STEGO's train_config.yml."""
+    """λ of the three partner kinds (method.md §3.4); defaults: STEGO's train_config.yml."""
 
     intra: float = 0.67  # λ_self
     inter: float = 0.25  # λ_knn
@@ -36,7 +37,7 @@ class LossWeights:
 
 @dataclass
 class LossShifts:
-    """b of the three partner kinds (spec §3.2); defaults: STEGO's train_config.yml."""
+    """b of the three partner kinds (method.md §3.2); defaults: STEGO's train_config.yml."""
 
     intra: float = 0.18  # b_self
     inter: float = 0.12  # b_knn
@@ -46,9 +47,9 @@ class LossShifts:
 @dataclass
 class HeadConfig:
     """The STEGO head and its training (``head.*``). Defaults are STEGO's ``train_config.yml`` (which
-    matches no paper model, spec §12.1); the dataset presets set the paper's Table 1 values."""
+    matches no paper model, method.md §12.1); the dataset presets set the paper's Table 1 values."""
 
-    projection: str = "nonlinear"  # nonlinear | linear
+    projection: str = setting("nonlinear", choices=PROJECTIONS)
     dim: int = 70  # code width (projection.dim overrides it when projection.method=stego)
     dropout: float = 0.1  # Dropout2d probability on the features
     lr: float = 5e-4  # head Adam learning rate (probes: 5e-3)
@@ -64,24 +65,22 @@ class HeadConfig:
     num_neighbors: int = 7  # kNN partner uniform over nns columns 1..num_neighbors
     true_permutation: bool = False  # negatives from a true derangement instead of STEGO's super_perm
     val_every: int = 100  # validate every N steps (0: never; then selection must be last)
-    selection: str = "last"  # last | best_val_cluster_miou
+    selection: str = setting("last", choices=SELECTIONS)
     extra_clusters: int = 0
     amp: bool = True  # autocast on CUDA
     checkpoint: str | None = None  # import this STEGO .ckpt instead of training
-    checkpoint_ignore_unknown: bool = False  # import even if the checkpoint has unknown state-dict keys
-    val_batch_size: int = 8  # runtime only: samples per validation forward
-    loader_workers: int = 4  # runtime only: batches read (and decompressed) ahead in parallel threads
+    checkpoint_ignore_unknown: bool = setting(False, runtime=True)  # import despite unknown state-dict keys
+    val_batch_size: int = setting(8, runtime=True, min=1)  # samples per validation forward
+    loader_workers: int = setting(4, runtime=True, min=0)  # batches read (and decompressed) ahead in threads
 
 
 register_section("head", HeadConfig)
 
-_RUNTIME_KEYS = ("checkpoint", "checkpoint_ignore_unknown", "val_batch_size", "loader_workers")
-
 
 def settings_from_config(cfg: Any) -> TrainSettings:
-    """The :class:`TrainSettings` of a config: ``head.*`` (runtime keys dropped), ``projection.seed``,
-    and ``projection.dim`` as the head dim when ``projection.method == "stego"`` and it is set."""
-    head = {k: v for k, v in dict(cfg.head).items() if k not in _RUNTIME_KEYS}
+    """The :class:`TrainSettings` of a config: its fields from ``head.*``, ``projection.seed``, and
+    ``projection.dim`` as the head dim when ``projection.method == "stego"`` and it is set."""
+    head = {k: v for k, v in dict(cfg.head).items() if k in TrainSettings.__dataclass_fields__}
     head["weights"] = {k: float(v) for k, v in dict(cfg.head.weights).items()}
     head["shifts"] = {k: float(v) for k, v in dict(cfg.head.shifts).items()}
     if cfg.projection.method == "stego" and cfg.projection.dim is not None:
@@ -106,14 +105,14 @@ def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return inputs
 
 
-@register_stage(STAGE, version=VERSION, kind="head", params=head_params, inputs=head_inputs,
+@register_stage(STAGE, version=VERSION, kind="head", sections=("head", "projection"), params=head_params, inputs=head_inputs,
                 make_target="make train-head", resources={"GPU": 1})
 def run_train_head(ctx: StageContext) -> dict[str, Any]:
     """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
-    cfg = ctx.cfg
+    runtime = ctx.runtime.head
     if "imported" in ctx.params:
-        return write_imported(Path(cfg.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
-                              ignore_unknown=bool(cfg.head.checkpoint_ignore_unknown))
+        return write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
+                              ignore_unknown=bool(runtime.checkpoint_ignore_unknown))
     from stages.stego.knn import load_nns_npz
 
     settings = TrainSettings(**ctx.params)
@@ -124,7 +123,7 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
     nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
     val = open_token_store(ctx.input("val").path / "tokens.zarr") if "val" in ctx.inputs else None
     result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
-                        val_batch_size=int(cfg.head.val_batch_size), loader_workers=int(cfg.head.loader_workers),
+                        val_batch_size=int(runtime.val_batch_size), loader_workers=int(runtime.loader_workers),
                         progress=True)
     info = {"source": "trained", "chosen_step": result.chosen_step, "selection": settings.selection,
             "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import register_section
+from pipeline.config import register_section, setting
 from pipeline.runner import Request, StageContext, register_stage
 from pipeline.specs import register_spec_dir
 
@@ -22,8 +22,8 @@ register_spec_dir(Path(__file__).resolve().parent / "specs")
 @dataclass
 class ToyConfig:
     value: int = 1
-    sleep: float = 0.0
-    log: str = ""  # file that records every computation: "<stage> <start> <end>"
+    sleep: float = setting(0.0, runtime=True)
+    log: str = setting("", runtime=True)  # file that records every computation: "<stage> <start> <end>"
     scale: float = 1.0
 
 
@@ -39,15 +39,15 @@ def _work(ctx: StageContext, value: Any) -> dict[str, Any]:
     if value < 0:
         raise ValueError("negative toy value")
     (ctx.out / "partial.txt").write_text("half")  # a file that exists before the stage is complete
-    time.sleep(ctx.cfg.toy.sleep)
+    time.sleep(ctx.runtime.toy.sleep)
     (ctx.out / "out.json").write_text(json.dumps({"value": value, "pid": os.getpid()}))
-    if ctx.cfg.toy.log:
-        with open(ctx.cfg.toy.log, "a") as handle:
+    if ctx.runtime.toy.log:
+        with open(ctx.runtime.toy.log, "a") as handle:
             handle.write(f"{ctx.task.stage} {start} {time.time()} {os.getpid()}\n")
     return {"counts": {"value": value}}
 
 
-@register_stage("t_source", version="1", kind="toy", params=_params)
+@register_stage("t_source", version="1", kind="toy", sections=("toy",), params=_params)
 def t_source(ctx: StageContext) -> dict[str, Any]:
     """Toy source stage."""
     return _work(ctx, ctx.params["value"])
@@ -57,13 +57,13 @@ def _branch_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
     return {"source": Request("t_source", cfg)}
 
 
-@register_stage("t_left", version="1", kind="toy", params=_params, inputs=_branch_inputs)
+@register_stage("t_left", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
 def t_left(ctx: StageContext) -> dict[str, Any]:
     """Toy branch A."""
     return _work(ctx, ctx.params["value"] * 2)
 
 
-@register_stage("t_right", version="1", kind="toy", params=_params, inputs=_branch_inputs)
+@register_stage("t_right", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
 def t_right(ctx: StageContext) -> dict[str, Any]:
     """Toy branch B."""
     return _work(ctx, ctx.params["value"] * 3)
@@ -73,7 +73,7 @@ def _join_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
     return {"left": Request("t_left", cfg), "right": Request("t_right", cfg)}
 
 
-@register_stage("t_join", version="1", kind="toy", params=lambda cfg, args: {}, inputs=_join_inputs)
+@register_stage("t_join", version="1", kind="toy", sections=("toy",), params=lambda cfg, args: {}, inputs=_join_inputs)
 def t_join(ctx: StageContext) -> dict[str, Any]:
     """Toy join: sums its inputs."""
     total = sum(json.loads((ctx.input(n).path / "out.json").read_text())["value"] for n in ("left", "right"))
@@ -84,11 +84,11 @@ def _shard_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {"value": cfg.toy.value}
 
 
-@register_stage("t_shards", version="1", kind="toy", params=_shard_params, resumable=True)
+@register_stage("t_shards", version="1", kind="toy", sections=("toy",), params=_shard_params, resumable=True)
 def t_shards(ctx: StageContext) -> dict[str, Any]:
     """Toy resumable stage: 6 shards, each sleeps then writes a file."""
     for key in ctx.shards([f"{i:03d}" for i in range(6)]):
-        time.sleep(ctx.cfg.toy.sleep)
+        time.sleep(ctx.runtime.toy.sleep)
         (ctx.out / f"shard-{key}.txt").write_text(key)
         ctx.shard_finished(key)
     (ctx.out / "out.json").write_text(json.dumps({"value": len(list(ctx.out.glob('shard-*.txt')))}))

@@ -1,4 +1,4 @@
-"""Label remaps (spec §8, RV8)."""
+"""Label remaps (method.md §8, RV8)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Dataset readers on tiny fake trees in each real on-disk layout (spec §8), five-crop and bad inputs."""
+"""Dataset readers on tiny fake trees in each real on-disk layout (method.md §8), five-crop and bad inputs."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -31,7 +31,7 @@ PAPER_TABLE_1 = {
 # Supplementary Table 1: shared by all datasets.
 PAPER_SUPPLEMENT = {"extra_clusters": 0, "probe_lr": 0.005, "head_lr": 0.0005, "dropout": 0.1,
                     "feature_samples": 11, "neg_samples": 5}
-# Unrounded values stored in the checkpoints (reference spec §3.6), plus classes and patch size.
+# Unrounded values stored in the checkpoints (method.md §3.6), plus classes and patch size.
 EXACT = {
     "cocostuff27": {"weights": {"neg": 0.1538476246415498, "inter": 1.0, "intra": 0.1},
                     "shifts": {"neg": 1.0, "inter": 0.2, "intra": 0.12}, "n_classes": 27},
@@ -82,7 +82,7 @@ def test_preset_is_the_paper_configuration(name: str, monkeypatch: pytest.Monkey
 
 
 def test_defaults_are_stego_train_config_not_a_paper_model() -> None:
-    """Without a preset, head.* are STEGO's train_config.yml values (spec §3.5), which match no paper model."""
+    """Without a preset, head.* are STEGO's train_config.yml values (method.md §3.5), which match no paper model."""
     head = load_config(None).head
     assert (head.dim, head.steps, head.batch_size, head.lr) == (70, 5000, 16, 5e-4)
     assert dict(head.weights) == {"intra": 0.67, "inter": 0.25, "neg": 0.63}

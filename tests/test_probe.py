@@ -137,7 +137,7 @@ def test_rv15_cluster_probe_reaches_100_miou():
 
 def test_hard_kmeans_starves_a_centroid_on_uncentred_codes():
     # Uncentred one-hot codes: from seed-0 centroids, centroid 1 wins only a few noisy pixels,
-    # loses them, and then never moves again (the hard loss only updates winners, spec §5.1):
+    # loses them, and then never moves again (the hard loss only updates winners, method.md §5.1):
     # two classes end up sharing centroid 2. Centred codes (RV15 above) do not have this problem.
     code, labels = _toy(centred=False)
     probe = _train_cluster_probe(code)

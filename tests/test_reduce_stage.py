@@ -1,4 +1,4 @@
-"""The ``reduce`` stage (stages/reduce.py) on a tiny synthetic chain; spec §10.3–10.5, paper Figure 3."""
+"""The ``reduce`` stage (stages/reduce.py) on a tiny synthetic chain; method.md §10.3–10.5, paper Figure 3."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Streaming PCA, random projection and h-NNE reducers (stages/projections/); spec §10.3–10.5, RV14."""
+"""Streaming PCA, random projection and h-NNE reducers (stages/projections/); method.md §10.3–10.5, RV14."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""STEGO checkpoint import (spec §11): layout conversion and refusal to run code from the file."""
+"""STEGO checkpoint import (method.md §11): layout conversion and refusal to run code from the file."""
 from __future__ import annotations
 
 import base64

@@ -1,4 +1,4 @@
-"""STEGO head and feature dropout: spec §1.4, §2, worked example RV12."""
+"""STEGO head and feature dropout: method.md §1.4, §2, worked example RV12."""
 from __future__ import annotations
 
 import pytest

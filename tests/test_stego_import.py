@@ -1,4 +1,4 @@
-"""import-stego / head.checkpoint: a released STEGO checkpoint (spec §11 layout) as a train-head artifact."""
+"""import-stego / head.checkpoint: a released STEGO checkpoint (method.md §11 layout) as a train-head artifact."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,7 @@ D, DIM, N = 16, 6, 3
 
 
 def _checkpoint(projection: str | None = "nonlinear") -> dict:
-    """A Lightning checkpoint dict in the layout of spec §11 (tiny ViT part, real head/probe shapes)."""
+    """A Lightning checkpoint dict in the layout of method.md §11 (tiny ViT part, real head/probe shapes)."""
     torch.manual_seed(0)
     cfg = OmegaConf.create({"model_type": "vit_small", "dino_patch_size": 8, "dim": DIM,
                             "projection_type": projection or "nonlinear", "extra_clusters": 0,

@@ -1,4 +1,4 @@
-"""STEGO correlation loss: spec §3, worked examples RV1-RV4."""
+"""STEGO correlation loss: method.md §3, worked examples RV1-RV4."""
 from __future__ import annotations
 
 import itertools

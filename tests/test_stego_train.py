@@ -1,4 +1,4 @@
-"""train-head: STEGO heads trained from cached tokens (spec §1.4, §3, §5.3, §9.1) and the stego projection."""
+"""train-head: STEGO heads trained from cached tokens (method.md §1.4, §3, §5.3, §9.1) and the stego projection."""
 from __future__ import annotations
 
 import json

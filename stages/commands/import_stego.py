@@ -1,4 +1,4 @@
-"""Import a released STEGO checkpoint (spec §11) as a ``train-head`` artifact: ``stegopipe import-stego``.
+"""Import a released STEGO checkpoint (method.md §11) as a ``train-head`` artifact: ``stegopipe import-stego``.
 
 The checkpoint is read with :func:`stages.stego.checkpoint.read_stego_checkpoint` (restricted
 unpickler). The artifact holds the head weights, the head as a projection, the trained probes and the

@@ -1,4 +1,4 @@
-"""Dataset readers, label maps, reference transforms and the synthetic dataset (spec §1.5, §1.6, §8)."""
+"""Dataset readers, label maps, reference transforms and the synthetic dataset (method.md §1.5, §1.6, §8)."""
 from .base import DatasetReader, SampleRef, check_sample
 from .registry import dataset_names, get_reader
 from .synthetic import SYNTHETIC_CLASS_NAMES, generate_synthetic

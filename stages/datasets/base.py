@@ -1,4 +1,4 @@
-"""Sample references, the reader base class and the shared image decoding helpers (spec §1.6, §8).
+"""Sample references, the reader base class and the shared image decoding helpers (method.md §1.6, §8).
 
 A reader lists the samples of a split as :class:`SampleRef` rows and decodes them; crops are virtual
 (boxes at full resolution), so five-crop needs no copy of the dataset on disk.

@@ -1,4 +1,4 @@
-"""cityscapes reader (spec §8.2): fine annotations, 27 classes = labelIds 7..33."""
+"""cityscapes reader (method.md §8.2): fine annotations, 27 classes = labelIds 7..33."""
 from __future__ import annotations
 
 import numpy as np

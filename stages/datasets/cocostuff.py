@@ -1,4 +1,4 @@
-"""cocostuff27 reader (spec §8.1): COCO-Stuff-164k images + stuffthingmaps, IIC curated lists."""
+"""cocostuff27 reader (method.md §8.1): COCO-Stuff-164k images + stuffthingmaps, IIC curated lists."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Directory ("folder") dataset reader (spec §8.4): ``imgs/{split}/*`` with optional ``labels/{split}/*.png``."""
+"""Directory ("folder") dataset reader (method.md §8.4): ``imgs/{split}/*`` with optional ``labels/{split}/*.png``."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Label remaps of the reference datasets (spec §8, RV8). Pure: arrays in, int16 arrays out, -1 = ignore."""
+"""Label remaps of the reference datasets (method.md §8, RV8). Pure: arrays in, int16 arrays out, -1 = ignore."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""potsdam (Potsdam-3) reader (spec §8.3): IIC ``.mat`` tiles, 6 -> 3 classes."""
+"""potsdam (Potsdam-3) reader (method.md §8.3): IIC ``.mat`` tiles, 6 -> 3 classes."""
 from __future__ import annotations
 
 from pathlib import Path

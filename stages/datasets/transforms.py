@@ -1,4 +1,4 @@
-"""Image/label geometry and normalisation of the reference preprocessing (spec §1.5, §1.6).
+"""Image/label geometry and normalisation of the reference preprocessing (method.md §1.5, §1.6).
 
 Pure functions on numpy arrays (no I/O). They reproduce torchvision on PIL images exactly:
 ``Resize(res, NEAREST)`` (shorter side -> ``res``, longer side ``int(res*long/short)``, Pillow's

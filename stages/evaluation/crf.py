@@ -1,4 +1,4 @@
-"""Dense CRF refinement (spec §7): a pure per-image function around pydensecrf2 and a process-pool
+"""Dense CRF refinement (method.md §7): a pure per-image function around pydensecrf2 and a process-pool
 runner with a per-image timeout.
 
 This module imports neither torch nor anything heavy, so spawned pool workers start quickly; torch
@@ -34,7 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Reference constants (spec §7).
+# Reference constants (method.md §7).
 MAX_ITER = 10
 POS_W = 3
 POS_XY_STD = 1

@@ -1,6 +1,6 @@
 """Segmentation metrics: confusion matrix, Hungarian matching, mIoU / pixel accuracy (pure numpy/scipy).
 
-Conventions (spec §6): a confusion matrix is int64 ``[n_clusters, n_classes]`` indexed
+Conventions (method.md §6): a confusion matrix is int64 ``[n_clusters, n_classes]`` indexed
 ``[prediction, truth]``. Scores are computed on a *histogram* whose row ``k`` holds the pixels
 predicted as class ``k`` (for the cluster probe: the cluster Hungarian-matched to class ``k``).
 ``mIoU`` and ``accuracy`` are reported ×100; per-class ``iou``, ``precision`` and ``recall`` are
@@ -86,7 +86,7 @@ def scores(confusion: np.ndarray, hungarian: bool, *,
     are gathered in an extra "unmatched" row of the histogram (plus a zero column, making it
     ``(n+1)×(n+1)``) and lower the IoU of their true class and the accuracy; the per-class lists
     and mIoU cover the ``n`` real classes. ``drop_extra_clusters=True`` reproduces the reference
-    instead (spec §6.2-6.3): pixels predicted as cluster ids ``>= n_classes`` are discarded before
+    instead (method.md §6.2-6.3): pixels predicted as cluster ids ``>= n_classes`` are discarded before
     matching and the "Extra" row/column counts as an ``n+1``-th class (IoU 0, or NaN when empty).
 
     Returns a dict: ``miou``, ``accuracy`` (×100, NaN without pixels), ``iou``, ``precision``

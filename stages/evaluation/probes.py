@@ -29,7 +29,7 @@ __all__ = [
     "PROBES_FORMAT", "Probes", "save_probes", "load_probes",
 ]
 
-PROBE_LR = 5e-3  # Adam learning rate of both probes (spec §5, §9.1)
+PROBE_LR = 5e-3  # Adam learning rate of both probes (method.md §5, §9.1)
 CLUSTER_CRF_ALPHA = 2.0  # temperature of the cluster-probe CRF unary, hard-coded in the reference (§7)
 
 
@@ -262,7 +262,7 @@ def predict_batch(code_upsampled: torch.Tensor, linear: LinearProbe, cluster: Cl
 
     Returns ``linear`` and ``cluster`` int64 ``[B, H, W]`` (argmax of the logits / of the cosine
     similarities); with ``unaries=True`` also the CRF inputs ``linear_unary = log_softmax(logits)``
-    and ``cluster_unary = log_softmax(2·cos)`` (``[B, C, H, W]``, spec §7).
+    and ``cluster_unary = log_softmax(2·cos)`` (``[B, C, H, W]``, method.md §7).
     """
     logits = linear(code_upsampled)
     inner = cluster.inner(code_upsampled)

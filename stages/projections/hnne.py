@@ -33,8 +33,7 @@ def hnne_memory_estimate(n: int, d: int) -> int:
     Four float32 ``n × d`` arrays (the subsample, its z-scored copy, h-NNE's own standardised copy and its
     PCA working copy), 1 KiB per token (FINCH neighbour graphs, partitions, projections), FINCH's dense
     ``n × n`` distances (float64 + float32 copy) when ``n <= 20000`` (h-NNE's exact-1-NN threshold), and
-    1 GiB for numba/pynndescent compilation and libraries. Measured peaks (d=256): 1.1 GiB at n=10k,
-    0.85 GiB at n=60k.
+    1 GiB for numba/pynndescent compilation and libraries.
     """
     dense = 12 * n * n if n <= _HNNE_EXACT_NN_MAX else 0
     return 16 * n * d + 1024 * n + dense + 2**30

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import register_section
+from pipeline.config import check_section, register_section, setting
 from pipeline.errors import ConfigError
 from pipeline.runner import Request
 from stages.projections import BaseProjection, IdentityProjection, load_projection
@@ -30,8 +30,8 @@ PROJECTION_DIR = "projection"
 class ProjectionConfig:
     """The projection probes and evaluation see (``projection.*``)."""
 
-    method: str = "identity"  # identity | pca | rp | hnne | stego
-    dim: int | None = None  # output width; None = the method's default
+    method: str = setting("identity", choices=METHODS)
+    dim: int | None = setting(None, min=1)  # output width; None = the method's default
     seed: int = 0  # seeds RP/h-NNE fits, head training and probe initialisation
 
 
@@ -39,12 +39,9 @@ register_section("projection", ProjectionConfig)
 
 
 def check_method(cfg: Any) -> str:
-    method = cfg.projection.method
-    if method not in METHODS:
-        raise ConfigError(f"projection.method={method!r}: expected one of {', '.join(METHODS)}")
-    if cfg.projection.dim is not None and cfg.projection.dim < 1:
-        raise ConfigError(f"projection.dim={cfg.projection.dim}: must be a positive integer or null")
-    return method
+    """``projection.method``, after checking the section's choices and ranges."""
+    check_section("projection", cfg.projection)
+    return str(cfg.projection.method)
 
 
 def projection_request(cfg: Any) -> dict[str, Request]:

@@ -1,4 +1,4 @@
-"""Read a released STEGO PyTorch-Lightning checkpoint (spec §11) without running code from the file.
+"""Read a released STEGO PyTorch-Lightning checkpoint (method.md §11) without running code from the file.
 
 The file is a ``torch.save`` pickle whose ``hyper_parameters.cfg`` is an omegaconf ``DictConfig``. It is
 read with ``torch.load(weights_only=True)`` (torch's restricted unpickler) plus an explicit allow-list
@@ -135,7 +135,7 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 
 
 def read_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
-    """Read the STEGO checkpoint at ``path`` (layout of spec §11) into a :class:`StegoCheckpoint`.
+    """Read the STEGO checkpoint at ``path`` (layout of method.md §11) into a :class:`StegoCheckpoint`.
 
     Raises :class:`InputError` (naming the file) if the file cannot be read safely, lacks required
     keys (all of them listed), or its tensors disagree with each other or with its config.

@@ -1,4 +1,4 @@
-"""The STEGO segmentation head (spec §2) with the featurizer's channel dropout (spec §1.4).
+"""The STEGO segmentation head (method.md §2) with the featurizer's channel dropout (method.md §1.4).
 
 Parameter names match the ``net.`` part of a STEGO checkpoint (``cluster1.0.weight``,
 ``cluster2.0.weight``, ``cluster2.2.weight``, ...), so a released head loads 1:1.

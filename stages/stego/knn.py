@@ -1,4 +1,4 @@
-"""kNN math for STEGO positives (spec §4): global descriptors and blocked cosine top-k.
+"""kNN math for STEGO positives (method.md §4): global descriptors and blocked cosine top-k.
 
 Pure functions on arrays/tensors, except the ``nns`` npz helpers (STEGO's file format) and the
 streaming helper that reads a token store.

@@ -1,4 +1,4 @@
-"""STEGO's contrastive correlation loss (reference spec §3), as pure tensor functions.
+"""STEGO's contrastive correlation loss (method.md §3), as pure tensor functions.
 
 Nothing here does I/O or keeps state. Random draws (sample coordinates, negative partners) come from
 ``generator`` (default: torch's global RNG) in the reference order, so ``torch.manual_seed(s)`` right
@@ -76,7 +76,7 @@ def correlation_term(
     zero_clamp: bool,
     stabilize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One anchor/partner term (spec §3.2) on sampled features ``f*:[B,D,S,S]`` and codes ``c*:[B,d,S,S]``.
+    """One anchor/partner term (method.md §3.2) on sampled features ``f*:[B,D,S,S]`` and codes ``c*:[B,d,S,S]``.
 
     Returns ``(loss, cd)``, both elementwise ``[B,S,S,S,S]``: ``cd`` is the code cosine correlation (with
     grad) and ``loss = -clamp(cd, min, max) * (fd - shift)`` with ``fd`` the feature cosine correlation
@@ -137,7 +137,7 @@ def correlation_loss(
     generator: torch.Generator | None = None,
     true_permutation: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The contrastive correlation loss of spec §3.3 for anchor maps and their kNN partners.
+    """The contrastive correlation loss of method.md §3.3 for anchor maps and their kNN partners.
 
     ``feats``/``feats_pos``: ``[B,D,h,w]`` (dropout) features of the anchors and partners, ``code``/
     ``code_pos``: ``[B,d,h,w]`` head outputs. ``S = feature_samples`` points per side are drawn as
@@ -198,7 +198,7 @@ def correlation_loss(
 
 
 def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-    """``weights.intra*losses.intra + weights.inter*losses.inter + weights.neg*losses.neg`` (spec §3.4)."""
+    """``weights.intra*losses.intra + weights.inter*losses.inter + weights.neg*losses.neg`` (method.md §3.4)."""
     _check_parts("weights", weights)
     _check_parts("losses", losses)
     return weights["inter"] * losses["inter"] + weights["intra"] * losses["intra"] + weights["neg"] * losses["neg"]

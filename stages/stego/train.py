@@ -1,4 +1,4 @@
-"""STEGO segmentation head training on cached tokens (spec §2, §3, §5.3, §9.1).
+"""STEGO segmentation head training on cached tokens (method.md §2, §3, §5.3, §9.1).
 
 The backbone is frozen and Dropout2d follows it, so training on cached tokens with the three channel
 dropout masks drawn on the fly is exactly STEGO's training. One step = one batch:
@@ -9,13 +9,13 @@ dropout masks drawn on the fly is exactly STEGO's training. One step = one batch
    store (random access, float16 → float32 ``[B, D, h, w]``), the next batches read ahead in threads
    (:mod:`pipeline.prefetch`).
 2. Head forward of the anchors, then of the partners, with dropout masks (cluster1, cluster2,
-   returned features; spec §1.4), then the correlation loss (§3.3) and its weighted total (§3.4).
+   returned features; method.md §1.4), then the correlation loss (§3.3) and its weighted total (§3.4).
 3. Adam step of the head; the linear and cluster probes take one Adam step each on the detached code
    (stop-gradient, §5.3) with the anchors' labels.
 4. Every ``val_every`` steps (and after the last one) the code of every cached val sample is
    upsampled to the label size and both probes are scored (linear and Hungarian-matched cluster mIoU).
    ``selection=best_val_cluster_miou`` keeps the state with the best val cluster mIoU (STEGO's model
-   selection, spec §9.1, §12.4); ``last`` keeps the final one. The chosen step goes in the manifest.
+   selection, method.md §9.1, §12.4); ``last`` keeps the final one. The chosen step goes in the manifest.
 
 Everything random derives from ``projection.seed``: head init, the batch/partner sampler, the dropout
 masks and loss samples (a generator on the device), the probe init. On CPU two runs give identical
@@ -167,7 +167,7 @@ def _to_device_map(tokens: np.ndarray | torch.Tensor, device: torch.device) -> t
 
 
 def feature_correlations(f1: torch.Tensor, f2: torch.Tensor, *, pointwise: bool) -> torch.Tensor:
-    """The feature correlation ``fd`` of spec §3.2 exactly as the loss uses it (centred if ``pointwise``)
+    """The feature correlation ``fd`` of method.md §3.2 exactly as the loss uses it (centred if ``pointwise``)
     for sampled features ``[B, D, S, S]`` → ``[B, S, S, S, S]``.
 
     Computed by :func:`correlation_term` with constant unit codes: their code correlation is 1

@@ -72,8 +72,8 @@ StoreLike = str | os.PathLike[str] | zarr.Group
 
 
 def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Read sample runs ``[a, b)`` concurrently on zarr's event loop (random batches: about 2x faster than
-    one blocking read per run). Uses zarr 3.1's ``Array._async_array`` (pinned version)."""
+    """Read sample runs ``[a, b)`` concurrently on zarr's event loop (faster than one blocking read
+    per run for random batches; bench_store measures it). Uses zarr 3.1's ``Array._async_array`` (pinned version)."""
 
     async def gather() -> list[Any]:
         return await asyncio.gather(*(arr._async_array.getitem((slice(a, b),)) for a, b in runs))
@@ -345,7 +345,7 @@ def _fallocate() -> Any:
 
 def _preallocate(fd: int, size: int) -> None:
     """Reserve the blocks of a file about to be written with ``size`` bytes, without changing its size
-    (``FALLOC_FL_KEEP_SIZE``, as numpy's ``tofile`` does): ext4 then writes it about 1.4x faster. A no-op
+    (``FALLOC_FL_KEEP_SIZE``, as numpy's ``tofile`` does), which speeds up writes on ext4. A no-op
     where unsupported (never glibc's zero-writing ``posix_fallocate`` emulation)."""
     fallocate = _fallocate()
     if fallocate is not None and size:
@@ -839,7 +839,7 @@ class TokenStore:
         if idx.size == 0:
             return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
         # Read runs of consecutive samples with basic slices, concurrently: zarr's orthogonal (fancy)
-        # selection is ~15x slower here, and a slice of a sharded array decodes only the chunks (samples)
+        # selection is much slower here, and a slice of a sharded array decodes only the chunks (samples)
         # it covers. Sorted, so shard files are visited in order and neighbours merge into one run.
         uniq, inverse = np.unique(idx, return_inverse=True)
         cuts = np.flatnonzero(np.diff(uniq) != 1) + 1

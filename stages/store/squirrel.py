@@ -1,4 +1,4 @@
-"""Interop with stego-studies' Squirrel feature stores (spec §10.2).
+"""Interop with stego-studies' Squirrel feature stores (method.md §10.2).
 
 A Squirrel ``MessagepackDriver`` store is a folder of ``{key}.gz`` shards, each a gzip stream of
 msgpack(-numpy) records, one record per sample::
