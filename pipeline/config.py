@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from functools import cache
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
@@ -306,13 +307,27 @@ def load_preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Pa
     return layers + [(path, data)]
 
 
+_PRESETS: dict[tuple[str, tuple[tuple[str, type], ...]], DictConfig] = {}
+
+
+def _preset_config(preset: str) -> DictConfig:
+    """defaults ← the preset's layers, merged once per layers' content and registered sections (a copy)."""
+    layers = load_preset_layers(resolve_preset(preset))
+    for _, data in layers:
+        data.pop("experiment", None)
+    key = (json.dumps([[str(path), data] for path, data in layers], sort_keys=True, default=repr),
+           tuple(SECTIONS.items()))
+    if key not in _PRESETS:
+        cfg = schema()
+        for path, data in layers:
+            cfg = _merge_checked(cfg, data, str(path))
+        _PRESETS[key] = cfg
+    return copy.deepcopy(_PRESETS[key])
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The root config: defaults ← preset (and what it extends) ← overrides, validated."""
-    cfg = schema()
-    if preset:
-        for path, data in load_preset_layers(resolve_preset(preset)):
-            data.pop("experiment", None)
-            cfg = _merge_checked(cfg, data, str(path))
+    cfg = _preset_config(preset) if preset else schema()
     cfg = apply_overrides(cfg, overrides)
     try:
         OmegaConf.resolve(cfg)
