@@ -170,3 +170,12 @@ def test_non_tty_output_has_no_bars_and_lists_skipped_inputs(root: Path, tmp_pat
     assert "skipped 1 bad input" in result.stderr and "broken" in result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert "broken" in (path / "log.txt").read_text()  # and kept in the artifact's log
+
+
+def test_dask_run_output_is_line_by_line(toy: Path, tmp_path: Path) -> None:
+    result = _cli("run", "t_join", "--executor", "dask", "--workers", "2", f"toy.log={tmp_path / 'toy.log'}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "\r" not in result.stderr  # no bars when stderr is not a terminal
+    assert sum(line.startswith("[done] t_") for line in lines) == 4  # one line per stage, never glued
+    assert all(line.startswith(("[", "4 artifacts")) for line in lines), lines
