@@ -28,7 +28,7 @@ export STEGOPIPE_WEIGHTS_DIR := $(abspath $(WEIGHTS_DIR))
 endif
 
 .PHONY: help install test test-slow test-faults demo bench clean prepare extract knn reduce train-head probe \
-	evaluate report table2 fig3 fig4 hnne predict nightly import-stego
+	evaluate report plan table2 fig3 fig4 hnne predict nightly import-stego
 
 help: ## List the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ probe: install ## Train linear + cluster probes on a projection (METHOD=identity
 evaluate: install ## Evaluate probes on the val split (METHOD, DIM, CRF=1 adds dense CRF)
 	$(STEGO) run evaluate $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM)) \
 		evaluate.crf=$(if $(filter 1,$(CRF)),true,false)
+
+plan: install ## What an experiment would build: cached / missing / running, sizes, missing data or weights (EXPERIMENT)
+	$(STEGO) plan $(EXPERIMENT) $(ARGS)
 
 report: install ## Run an experiment and write its report to reports/<experiment>/ (EXPERIMENT)
 	$(STEGO) run $(EXPERIMENT) $(ARGS)

@@ -1,0 +1,71 @@
+"""STEGO's settings and named choices, importable without torch (stage registration and planning read
+them): the training settings of a head, the loss parts, the head kinds, model selections, the probes'
+learning rate."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+PARTS = ("intra", "inter", "neg")
+"""The three partner kinds of the correlation loss (method.md §3.3): the image itself, its kNN partner,
+random other images."""
+PROJECTIONS = ("nonlinear", "linear")
+"""Head kinds (method.md §2)."""
+SELECTIONS = ("last", "best_val_cluster_miou")
+"""Which training step's head is kept (method.md §9.1)."""
+PROBE_LR = 5e-3
+"""Adam learning rate of both probes (method.md §5, §9.1)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that determines a trained head (the stage's params)."""
+
+    projection: str
+    dim: int
+    dropout: float
+    lr: float
+    steps: int
+    batch_size: int
+    feature_samples: int
+    neg_samples: int
+    pointwise: bool
+    zero_clamp: bool
+    stabilize: bool
+    weights: Mapping[str, float]
+    shifts: Mapping[str, float]
+    num_neighbors: int
+    true_permutation: bool
+    val_every: int
+    selection: str
+    extra_clusters: int
+    amp: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"head.{key}={value!r}: {allowed}")
+
+        need(self.projection in PROJECTIONS, "projection", self.projection, f"allowed values: {list(PROJECTIONS)}")
+        need(self.selection in SELECTIONS, "selection", self.selection, f"allowed values: {list(SELECTIONS)}")
+        for key in ("dim", "steps", "batch_size", "feature_samples", "neg_samples", "num_neighbors"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+        for key in ("val_every", "extra_clusters"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+        need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be a probability in [0, 1)")
+        need(self.lr > 0, "lr", self.lr, "must be > 0")
+        for group in ("weights", "shifts"):
+            mapping = getattr(self, group)
+            need(set(mapping) == set(PARTS), group, dict(mapping), f"needs exactly the keys {list(PARTS)}")
+            need(all(math.isfinite(v) for v in mapping.values()), group, dict(mapping), "values must be finite")
+        need(self.selection == "last" or self.val_every > 0, "selection", self.selection,
+             "best_val_cluster_miou needs validation (head.val_every > 0)")
+        need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
+             "a derangement of the batch needs head.batch_size >= 2")
