@@ -155,6 +155,22 @@ BREAK_HINT = ("if that process is gone (check on its host), delete the lock file
               "broken by itself (README, section Locks)")
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running: a zombie (exited, not yet reaped by its parent)
+    holds nothing, so it counts as dead (``os.kill(pid, 0)`` alone succeeds on a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (macOS) or the process just went away: trust kill(0)
+        return True
+    return stat[stat.rfind(")") + 2:][:1] != "Z"
+
+
 class Lock:
     """An exclusive, heartbeated lock file (see module docstring).
 
@@ -197,13 +213,9 @@ class Lock:
         except FileNotFoundError:
             return None
         owner = self.owner()
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-            try:
-                os.kill(owner["pid"], 0)
-            except ProcessLookupError:
-                return st
-            except PermissionError:
-                pass
+        if (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+                and not _pid_alive(owner["pid"])):
+            return st
         if time.time() - st.st_mtime > self.stale_after_s:
             return st
         first_seen = self._seen.setdefault((st.st_ino, st.st_mtime_ns), time.monotonic())

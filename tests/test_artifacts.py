@@ -293,3 +293,24 @@ def test_lock_without_hard_links_falls_back_to_o_excl(tmp_path: Path, monkeypatc
     first.release()
     assert second.try_acquire()
     second.release()
+
+
+def test_a_lock_held_by_a_zombie_is_broken_at_once(tmp_path: Path) -> None:
+    """A holder that exited but was not reaped by its parent (a zombie) holds nothing: ``kill(pid, 0)``
+    still succeeds on it, so only the process state tells; waiting for the heartbeat would cost minutes."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][:1] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.02)
+        (tmp_path / "z.lock").write_text(json.dumps({"pid": child.pid, "host": os.uname().nodename}))
+        lock = Lock(tmp_path / "z.lock", stale_after_s=3600)
+        assert lock.is_stale()
+        lock.acquire(timeout_s=2)
+        lock.release()
+    finally:
+        child.wait()
