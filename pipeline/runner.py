@@ -418,15 +418,15 @@ def _stage_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def _report_skipped(task: Task, skipped: Any) -> None:
+def _report_skipped(artifact: str, skipped: Any) -> None:
     """List the inputs a stage left out (its ``skipped`` rows: id and reason) on the console."""
     if not isinstance(skipped, list) or not skipped:
         return
     rows = [f"{row.get('id', '?')}: {row.get('reason', '?')}" if isinstance(row, dict) else str(row)
             for row in skipped[:MAX_LISTED]]
-    more = f"\n  ... and {len(skipped) - MAX_LISTED} more (`stegopipe show {task.id} --json`)" \
+    more = f"\n  ... and {len(skipped) - MAX_LISTED} more (`stegopipe show {artifact} --json`)" \
         if len(skipped) > MAX_LISTED else ""
-    log.warning("%s skipped %d bad input(s):\n  %s%s", task.id, len(skipped), "\n  ".join(rows), more)
+    log.warning("%s skipped %d bad input(s):\n  %s%s", artifact, len(skipped), "\n  ".join(rows), more)
 
 
 def _fault_point(stage: str, event: str) -> None:
@@ -540,7 +540,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
                 log.info("[run] %s", task.id)
                 _fault_point(task.stage, "start")
                 result = stage.run(ctx) or {}
-                _report_skipped(task, {**ctx.extras, **result}.get("skipped"))
+                _report_skipped(task.id, {**ctx.extras, **result}.get("skipped"))
         except Exception as exc:
             gone = [(name, dep) for name, dep in task.inputs.items() if not store.exists(dep)]
             if gone:  # the cause, not its symptom (a file the stage could no longer read)
@@ -697,6 +697,8 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                 log.debug("traceback on the Dask worker:\n%s", result.traceback)
                 raise result.error
             results[result.id] = result
+            if result.status == "ran":  # the worker's log lines do not reach this console
+                _report_skipped(result.id, ArtifactStore(run_cfg.root).manifest(result.id).get("skipped"))
             _done_line(result)
             progress.update()
             submit_ready()
