@@ -170,6 +170,9 @@ def test_non_tty_output_has_no_bars_and_lists_skipped_inputs(root: Path, tmp_pat
     assert "skipped 1 bad input" in result.stderr and "broken" in result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert "broken" in (path / "log.txt").read_text()  # and kept in the artifact's log
+    on_dask = _cli("run", "prepare", "dataset.name=folder", f"dataset.root={data}", "dataset.n_classes=3",
+                   "dataset.on_bad_input=skip", "--force", "prepare", "--executor", "dask", "--workers", "1")
+    assert on_dask.returncode == 0 and "skipped 1 bad input" in on_dask.stderr  # from the worker's manifest
 
 
 def test_dask_run_output_is_line_by_line(toy: Path, tmp_path: Path) -> None:
