@@ -46,7 +46,7 @@ from pipeline.artifacts import ArtifactStore, sha256_file
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, Task, register_estimate, register_stage
+from pipeline.runner import Need, Request, StageContext, Task, register_estimate, register_needs, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
 from stages.datasets.base import SampleRef
 from stages.datasets.transforms import (
@@ -196,6 +196,23 @@ def extract_estimate(task: Task, store: ArtifactStore) -> int | None:
 
 
 register_estimate("extract", extract_estimate)
+
+
+def extract_needs(cfg: Any, args: Mapping[str, Any]) -> list[Need]:
+    """The weights file of ``backbone.weights=dino`` or a checkpoint path (none for random or timm)."""
+    backbone = cfg.backbone
+    spec = BACKBONES.get(backbone.name)
+    if backbone.weights == "dino" and backbone.weights_dir and spec is not None and spec.dino_file:
+        path = Path(backbone.weights_dir).expanduser().absolute() / spec.dino_file
+    elif backbone.weights not in ("random", "timm", "dino"):
+        path = Path(backbone.weights).expanduser().absolute()
+    else:
+        return []
+    return [Need("weights", str(path), "backbone.weights_dir (WEIGHTS_DIR=DIR for make, or STEGOPIPE_WEIGHTS_DIR) "
+                 "or backbone.weights=PATH", path.is_file())]
+
+
+register_needs("extract", extract_needs)
 
 
 # --------------------------------------------------------------------------------------------------
