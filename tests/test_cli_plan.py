@@ -182,3 +182,15 @@ def test_dask_run_output_is_line_by_line(toy: Path, tmp_path: Path) -> None:
     assert "\r" not in result.stderr  # no bars when stderr is not a terminal
     assert sum(line.startswith("[done] t_") for line in lines) == 4  # one line per stage, never glued
     assert all(line.startswith(("[", "4 artifacts")) for line in lines), lines
+
+
+def test_plan_names_the_weights_it_reads(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "dino_vitbase8_pretrain.pth").write_bytes(b"not really a checkpoint")  # only hashed by plan
+    monkeypatch.setenv("STEGOPIPE_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("STEGOPIPE_DATA_ROOT", str(tmp_path / "data"))
+    result = _invoke("plan", "extract", "--preset", "cocostuff27")
+    assert f"needs weights: {weights / 'dino_vitbase8_pretrain.pth'}  ok" in result.output
+    assert f"needs data root: {tmp_path / 'data' / 'cocostuff'}  MISSING" in result.output
+    assert result.exit_code == 1 and "STEGOPIPE_DATA_ROOT" in result.stderr
