@@ -114,12 +114,13 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
 
 
-def store_from(preset: str | None = None, overrides: tuple[str, ...] = ()) -> ArtifactStore:
-    return ArtifactStore(load_config(preset, [o for o in overrides if o.startswith("run.")]).run.root)
+def store_from() -> ArtifactStore:
+    """The artifact store of ``run.root`` (``STEGOPIPE_ROOT``)."""
+    return ArtifactStore(load_config().run.root)
 
 
 # --------------------------------------------------------------------------------------------------
-# shell completion (stage, experiment and artifact names; no stage code is imported for them)
+# shell completion: stage, experiment and artifact names (the plugins' light registration suffices)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -173,14 +174,14 @@ def params_summary(params: dict[str, Any], width: int = 72) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
+def human_bytes(n: float) -> str:
+    """``812 B``, ``1.5 MB``, ... (powers of 1000)."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1000
-    return f"{n} B"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def _when(created: str | None) -> str:
@@ -293,7 +294,7 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> Non
                 unknown += 1
             else:
                 missing_bytes += estimate
-            size_text = f"~{human_bytes(estimate)}" if estimate is not None else ""
+            size_text = "" if estimate is None else f"~{human_bytes(estimate)}"
         counts[state] += 1
         inputs = ",".join(f"[{number[d]}]" for d in task.inputs.values() if d in number)
         inputs = inputs if len(inputs) <= 12 else f"{len(task.inputs)} inputs"
