@@ -134,7 +134,7 @@ def decode_img_s(index_path: Path, case: Case) -> float:
 
 def cache_read_img_s(artifact: Path, batch: int) -> float:
     """img/s of streaming the stored tokens back as float32 batches."""
-    from stages.extract import TOKENS_STORE
+    from stages.store import TOKENS_STORE
     from stages.store import open_token_store
 
     store = open_token_store(artifact / TOKENS_STORE)

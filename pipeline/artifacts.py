@@ -59,6 +59,20 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot put {type(obj).__name__} into an artifact id or manifest: {obj!r}")
 
 
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` fit for strict JSON: NaN and ±inf become None, numpy scalars and arrays Python
+    values, tuples lists. The one conversion every stage uses before writing JSON."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal strings."""
     if isinstance(obj, float) and not math.isfinite(obj):

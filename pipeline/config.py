@@ -22,7 +22,16 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from pipeline.errors import ConfigError, did_you_mean
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIRS: list[Path] = []
+"""Folders of presets (``<dir>/<name>.yaml``, ``<dir>/datasets/``, ``<dir>/experiments/``), in the order
+plugins registered them (:func:`register_preset_dir`)."""
+
+
+def register_preset_dir(directory: Path) -> None:
+    """Let a plugin ship presets and experiments (e.g. from its package data)."""
+    directory = Path(directory)
+    if directory not in PRESET_DIRS:
+        PRESET_DIRS.append(directory)
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, runtime: bool = False,
@@ -216,12 +225,13 @@ def _expected_type(cfg: DictConfig, key: str) -> str:
 def resolve_preset(preset: str) -> Path:
     """A preset name (``cocostuff27``, ``experiments/fig4``) or a YAML path → the file."""
     candidates = [Path(preset)]
-    for sub in ("", "datasets", "experiments"):
-        candidates.append(CONFIG_DIR / sub / f"{preset}.yaml")
+    for directory in PRESET_DIRS:
+        for sub in ("", "datasets", "experiments"):
+            candidates.append(directory / sub / f"{preset}.yaml")
     for path in candidates:
         if path.is_file():
             return path
-    names = sorted(p.relative_to(CONFIG_DIR).with_suffix("").as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    names = sorted({p.relative_to(d).with_suffix("").as_posix() for d in PRESET_DIRS for p in d.rglob("*.yaml")})
     short = [n.rpartition("/")[2] for n in names]
     raise ConfigError(f"unknown preset '{preset}'{did_you_mean(preset, short)} (no such file and not one of "
                       f"{', '.join(names)})")

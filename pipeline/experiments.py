@@ -26,20 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import CONFIG_DIR, load_config, load_yaml
+from pipeline.config import PRESET_DIRS, load_config, load_yaml
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.runner import Request, Task, get_stage, plan, problems_error
 
-EXPERIMENT_DIR = CONFIG_DIR / "experiments"
 KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect", "copy_to"}
 
 
+def experiment_dirs() -> list[Path]:
+    """``experiments/`` of every registered preset folder."""
+    return [d / "experiments" for d in PRESET_DIRS]
+
+
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    return sorted({p.stem for d in experiment_dirs() for p in d.glob("*.yaml")})
 
 
 def experiment_path(name: str) -> Path | None:
-    for path in (Path(name), EXPERIMENT_DIR / f"{name}.yaml"):
+    for path in (Path(name), *(d / f"{name}.yaml" for d in experiment_dirs())):
         if path.suffix == ".yaml" and path.is_file():
             return path
     return None

@@ -372,8 +372,14 @@ def code_version() -> dict[str, Any]:
     return {"git_sha": sha, "dirty": dirty}
 
 
-PACKAGES = ("stegopipe", "torch", "numpy", "zarr", "dask", "distributed", "timm", "scikit-learn", "scipy",
-            "hnne", "pydensecrf2", "omegaconf", "safetensors", "squirrel-core")
+PACKAGES: list[str] = ["omegaconf", "dask", "distributed"]
+"""Distributions whose versions every manifest records: the framework's, then those plugins add."""
+
+
+def register_packages(*names: str) -> None:
+    """Let a plugin name the distributions its stages depend on (recorded in every manifest)."""
+    PACKAGES.extend(n for n in names if n not in PACKAGES)
+    package_versions.cache_clear()
 
 
 @cache

@@ -1,4 +1,4 @@
-"""Storage specs: one YAML per artifact kind under ``storage_specs/``, checked after every stage.
+"""Storage specs: one YAML per artifact kind, in folders plugins register, checked after every stage.
 
 A spec names required files (globs), JSON files with required keys, Zarr groups with arrays
 (dtype, shape symbols such as ``[N, h, w, D]`` bound consistently across arrays, chunk shapes in the
@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.errors import ArtifactError
 
-SPEC_DIRS = [Path(__file__).resolve().parent.parent / "storage_specs"]
+SPEC_DIRS: list[Path] = []
 
 
 def register_spec_dir(directory: Path) -> None:

@@ -17,14 +17,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import timm
-import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+timm = lazy_module("timm")
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+vit = lazy_module("timm.models.vision_transformer")
 
 PosInterp = Literal["dino", "timm"]
 POS_INTERP_MODES: tuple[str, ...] = ("dino", "timm")
@@ -85,7 +90,7 @@ def build_vit(embed_dim: int, depth: int, num_heads: int, patch_size: int) -> Vi
     LayerNorm on the tokens (``global_pool="token"`` keeps ``fc_norm`` an identity), and
     ``dynamic_img_size`` so inputs of any patch-divisible size are accepted.
     """
-    return VisionTransformer(
+    return vit.VisionTransformer(
         img_size=224,
         patch_size=patch_size,
         in_chans=3,
@@ -325,7 +330,7 @@ def load_backbone(
             else:
                 if not isinstance(loaded, Mapping):
                     raise InputError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
-                _strict_load(model, checkpoint_filter_fn(dict(loaded), model), str(path))
+                _strict_load(model, vit.checkpoint_filter_fn(dict(loaded), model), str(path))
             tag = f"file:{_sha256_prefix(path)}"
 
     model.eval()

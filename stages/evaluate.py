@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -42,26 +41,32 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from pipeline.artifacts import stage_of
+from pipeline.artifacts import json_safe, stage_of, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ArtifactError, InputError, StageError
+from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
 from stages.evaluation.figures import backbone_label, class_legend, save_panels
-from stages.evaluation.metrics import confusion_matrix, map_clusters, scores
-from stages.evaluation.probes import Probes, load_probes, predict_batch, upsample_code
-from stages.probe import TOKENS_STORE, probe_request
+from stages.probe import probe_request
 from stages.projections import BaseProjection
 from stages.projections.select import open_projection, projection_params, projection_request
 
 log = logging.getLogger("stegopipe")
-from stages.store import TokenStore, open_token_store
+
+if TYPE_CHECKING:
+    from stages.evaluation.probes import Probes
+    from stages.store import TokenStore
+
+torch = lazy_module("torch")
+metrics = lazy_module("stages.evaluation.metrics")
+probes_lib = lazy_module("stages.evaluation.probes")
+token_store = lazy_module("stages.store")
 
 __all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "example_panels", "evaluate_stage"]
 
@@ -125,7 +130,7 @@ def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tupl
     code = projection.transform_map(tokens.permute(0, 3, 1, 2))
     if tokens_flip is not None:
         code = (code + projection.transform_map(tokens_flip.permute(0, 3, 1, 2)).flip(-1)) / 2
-    return upsample_code(code, size)
+    return probes_lib.upsample_code(code, size)
 
 
 def example_panels(image: np.ndarray, label: np.ndarray, preds: Mapping[str, np.ndarray],
@@ -138,21 +143,17 @@ def example_panels(image: np.ndarray, label: np.ndarray, preds: Mapping[str, np.
     ids = [("ground truth", label)]
     for entry, pred in preds.items():
         if entry.startswith("cluster"):
-            pred = map_clusters(pred.astype(np.int64), assignments[entry])
+            pred = metrics.map_clusters(pred.astype(np.int64), assignments[entry])
         ids.append((PANEL_TITLES[entry], pred))
     panels = [("image", image)] + [(title, colorize(x, colours)) for title, x in ids]
     return panels, class_legend([x for _, x in ids], colours, class_names)
 
 
-def _json_float(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
 def _score_entry(conf: np.ndarray, hungarian: bool, drop_extra: bool) -> tuple[dict[str, Any], np.ndarray]:
-    s = scores(conf, hungarian=hungarian, drop_extra_clusters=drop_extra)
-    entry: dict[str, Any] = {"miou": _json_float(s["miou"]), "accuracy": _json_float(s["accuracy"])}
+    s = metrics.scores(conf, hungarian=hungarian, drop_extra_clusters=drop_extra)
+    entry: dict[str, Any] = {"miou": json_safe(s["miou"]), "accuracy": json_safe(s["accuracy"])}
     for key in ("iou", "precision", "recall"):
-        entry[key] = [_json_float(v) for v in s[key]]
+        entry[key] = [json_safe(v) for v in s[key]]
     if hungarian:
         entry["assignment"] = s["assignment"].tolist()
     return entry, s["assignment"]
@@ -205,14 +206,14 @@ class _Eval:
             for a in range(0, t.shape[0], step):
                 code = upsampled_codes(self.projection, t[a:a + step], self.size,
                                        f[a:a + step] if f is not None else None)
-                out = predict_batch(code, self.probes.linear, self.probes.cluster, unaries=unaries)
+                out = probes_lib.predict_batch(code, self.probes.linear, self.probes.cluster, unaries=unaries)
                 yield {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def _open(ctx: StageContext, batch_size: int) -> _Eval:
     p = ctx.params
-    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
-    probes = load_probes(ctx.input("probes").path)
+    store = token_store.TokensArtifact(ctx.input("tokens").path).store
+    probes = probes_lib.load_probes(ctx.input("probes").path)
     provider = ctx.input("projection").path if "projection" in ctx.inputs else None
     projection = open_projection(provider, store.dim, p["projection"]["dim"])
     n_classes = store.attrs.get("n_classes")
@@ -392,8 +393,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
     for batch in _batches(ev):
         outs = list(ev.predict(batch["tokens"], batch.get("tokens_flip"), unaries=False))
         preds = {name: np.concatenate([o[name] for o in outs]) for name in PROBE_NAMES}
-        conf["linear"] += confusion_matrix(preds["linear"], batch["labels"], n)
-        conf["cluster"] += confusion_matrix(preds["cluster"], batch["labels"], n, k)
+        conf["linear"] += metrics.confusion_matrix(preds["linear"], batch["labels"], n)
+        conf["cluster"] += metrics.confusion_matrix(preds["cluster"], batch["labels"], n, k)
         for j, i in enumerate(batch["index"]):
             if int(i) in examples:
                 shown[int(i)] = {name: preds[name][j] for name in PROBE_NAMES}
@@ -410,8 +411,8 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         conf["cluster_crf"] = np.zeros((k, n), np.int64)
         for a, preds, shard_failed in _read_crf_shards(ev, ctx.out / CRF_DIR):
             labels = store.get_labels(np.arange(a, a + preds.shape[1]))
-            conf["linear_crf"] += confusion_matrix(preds[0], labels, n)
-            conf["cluster_crf"] += confusion_matrix(preds[1], labels, n, k)
+            conf["linear_crf"] += metrics.confusion_matrix(preds[0], labels, n)
+            conf["cluster_crf"] += metrics.confusion_matrix(preds[1], labels, n, k)
             failed.extend(shard_failed)
             for i in examples:
                 if a <= i < a + preds.shape[1]:
@@ -467,7 +468,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                        "requested_dim": p["projection"]["dim"]},
         "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
     }
-    (ctx.out / "metrics.json").write_text(json.dumps({"protocol": protocol, "scores": results}, indent=2) + "\n")
+    write_json_atomic(ctx.out / "metrics.json", {"protocol": protocol, "scores": results})
     throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}
     if crf_images:
         throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactStore, sha256_file
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
+from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
 from pipeline.runner import Need, Request, StageContext, Task, register_estimate, register_needs, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
@@ -58,10 +58,10 @@ from stages.datasets.transforms import (
     resize_shorter_nearest,
 )
 from stages.prepare import SPLITS, Index, load_index
-from stages.store import create_token_store, open_token_store, shard_ranges, write_shard
 
-TOKENS_STORE = "tokens.zarr"
-_PARTIAL = f"{TOKENS_STORE}.partial-"
+torch = lazy_module("torch")
+token_store = lazy_module("stages.store")
+
 _WRITES_IN_FLIGHT = 3
 _WRITER_THREADS = 3  # shards are separate files: writes (encode + checksum) run side by side
 _PREFETCH_BATCHES = 4
@@ -323,7 +323,7 @@ def _to_host(t: torch.Tensor) -> np.ndarray | HostCopy:
 
 def write_computed(store: str | Path, shard: int, arrays: Mapping[str, np.ndarray | HostCopy], ids: list[str]) -> None:
     """:func:`stages.store.write_shard` of :func:`compute_shard`'s arrays (waits for their device copies)."""
-    write_shard(store, shard, **{k: v.numpy() if isinstance(v, HostCopy) else v for k, v in arrays.items()}, ids=ids)
+    token_store.write_shard(store, shard, **{k: v.numpy() if isinstance(v, HostCopy) else v for k, v in arrays.items()}, ids=ids)
 
 
 def compute_shard(model: torch.nn.Module, samples: list[Sample],
@@ -396,19 +396,19 @@ def extract_shard_task(store_path: str, shard: int, start: int, stop: int, setti
 
 def _open_or_create_store(out: Path, layout: dict[str, Any], attrs: dict[str, Any]) -> Path:
     """The staging store: reopened when an interrupted run left one, else created atomically."""
-    path = out / TOKENS_STORE
-    for stale in out.glob(f"{_PARTIAL}*"):
+    path = token_store.TokensArtifact(out).store_path
+    for stale in out.glob(f"{path.name}.partial-*"):
         shutil.rmtree(stale)
     if path.exists():
-        store = open_token_store(path)
+        store = token_store.open_token_store(path)
         found = {"n": store.n, "grid": store.grid, "dim": store.dim, "label_hw": store.label_hw,
                  "shard_size": store.shard_size, "with_rgb": store.has_rgb, "with_flip": store.has_flip}
         if found != layout or store.attrs != attrs:
             raise InputError(f"{path}: an interrupted run left a token store with another layout or attributes "
                              f"({found}, expected {layout}); delete the staging folder {out} and re-run")
         return path
-    partial = out / f"{_PARTIAL}{os.getpid()}"
-    create_token_store(partial, attrs=attrs, **layout)
+    partial = out / f"{path.name}.partial-{os.getpid()}"
+    token_store.create_token_store(partial, attrs=attrs, **layout)
     os.replace(partial, path)
     return path
 
@@ -517,7 +517,7 @@ def extract(ctx: StageContext) -> dict[str, Any]:
     layout = {"n": len(index), "grid": grid, "dim": spec.embed_dim, "label_hw": (p["res"], p["res"]),
               "shard_size": p["shard_size"], "with_rgb": p["rgb"], "with_flip": p["flip"]}
     store = _open_or_create_store(ctx.out, layout, attrs)
-    ranges = shard_ranges(len(index), p["shard_size"])
+    ranges = token_store.shard_ranges(len(index), p["shard_size"])
     keys = [f"{s:06d}" for s in range(len(ranges))]
     todo = [(int(key), key) for key in ctx.shards(keys)]
     n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)

@@ -12,9 +12,6 @@ from pipeline.config import register_section, setting
 from pipeline.runner import Request, StageContext, register_stage
 from stages.stego.knn import STEGO_NUM_NEIGHBORS, descriptors_from_store, save_nns_npz, topk_neighbors
 
-TOKENS_STORE = "tokens.zarr"
-
-
 @dataclass
 class KnnConfig:
     """kNN pairs for STEGO positives (``knn.*``)."""
@@ -34,9 +31,9 @@ def _knn_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 @register_stage("knn", version="1", kind="knn", sections=("knn",), inputs=_knn_inputs, make_target="make knn")
 def knn_stage(ctx: StageContext) -> dict[str, Any]:
     """Cosine top-k neighbours of the pooled train tokens (STEGO's nns file)."""
-    from stages.store import open_token_store
+    from stages.store import TokensArtifact
 
-    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
+    store = TokensArtifact(ctx.input("tokens").path).store
     start = time.perf_counter()
     descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size)
     k = min(ctx.params["k"], store.n)

@@ -3,6 +3,11 @@
 The default of ``STEGOPIPE_PLUGINS``. Kept apart from ``stages/__init__.py`` so that importing one
 light module (e.g. ``stages.evaluation.crf`` in a CRF worker process) does not import torch, timm and every stage.
 """
+from importlib.resources import files
+from pathlib import Path
+
+from pipeline.config import register_preset_dir
+from pipeline.specs import register_spec_dir
 from stages import (  # noqa: F401  (each module registers its stage and config sections)
     evaluate,
     extract,
@@ -15,6 +20,10 @@ from stages import (  # noqa: F401  (each module registers its stage and config 
     train_head,
 )
 from pipeline.cli import register_lazy_commands
+from pipeline.runner import register_packages
+
+register_packages("stegopipe", "torch", "numpy", "zarr", "timm", "scikit-learn", "scipy", "hnne", "pydensecrf2",
+                  "safetensors", "squirrel-core")
 
 # extra CLI commands: each module is imported only when one of its commands runs (light --help, completion)
 register_lazy_commands("stages.commands.predict", {"predict": "Segment images with a STEGO head (label PNGs, overlays)."})
@@ -26,3 +35,7 @@ register_lazy_commands("stages.commands.squirrel", {
     "export-squirrel": "Write a tokens artifact as a stego-studies Squirrel store.",
     "import-squirrel": "Turn a Squirrel store into a tokens artifact."})
 from stages.projections import select  # noqa: F401  (the projection.* config section)
+
+# presets, experiments and storage specs: package data of ``stages`` (links to the top-level folders)
+register_preset_dir(Path(str(files("stages") / "configs")))
+register_spec_dir(Path(str(files("stages") / "storage_specs")))

@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import sha256_file, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Need, Request, StageContext, register_needs, register_stage
@@ -209,5 +209,5 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
         raise InputError(f"{root}: every sample of split '{p['split']}' is bad; first: {skipped[0]['reason']}")
     index = {"dataset": p["dataset"], "split": p["split"], "root": str(root), "options": p["options"],
              "n_classes": reader.n_classes, "class_names": list(reader.class_names), "samples": rows}
-    (ctx.out / "index.json").write_text(json.dumps(index))
+    write_json_atomic(ctx.out / "index.json", index)
     return {"counts": {"samples": len(rows), "skipped": len(skipped)}, "skipped": skipped}

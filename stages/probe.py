@@ -2,25 +2,26 @@
 probes themselves: :mod:`stages.evaluation.probes`)."""
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from pipeline.artifacts import json_safe, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import InputError
+from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
-from stages.evaluation.probes import PROBE_LR, ProbeTrainer, save_probes
 from stages.projections.select import open_projection, projection_params, projection_request
-from stages.store import open_token_store
+from stages.stego.settings import PROBE_LR
 
-TOKENS_STORE = "tokens.zarr"  # the token store inside an ``extract`` artifact
+torch = lazy_module("torch")
+probes = lazy_module("stages.evaluation.probes")
+token_store = lazy_module("stages.store")
 
 
 @dataclass
@@ -64,10 +65,6 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[np.nd
     return batches[:steps]
 
 
-def _finite_or_none(values: Sequence[float]) -> list[float | None]:
-    return [v if np.isfinite(v) else None for v in values]
-
-
 @register_stage("probe", version="1", kind="probes", sections=("probe", "projection"), params=_probe_params, inputs=_probe_inputs,
                 make_target="make probe")
 def probe_stage(ctx: StageContext) -> dict[str, Any]:
@@ -80,7 +77,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     probed with the same protocol.
     """
     p = ctx.params
-    store = open_token_store(ctx.input("tokens").path / TOKENS_STORE)
+    store = token_store.TokensArtifact(ctx.input("tokens").path).store
     attrs = store.attrs
     for key in ("n_classes", "class_names"):
         if key not in attrs:
@@ -89,7 +86,7 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     provider = ctx.input("projection").path if "projection" in ctx.inputs else None
     projection = open_projection(provider, store.dim, p["projection"]["dim"])
     device = torch.device(ctx.device)
-    trainer = ProbeTrainer(projection.dim, n_classes, n_clusters=n_classes + p["extra_clusters"], lr=p["lr"],
+    trainer = probes.ProbeTrainer(projection.dim, n_classes, n_clusters=n_classes + p["extra_clusters"], lr=p["lr"],
                            seed=p["seed"], cluster_fit=p["cluster_fit"], device=device)
     batches = _batch_indices(store.n, p["batch_size"], p["steps"], p["seed"])
 
@@ -109,15 +106,15 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     trainer.linear.eval()
     trainer.cluster.eval()
-    losses = {name: _finite_or_none([h[name] for h in history]) for name in ("linear", "cluster")}
+    losses = {name: json_safe([h[name] for h in history]) for name in ("linear", "cluster")}
     note = ("the head artifact also holds probes trained with the head (§5.3); these are fresh probes"
             if p["projection"]["method"] == "stego" else None)
-    save_probes(ctx.out, trainer.linear, trainer.cluster, class_names=class_names, projection=projection,
+    probes.save_probes(ctx.out, trainer.linear, trainer.cluster, class_names=class_names, projection=projection,
                 extra={"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
                        "cluster_fit": p["cluster_fit"], "extra_clusters": p["extra_clusters"], "seed": p["seed"],
                        "projection_method": p["projection"]["method"],
                        "final_loss": {k: v[-1] for k, v in losses.items()}})
-    (ctx.out / "history.json").write_text(json.dumps(losses) + "\n")
+    write_json_atomic(ctx.out / "history.json", losses)
     h, w = store.grid
     ctx.record(counts={"steps": len(history), "train_samples": store.n, "n_classes": n_classes,
                        "n_clusters": trainer.cluster.n_clusters, "dim": projection.dim},

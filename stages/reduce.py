@@ -45,13 +45,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import register_section, setting
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ConfigError, InputError
+from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
 from stages.evaluation.figures import DPI, backbone_label
@@ -61,7 +63,11 @@ from stages.projections.linear import STANDARDIZE_MODES, PCAMoments, accumulate_
 from stages.projections.pca import PCAProjection
 from stages.projections.rp import RandomProjection
 from stages.projections.select import PROJECTION_DIR, check_method
-from stages.store import TokenStore, create_token_store, open_token_store, write_shard
+
+if TYPE_CHECKING:
+    from stages.store import TokenStore
+
+token_store = lazy_module("stages.store")
 
 REDUCE_METHODS = ("pca", "rp", "hnne")
 FIT_SUBSETS = ("all", "images", "tokens")
@@ -186,7 +192,7 @@ def fit_parts(fit: FitRows, samples_per_part: int) -> list[tuple[np.ndarray, np.
 
 def read_part(store_path: str, samples: np.ndarray, local_rows: np.ndarray | None) -> np.ndarray:
     """Float16 token rows ``[m, D]`` of one fit part (reads only the parts' samples)."""
-    store = open_token_store(store_path)
+    store = token_store.open_token_store(store_path)
     block = store.get("tokens", samples)
     block = block.reshape(-1, block.shape[-1])
     return block if local_rows is None else block[local_rows]
@@ -260,7 +266,7 @@ def write_evr(pca: PCAProjection, out: Path, title: str) -> dict[str, Any]:
             "explained_variance": pca.explained_variance.tolist(), "fraction": fraction.tolist(),
             "cumulative": cumulative.tolist(),
             "interpolated": {"fraction": grid.tolist(), "cumulative": interp.tolist()}}
-    (out / "evr.json").write_text(json.dumps(data) + "\n")
+    write_json_atomic(out / "evr.json", data)
     with open(out / "evr.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["component", "fraction", "explained_variance_ratio", "cumulative"])
@@ -307,10 +313,10 @@ def materialize_shard(projection_dir: str, dim: int | None, src_path: str, dst_p
     """Project shard ``shard`` of token store ``src_path`` into the same shard of ``dst_path``; returns
     its sample count. Labels, rgb and ids are copied; ``tokens_flip`` is projected too when present."""
     projection = _open_projection(projection_dir, dim)
-    src = open_token_store(src_path)
+    src = token_store.open_token_store(src_path)
     a, b = src.shard_ranges()[shard]
     idx = np.arange(a, b)
-    write_shard(
+    token_store.write_shard(
         dst_path, shard,
         tokens=_project(projection, src.get("tokens", idx), samples_per_call),
         tokens_flip=_project(projection, src.get("tokens_flip", idx), samples_per_call) if src.has_flip else None,
@@ -351,7 +357,7 @@ def materialize_split(ctx: StageContext, split: str, src: TokenStore, projection
         shutil.rmtree(dst, ignore_errors=True)
         attrs = {**src.attrs, "projection": {"kind": projection.kind, "dim": projection.dim,
                                              "reducer": ctx.task.id, "source_split": split}}
-        create_token_store(dst, n=src.n, grid=src.grid, dim=projection.dim, label_hw=src.label_hw,
+        token_store.create_token_store(dst, n=src.n, grid=src.grid, dim=projection.dim, label_hw=src.label_hw,
                            shard_size=src.shard_size, with_rgb=src.has_rgb, with_flip=src.has_flip, attrs=attrs)
         ctx.shard_finished(key)
     keys = {f"{split}-{i:05d}": i for i in range(len(src.shard_ranges()))}
@@ -375,7 +381,7 @@ def materialize_split(ctx: StageContext, split: str, src: TokenStore, projection
                 bar.update()
     wall = time.perf_counter() - start
     h, w = src.grid
-    store = open_token_store(dst)  # checks the layout of what was written
+    store = token_store.open_token_store(dst)  # checks the layout of what was written
     return {"path": f"{split}.zarr", "n": store.n, "dim": store.dim, "shards": len(keys),
             "shards_computed": len(todo), "parallel": "dask" if client is not None else "local",
             "tokens_per_s": round(n_samples * h * w / wall, 1) if n_samples and wall > 0 else None}
@@ -420,7 +426,7 @@ def _fit(ctx: StageContext, store: TokenStore, fit: FitRows | None) -> tuple[Bas
 def reduce(ctx: StageContext) -> dict[str, Any]:
     """Fit a PCA / random projection / h-NNE reducer on the train tokens (and materialise h-NNE codes)."""
     p = ctx.params
-    store = open_token_store(ctx.input("tokens").path / "tokens.zarr")
+    store = token_store.TokensArtifact(ctx.input("tokens").path).store
     h, w = store.grid
     fit = select_fit_rows(store.n, h * w, p["fit"]) if "fit" in p else None
     result: dict[str, Any] = {"in_dim": store.dim}
@@ -435,7 +441,7 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
             title = f"PCA of {store.attrs.get('dataset', '')} train tokens\n{backbone}"
             record["evr"] = write_evr(projection, ctx.out, title)
         ctx.record(fit_timing=record.pop("timing", {}))  # the manifest's: fit.json holds only what the fit made
-        (ctx.out / "fit.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(ctx.out / "fit.json", record)
         ctx.shard_finished(key)
     result |= json.loads((ctx.out / "fit.json").read_text())
     projection = load_projection(projection_dir)
@@ -444,7 +450,7 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
         result["seeds"] = {"projection": p["seed"]}
     if p.get("materialize"):
         samples_per_call = 1 if p["standardize"] == "batch" else int(ctx.runtime.reduce.transform_samples)
-        val = open_token_store(ctx.input("tokens_val").path / "tokens.zarr")
+        val = token_store.TokensArtifact(ctx.input("tokens_val").path).store
         if val.dim != store.dim:
             raise InputError(f"{val.path}: val tokens have width {val.dim}, train tokens {store.dim}")
         result["materialized"] = {

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import register_section, setting
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import InputError
 from pipeline.runner import StageContext, register_stage
 from stages.evaluation.figures import DPI, backbone_label
@@ -419,11 +420,10 @@ def plot_fig3(curves: Mapping[tuple[str, str], Mapping[str, Any]], path: Path) -
 
 def _tokens_info(ctx: StageContext, tokens_id: str) -> tuple[str, str | None]:
     """(dataset, backbone label) of a tokens artifact: the store's attributes and the manifest's params."""
-    from stages.extract import TOKENS_STORE
-    from stages.store import open_token_store
+    from stages.store import TokensArtifact
 
-    params = ctx.store.manifest(tokens_id).get("params") or {}
-    tokens = open_token_store(ctx.store.path(tokens_id) / TOKENS_STORE)
+    artifact = TokensArtifact(ctx.store.path(tokens_id))
+    params, tokens = artifact.params, artifact.store
     name = backbone_label(params.get("backbone") or tokens.attrs.get("backbone"),
                           params.get("weights_tag") or tokens.attrs.get("weights_tag"))
     return str(tokens.attrs.get("dataset", "unknown")), name
@@ -477,7 +477,7 @@ def report(ctx: StageContext) -> dict[str, Any]:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r[k] for k in CSV_COLUMNS})
-    (ctx.out / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
+    write_json_atomic(ctx.out / "lineage.json", lineage)
     n_cells = len(cells(rows))
     parts = [f"# Report: {experiment}", "",
              f"{len(rows)} metric rows from {len({r['eval_id'] for r in rows})} evaluations in {n_cells} "

@@ -7,20 +7,16 @@ one ``stegopipe import-stego <file.ckpt>`` creates.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import json_safe, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import InputError
 from pipeline.runner import Request, StageContext, register_stage
-from stages.commands.import_stego import checkpoint_sha256, write_imported
-from stages.projections.stego import write_head_files
-from stages.stego.head import PROJECTIONS
-from stages.stego.train import SELECTIONS, TrainSettings, _json_safe, plot_diagnostics, train_head
-from stages.store import open_token_store
+from stages.stego.settings import PROJECTIONS, SELECTIONS, TrainSettings
 
 STAGE = "train-head"
 VERSION = "1"
@@ -91,6 +87,8 @@ def settings_from_config(cfg: Any) -> TrainSettings:
 def head_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
     """Imported: ``{"imported": sha256 of the file}``; trained: every :class:`TrainSettings` field."""
     if cfg.head.checkpoint:
+        from stages.commands.import_stego import checkpoint_sha256
+
         return {"imported": checkpoint_sha256(Path(cfg.head.checkpoint))}
     return asdict(settings_from_config(cfg))
 
@@ -111,17 +109,22 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
     """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
     runtime = ctx.runtime.head
     if "imported" in ctx.params:
+        from stages.commands.import_stego import write_imported
+
         return write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
                               ignore_unknown=bool(runtime.checkpoint_ignore_unknown))
+    from stages.projections.stego import write_head_files
     from stages.stego.knn import load_nns_npz
+    from stages.stego.train import plot_diagnostics, train_head
+    from stages.store import TokensArtifact
 
     settings = TrainSettings(**ctx.params)
-    train = open_token_store(ctx.input("tokens").path / "tokens.zarr")
+    train = TokensArtifact(ctx.input("tokens").path).store
     n_classes = train.attrs.get("n_classes")
     if not isinstance(n_classes, int) or n_classes < 1:
         raise InputError(f"token store {train.path}: attribute n_classes is {n_classes!r}, expected an integer >= 1")
     nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
-    val = open_token_store(ctx.input("val").path / "tokens.zarr") if "val" in ctx.inputs else None
+    val = TokensArtifact(ctx.input("val").path).store if "val" in ctx.inputs else None
     result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
                         val_batch_size=int(runtime.val_batch_size), loader_workers=int(runtime.loader_workers),
                         progress=True)
@@ -129,8 +132,8 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
             "backbone": train.attrs.get("backbone"), "dataset": train.attrs.get("dataset")}
     class_names = list(train.attrs.get("class_names") or [f"class_{i}" for i in range(n_classes)])
     write_head_files(ctx.out, result.head, result.linear, result.cluster, class_names=class_names, info=info)
-    diagnostics = _json_safe(result.diagnostics)
-    (ctx.out / "diagnostics.json").write_text(json.dumps(diagnostics) + "\n")
+    diagnostics = json_safe(result.diagnostics)
+    write_json_atomic(ctx.out / "diagnostics.json", diagnostics)
     plot_diagnostics(diagnostics, ctx.out)
     chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
     final = {k: v[-1] for k, v in diagnostics["curves"].items()}

@@ -15,7 +15,8 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Request, TaskResult, plan, run_tasks
 from stages.backbones import dino_features, load_backbone
 from stages.datasets.transforms import center_crop, preprocess_image, preprocess_label, resize_shorter_nearest
-from stages.extract import TOKENS_STORE, ModelSettings, load_model, weights_tag
+from stages.extract import ModelSettings, load_model, weights_tag
+from stages.store import TOKENS_STORE
 from stages.prepare import load_index
 from stages.store import open_token_store
 

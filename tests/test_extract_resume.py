@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import stages.extract as extract_module
+import stages.store as store_module
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import StageError
 from pipeline.runner import FAULT_ENV, Request, TaskResult, plan, run_tasks
-from stages.extract import TOKENS_STORE
+from stages.store import TOKENS_STORE
 from tests.conftest import cli_process
 
 pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("one_torch_thread")]
@@ -40,18 +40,18 @@ def store_files(artifact: Path) -> dict[str, bytes]:
 
 def test_failed_run_publishes_nothing_and_the_rerun_reuses_written_shards(
         root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = extract_module.write_shard
+    real_write = store_module.write_shard
 
     def failing_write(store: object, shard: int, **arrays: object) -> None:
         if shard == 2:
             raise OSError("disk full (injected)")
         real_write(store, shard, **arrays)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(extract_module, "write_shard", failing_write)
+    monkeypatch.setattr(store_module, "write_shard", failing_write)
     with pytest.raises(StageError, match="disk full"):
         run_extract(SMALL)
     assert ArtifactStore(root).ids("extract") == []
-    monkeypatch.setattr(extract_module, "write_shard", real_write)
+    monkeypatch.setattr(store_module, "write_shard", real_write)
     resumed = run_extract(SMALL)
     manifest = json.loads((resumed.path / "manifest.json").read_text())
     assert manifest["shards"] == {"computed": 2, "reused": 2}  # shards 0 and 1 were written before the failure

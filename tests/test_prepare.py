@@ -75,5 +75,7 @@ def test_prepare_config_errors(root: Path) -> None:
 
 
 def test_every_registered_stage_has_a_storage_spec() -> None:
-    for stage in STAGES.values():
+    plugin = [s for s in STAGES.values() if s.run.__module__.startswith("stages.")]  # not tests' toy stages
+    assert len(plugin) >= 9
+    for stage in plugin:
         assert load_spec(stage.kind)["kind"] == stage.kind

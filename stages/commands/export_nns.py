@@ -27,14 +27,14 @@ def stego_nns_name(attrs: Mapping[str, Any]) -> str:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def export_nns_cmd(artifact: str, directory: Path) -> None:
     """Copy a knn ARTIFACT's neighbours into DIRECTORY under STEGO's nns_*.npz file name."""
-    from stages.store import open_token_store
+    from stages.store import TokensArtifact
 
     store = ArtifactStore(load_config().run.root)
     artifact = store.resolve(artifact)
     manifest = store.manifest(artifact)
     if manifest.get("stage") != "knn":
         raise InputError(f"{artifact} is a {manifest.get('stage')} artifact, not a knn artifact")
-    tokens = open_token_store(store.path(manifest["inputs"]["tokens"]) / "tokens.zarr")
+    tokens = TokensArtifact(store.path(manifest["inputs"]["tokens"])).store
     directory.mkdir(parents=True, exist_ok=True)
     out = save_nns_npz(directory / stego_nns_name(tokens.attrs), load_nns_npz(store.path(artifact) / "nns.npz"))
     click.echo(str(out))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.artifacts import ArtifactStore, stage_of
+from pipeline.artifacts import ArtifactStore, stage_of, write_json_atomic
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
@@ -413,5 +413,5 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
                "backbone": {**asdict(record), "weights_tag": tag}, "res": res, "full": full, "crf": crf,
                "crf_pixels": CRF_PIXELS if crf else None, "maps": list(maps),
                "images": written}
-    (out_dir / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out_dir / "predictions.json", summary)
     click.echo(f"{len(written)} images → {out_dir}/", err=True)

@@ -13,7 +13,7 @@ from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.runner import import_artifact
-from stages.store import open_token_store
+from stages.store import TokensArtifact, open_token_store
 from stages.store.squirrel import SQUIRREL_SHARD_SIZE, export_squirrel, import_squirrel
 
 
@@ -28,7 +28,7 @@ def export_squirrel_cmd(artifact: str, url: str, shard_size: int) -> None:
     artifact = store.resolve(artifact)
     if store.manifest(artifact).get("kind") != "tokens":
         raise InputError(f"{artifact} is not a tokens artifact")
-    result = export_squirrel(store.path(artifact) / "tokens.zarr", url, shard_size=shard_size)
+    result = export_squirrel(TokensArtifact(store.path(artifact)).store_path, url, shard_size=shard_size)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(f"{result.n} samples in {result.shards} shards at {result.url}")
@@ -48,7 +48,7 @@ def import_squirrel_cmd(url: str, attrs: tuple[str, ...]) -> None:
     params = {"squirrel": url, "files": listing, "attrs": extra}
 
     def write(ctx: Any) -> dict[str, Any]:
-        dest = import_squirrel(url, ctx.out / "tokens.zarr")
+        dest = import_squirrel(url, TokensArtifact(ctx.out).store_path)
         group = zarr.open_group(dest, mode="r+")
         for key, value in extra.items():
             group.attrs.setdefault(key, value)

@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from pipeline.errors import InputError
+from pipeline.lazy import lazy_module
 
 from .base import DatasetReader, SampleRef, read_id_list
 from .labelmaps import POTSDAM3_CLASS_NAMES, potsdam_remap
+
+scipy_io = lazy_module("scipy.io")
 
 POTSDAM_LISTS: dict[str, str] = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
 
@@ -19,7 +21,7 @@ def read_mat_array(path: Path, key: str) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"potsdam file {path} does not exist")
     try:
-        data = scipy.io.loadmat(path, variable_names=[key])
+        data = scipy_io.loadmat(path, variable_names=[key])
     except Exception as e:  # scipy raises many types for corrupt/truncated files
         raise InputError(f"potsdam file {path} is unreadable or truncated: {e}") from e
     if key not in data:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import InputError
+from pipeline.lazy import lazy_module
+
+optimize = lazy_module("scipy.optimize")
 
 __all__ = ["confusion_matrix", "scores", "map_clusters"]
 
@@ -110,7 +112,7 @@ def scores(confusion: np.ndarray, hungarian: bool, *,
                              "Hungarian matching need one prediction id per class")
         assignment = np.arange(n_classes, dtype=np.int64)
     else:
-        rows, cols = linear_sum_assignment(conf, maximize=True)
+        rows, cols = optimize.linear_sum_assignment(conf, maximize=True)
         assignment = np.full(n_clusters, -1, dtype=np.int64)
         assignment[rows] = cols
     hist = np.zeros((n_classes, n_classes), dtype=np.int64)

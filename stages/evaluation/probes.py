@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, ConfigError, InputError
 
 __all__ = [
@@ -29,7 +30,7 @@ __all__ = [
     "PROBES_FORMAT", "Probes", "save_probes", "load_probes",
 ]
 
-PROBE_LR = 5e-3  # Adam learning rate of both probes (method.md §5, §9.1)
+from stages.stego.settings import PROBE_LR  # noqa: E402  (re-exported)
 CLUSTER_CRF_ALPHA = 2.0  # temperature of the cluster-probe CRF unary, hard-coded in the reference (§7)
 
 
@@ -340,7 +341,7 @@ def save_probes(directory: Path, linear: LinearProbe, cluster: ClusterProbe, *, 
             "n_clusters": cluster.n_clusters, "dim": linear.dim, "class_names": [str(c) for c in class_names],
             "linear_updates": linear.updates,
             "projection": {"kind": projection.kind, "in_dim": int(projection.in_dim), "dim": int(projection.dim)}}
-    (directory / PROBES_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(directory / PROBES_META, meta)
 
 
 def load_probes(directory: Path) -> Probes:

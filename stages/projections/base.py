@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, TypeVar, overload, runtime_checkable
 
 import numpy as np
-import torch
 from safetensors.numpy import load_file, save_file
 
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.lazy import lazy_module
 
 META_FILE = "projection.json"
 TENSORS_FILE = "projection.safetensors"
@@ -47,6 +48,8 @@ _PROVIDERS: dict[str, str] = {
 }
 
 _REGISTRY: dict[str, type["BaseProjection"]] = {}
+
+torch = lazy_module("torch")
 
 
 @runtime_checkable
@@ -211,7 +214,7 @@ class BaseProjection(ABC):
         if arrays:
             save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(directory / TENSORS_FILE))
         meta = {"format": FORMAT_VERSION, "kind": self.kind, "in_dim": int(self.in_dim), "params": params}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(directory / META_FILE, meta)
 
     @classmethod
     def load(cls: type[P], directory: Path) -> P:

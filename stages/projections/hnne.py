@@ -5,14 +5,16 @@ from typing import Any
 
 import numpy as np
 import psutil
-import torch
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.lazy import lazy_module
 from stages.projections.base import BaseProjection, check_tokens, register_projection
 from stages.projections.linear import STANDARDIZE_MODES, Standardize, _batch_standardize, _check_choice, _safe_scale
 
 HNNE_VERSIONS: tuple[str, ...] = ("v1", "v2")
 _HNNE_EXACT_NN_MAX = 20_000  # hnne.HNNE ann_threshold default: FINCH uses dense n×n distances up to here
+
+torch = lazy_module("torch")
 
 
 def sample_token_rows(n_total: int, n_wanted: int, seed: int) -> np.ndarray:

@@ -4,10 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.errors import ConfigError
+from pipeline.lazy import lazy_module
 from stages.projections.base import BaseProjection, register_projection
+
+torch = lazy_module("torch")
 
 
 @register_projection("identity")

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
-import torch
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.lazy import lazy_module
 from stages.projections.base import BaseProjection
 
 Standardize = Literal["fit", "none", "batch"]
@@ -29,6 +29,8 @@ STANDARDIZE_MODES: tuple[str, ...] = ("fit", "none", "batch")
 MOMENT_BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "cupy", "cuml")
 
 _EPS64 = float(np.finfo(np.float64).eps)
+
+torch = lazy_module("torch")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -13,7 +13,6 @@ trained with the head, in the probe stage's format); see :func:`write_head_files
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
+from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, InputError
 from stages.evaluation.probes import ClusterProbe, LinearProbe, save_probes
 from stages.projections import BaseProjection, register_projection
@@ -103,7 +103,7 @@ def write_head_files(out: Path, head: StegoHead, linear: LinearProbe, cluster: C
     meta = {**dict(info), "format": FILES_FORMAT, "in_dim": head.in_dim, "dim": head.dim,
             "projection": head.projection, "dropout": head.dropout, "n_classes": linear.n_classes,
             "n_clusters": cluster.n_clusters}
-    (out / HEAD_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out / HEAD_META, meta)
     projection = StegoProjection(head)
     projection.save(out / PROJECTION_DIR)
     save_probes(out / PROBES_DIR, linear, cluster, class_names=class_names, projection=projection,

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError, InputError
 
-PROJECTIONS = ("nonlinear", "linear")
+from stages.stego.settings import PROJECTIONS  # noqa: E402  (re-exported)
 
 
 def channel_dropout(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

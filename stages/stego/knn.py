@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
+from pipeline.lazy import lazy_module
 
 if TYPE_CHECKING:
     from stages.store import TokenStore
@@ -30,6 +30,8 @@ STEGO_NUM_NEIGHBORS = 30
 """Columns of STEGO's ``nns`` files (``torch.topk(sims, 30)``)."""
 
 _LOW = 2**32
+
+torch = lazy_module("torch")
 
 
 def global_descriptors(tokens: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, InputError
 
-PARTS = ("intra", "inter", "neg")
+from stages.stego.settings import PARTS  # noqa: E402  (re-exported)
 """The three partner kinds: the image itself, its kNN partner, other images of the batch."""
 
 _NORM_EPS = 1e-10

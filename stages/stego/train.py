@@ -41,68 +41,19 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
+from pipeline.artifacts import json_safe
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.prefetch import prefetch
 from stages.evaluation.metrics import confusion_matrix, scores
 from stages.evaluation.probes import ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code
-from stages.stego.head import PROJECTIONS, StegoHead
-from stages.stego.loss import PARTS, correlation_loss, correlation_term, sample, super_perm, weighted_total
+from stages.stego.head import StegoHead
+from stages.stego.loss import correlation_loss, correlation_term, sample, super_perm, weighted_total
+from stages.stego.settings import PARTS, TrainSettings
 from stages.store import TokenStore
 
-SELECTIONS = ("last", "best_val_cluster_miou")
 HIST_BINS = 100
 HIST_RANGE = (-1.0, 1.0)
 DIAG_BATCHES = 8  # batches whose feature correlations go into the histograms
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that determines a trained head (the stage's params)."""
-
-    projection: str
-    dim: int
-    dropout: float
-    lr: float
-    steps: int
-    batch_size: int
-    feature_samples: int
-    neg_samples: int
-    pointwise: bool
-    zero_clamp: bool
-    stabilize: bool
-    weights: Mapping[str, float]
-    shifts: Mapping[str, float]
-    num_neighbors: int
-    true_permutation: bool
-    val_every: int
-    selection: str
-    extra_clusters: int
-    amp: bool
-    seed: int
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"head.{key}={value!r}: {allowed}")
-
-        need(self.projection in PROJECTIONS, "projection", self.projection, f"allowed values: {list(PROJECTIONS)}")
-        need(self.selection in SELECTIONS, "selection", self.selection, f"allowed values: {list(SELECTIONS)}")
-        for key in ("dim", "steps", "batch_size", "feature_samples", "neg_samples", "num_neighbors"):
-            value = getattr(self, key)
-            need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
-        for key in ("val_every", "extra_clusters"):
-            value = getattr(self, key)
-            need(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
-        need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be a probability in [0, 1)")
-        need(self.lr > 0, "lr", self.lr, "must be > 0")
-        for group in ("weights", "shifts"):
-            mapping = getattr(self, group)
-            need(set(mapping) == set(PARTS), group, dict(mapping), f"needs exactly the keys {list(PARTS)}")
-            need(all(math.isfinite(v) for v in mapping.values()), group, dict(mapping), "values must be finite")
-        need(self.selection == "last" or self.val_every > 0, "selection", self.selection,
-             "best_val_cluster_miou needs validation (head.val_every > 0)")
-        need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
-             "a derangement of the batch needs head.batch_size >= 2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,7 +244,7 @@ class HeadTrainer:
         keys = (*PARTS, "total", "cd_intra", "cd_inter", "cd_neg")
         values = torch.stack([losses[p] for p in PARTS] + [total] + [losses[f"cd_{p}"] for p in PARTS]).tolist()
         out: dict[str, float] = dict(zip(keys, values))
-        out.update({k: v if math.isfinite(v) else None for k, v in probe_losses.items()})
+        out.update(json_safe(probe_losses))
         return out, drop_feats.detach().float(), drop_pos.detach().float()
 
 
@@ -449,16 +400,3 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
         ax.legend(fontsize=7, loc="upper left")
     fig.savefig(out / "feature_correlations.png", dpi=DPI)
     return ["loss_curves.png", "feature_correlations.png"]
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf → None, numpy scalars → Python (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

@@ -996,6 +996,40 @@ def open_token_store(path: str | os.PathLike[str]) -> TokenStore:
     return TokenStore(path)
 
 
+class TokensArtifact:
+    """A ``tokens`` artifact folder (extract's output, or an imported store): its token store and its
+    manifest. The one place that knows where the store sits inside the artifact."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / TOKENS_STORE
+
+    @cached_property
+    def store(self) -> TokenStore:
+        return TokenStore(self.store_path)
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        import json
+
+        from pipeline.artifacts import MANIFEST
+
+        return json.loads((self.path / MANIFEST).read_text())
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The params its id was computed from (split, backbone, res, ...)."""
+        return dict(self.manifest.get("params", {}))
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """Its input artifacts by name (e.g. ``{"index": "prepare-..."}``)."""
+        return dict(self.manifest.get("inputs", {}))
+
+
 def open_tokens(ref: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> TokenStore:
     """Open the token store of a tokens artifact, for notebooks and scripts (read-only).
 
