@@ -134,9 +134,9 @@ def _complete_stages(ctx: click.Context, param: click.Parameter, incomplete: str
 
 
 def _complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
-    experiments = [CompletionItem(name, help="experiment") for name in experiment_names()
-                   if name.startswith(incomplete)]
-    return experiments + _complete_stages(ctx, param, incomplete)
+    stages = _complete_stages(ctx, param, incomplete)  # loads the plugins, which also register experiment folders
+    return [CompletionItem(name, help="experiment") for name in experiment_names()
+            if name.startswith(incomplete)] + stages
 
 
 def _complete_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
@@ -449,8 +449,7 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
     store = store_from()
     kept: set[str] = {store.resolve(k) for k in keep}
     unplanned: dict[str, str] = {}
-    if experiments or experiment_names():
-        _load_plugins()
+    _load_plugins()  # stages, and the experiment folders the plugins register
     for name in experiments or experiment_names():
         problems: list[str] = []
         tasks, _ = Experiment.load(name).plan(problems=problems)
