@@ -110,20 +110,21 @@ def section_class(path: str) -> type:
     return cls
 
 
-def section_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, dict[str, Any]]]:
+@cache
+def section_fields(cls: type, prefix: str = "") -> tuple[tuple[str, Any, dict[str, Any]], ...]:
     """Every leaf field of a section dataclass: (dotted key relative to the section, type, metadata);
-    the fields of a runtime sub-section are runtime."""
-    out = []
+    the fields of a runtime sub-section are runtime. Cached per class (planning calls it per stage run)."""
+    out: list[tuple[str, Any, dict[str, Any]]] = []
     hints = get_type_hints(cls)
     for f in fields(cls):
         if is_dataclass(hints[f.name]):
             sub = section_fields(hints[f.name], f"{prefix}{f.name}.")
             if f.metadata.get("runtime"):
-                sub = [(key, typ, {**meta, "runtime": True}) for key, typ, meta in sub]
+                sub = tuple((key, typ, {**meta, "runtime": True}) for key, typ, meta in sub)
             out += sub
         else:
             out.append((f"{prefix}{f.name}", hints[f.name], dict(f.metadata)))
-    return out
+    return tuple(out)
 
 
 def _pop(tree: dict[str, Any], dotted: str) -> Any:
