@@ -295,6 +295,7 @@ class StageContext:
     extras: dict[str, Any] = field(default_factory=dict)
     shards_computed: int = 0
     shards_reused: int = 0
+    shard_executor: str = "local"  # where map_shards ran the shards: local | dask
 
     @property
     def params(self) -> dict[str, Any]:
@@ -342,9 +343,78 @@ class StageContext:
         log.debug("shard %s of %s done", key, self.task.id)
         _fault_point(self.task.stage, "shard")
 
+    def map_shards(self, fn: Callable[..., Any], todo: Mapping[str, tuple[Any, ...]], *, dask: bool = True,
+                   resources: Mapping[str, float] | None = None,
+                   local: Callable[[list[str]], None] | None = None) -> Iterator[tuple[str, Any]]:
+        """Compute the shards ``todo`` (key → args of ``fn``) and mark each done when it is written;
+        yields ``(key, fn's result)`` as shards finish. The one fan-out of every sharded stage.
+
+        With ``dask`` and a client (:func:`shard_client`): one Dask task per shard (``resources`` on
+        CUDA), the others cancelled when one fails; the artifact must then live on a filesystem the
+        workers share. Else in this process: ``local(keys)`` when given (the stage's own pipeline, which
+        marks its shards itself), otherwise ``fn`` one shard after another.
+        """
+        if not todo:
+            return
+        with shard_client(self.runtime.run) if dask else contextlib.nullcontext() as client:
+            if client is None:
+                self.shard_executor = "local"
+                if local is not None:
+                    local(list(todo))
+                    return
+                for key, args in todo.items():
+                    result = fn(*args)
+                    self.shard_finished(key)
+                    yield key, result
+                return
+            from distributed import as_completed
+
+            self.shard_executor = "dask"
+            wanted = dict(resources) if resources and self.device == "cuda" else None
+            futures = {client.submit(fn, *args, pure=False, key=f"{self.task.id}-{key}-{time.time_ns()}",
+                                     resources=wanted): key for key, args in todo.items()}
+            try:
+                for future in as_completed(futures):
+                    result = future.result()
+                    self.shard_finished(futures[future])
+                    yield futures[future], result
+            except BaseException:
+                client.cancel(list(futures))
+                raise
+
     def record(self, **values: Any) -> None:
         """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest."""
         self.extras.update(values)
+
+
+@contextlib.contextmanager
+def shard_client(run_cfg: Any) -> Iterator[Any]:
+    """The Dask client shards fan out to: inside a Dask task, the worker's own (the task secedes while it
+    waits for its shards); else this process's current client, or one for ``run.scheduler``; else None."""
+    try:
+        from distributed import Client, get_client, get_worker, worker_client
+    except ImportError:
+        yield None
+        return
+    try:
+        get_worker()
+    except ValueError:
+        pass
+    else:
+        with worker_client() as client:
+            yield client
+        return
+    try:
+        current = get_client()
+    except ValueError:
+        current = None
+    if current is not None:
+        yield current
+    elif run_cfg.get("scheduler"):
+        with Client(run_cfg.scheduler) as client:
+            yield client
+    else:
+        yield None
 
 
 def resolve_device(requested: str) -> str:

@@ -17,15 +17,14 @@ flight; a failed write stops the run). A shard is marked done only after its dat
 in shard order), so a run killed at any moment resumes with the missing shards and ends bit-identical
 to an uninterrupted one (CPU).
 
-Scale-out (``extract.dask_shards=true``): when the stage runs inside a Dask worker or
-``run.scheduler`` is set, each missing shard becomes an independent Dask task (resources
-``{"GPU": 1}`` on CUDA) that loads the backbone once per worker process and writes its shard; the
-stage marks a shard done when its future completes. The store must then live on a filesystem the
+Scale-out (``extract.dask_shards=true``): through ``ctx.map_shards`` (when the stage runs inside a Dask
+worker, a client exists or ``run.scheduler`` is set) each missing shard becomes an independent Dask task
+(resources ``{"GPU": 1}`` on CUDA) that loads the backbone once per worker process and writes its shard;
+the shard is marked done when its future completes. The store must then live on a filesystem the
 workers share.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import threading
@@ -413,24 +412,6 @@ def _open_or_create_store(out: Path, layout: dict[str, Any], attrs: dict[str, An
     return path
 
 
-@contextlib.contextmanager
-def _dask_client(run_cfg: Any) -> Iterator[Any]:
-    """A client when running inside a Dask worker or with ``run.scheduler`` set, else None."""
-    from distributed import Client, get_worker, worker_client
-
-    try:
-        get_worker()
-    except ValueError:
-        if not run_cfg.scheduler:
-            yield None
-            return
-        with Client(run_cfg.scheduler) as client:
-            yield client
-        return
-    with worker_client() as client:
-        yield client
-
-
 def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: Index, todo: list[tuple[int, str]],
                ranges: list[tuple[int, int]], settings: Settings, bar: tqdm) -> None:
     shard_of = {s: key for s, key in todo}
@@ -471,26 +452,6 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
         settle(0)
 
 
-def _run_dask(ctx: StageContext, client: Any, store: Path, todo: list[tuple[int, str]],
-              ranges: list[tuple[int, int]], settings: Settings, bar: tqdm) -> None:
-    from distributed import as_completed
-
-    resources = {"GPU": 1} if settings.model.device == "cuda" else None
-    futures = {}
-    for shard, key in todo:
-        a, b = ranges[shard]
-        future = client.submit(extract_shard_task, str(store), shard, a, b, settings, pure=False,
-                               key=f"extract-{ctx.task.id}-shard{shard}-{time.time_ns()}", resources=resources)
-        futures[future] = key
-    try:
-        for future in as_completed(futures):
-            bar.update(future.result())
-            ctx.shard_finished(futures[future])
-    except BaseException:
-        client.cancel(list(futures))
-        raise
-
-
 @register_stage("extract", version="2", kind="tokens", sections=("backbone", "extract"), params=extract_params, inputs=extract_inputs,
                 args={"split": "train"}, resumable=True, make_target="make extract",
                 resources={"GPU": 1})
@@ -522,17 +483,20 @@ def extract(ctx: StageContext) -> dict[str, Any]:
     todo = [(int(key), key) for key in ctx.shards(keys)]
     n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)
 
-    with _dask_client(runtime.run) if runtime.extract.dask_shards else contextlib.nullcontext() as client, \
-            tqdm(total=n_todo, unit="img", desc=f"extract {index.dataset}/{index.split}@{p['res']}",
-                 leave=False) as bar:
-        executor = "local" if client is None else "dask"
-        model = load_model(settings.model) if executor == "local" and todo else None
+    jobs = {key: (str(store), shard, *ranges[shard], settings) for shard, key in todo}
+    with tqdm(total=n_todo, unit="img", desc=f"extract {index.dataset}/{index.split}@{p['res']}",
+              leave=False) as bar:
+
+        def run_here(keys: list[str]) -> None:
+            _run_local(ctx, load_model(settings.model), store, index, [(int(k), k) for k in keys], ranges,
+                       settings, bar)
+
         start = time.perf_counter()
-        if client is not None:
-            _run_dask(ctx, client, store, todo, ranges, settings, bar)
-        elif model is not None:
-            _run_local(ctx, model, store, index, todo, ranges, settings, bar)
+        for _, n in ctx.map_shards(extract_shard_task, jobs, dask=bool(runtime.extract.dask_shards),
+                                   resources={"GPU": 1}, local=run_here):
+            bar.update(n)
     wall = time.perf_counter() - start
+    executor = ctx.shard_executor
     return {
         "counts": {"samples": len(index), "shards": len(ranges), "samples_computed": n_todo},
         "throughput_img_s": round(n_todo / wall, 2) if n_todo and wall > 0 else None,

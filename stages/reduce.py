@@ -36,7 +36,6 @@ depend on the shard layout.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import shutil
@@ -325,29 +324,6 @@ def materialize_shard(projection_dir: str, dim: int | None, src_path: str, dst_p
     return b - a
 
 
-@contextlib.contextmanager
-def _dask_client() -> Iterator[Any]:
-    """The Dask client to fan shards out to: the worker's own (seceded) when running inside a Dask task, the
-    current client otherwise, or None without one."""
-    try:
-        from distributed import get_client, get_worker, worker_client
-    except ImportError:
-        yield None
-        return
-    try:
-        get_worker()
-    except ValueError:
-        try:
-            client = get_client()
-        except ValueError:
-            yield None
-            return
-        yield client
-        return
-    with worker_client() as client:
-        yield client
-
-
 def materialize_split(ctx: StageContext, split: str, src: TokenStore, projection_dir: Path, dim: int | None,
                       samples_per_call: int) -> dict[str, Any]:
     """Write ``<out>/<split>.zarr`` (resumable per shard; parallel on Dask when a client exists)."""
@@ -358,32 +334,22 @@ def materialize_split(ctx: StageContext, split: str, src: TokenStore, projection
         attrs = {**src.attrs, "projection": {"kind": projection.kind, "dim": projection.dim,
                                              "reducer": ctx.task.id, "source_split": split}}
         token_store.create_token_store(dst, n=src.n, grid=src.grid, dim=projection.dim, label_hw=src.label_hw,
-                           shard_size=src.shard_size, with_rgb=src.has_rgb, with_flip=src.has_flip, attrs=attrs)
+                                       shard_size=src.shard_size, with_rgb=src.has_rgb, with_flip=src.has_flip, attrs=attrs)
         ctx.shard_finished(key)
     keys = {f"{split}-{i:05d}": i for i in range(len(src.shard_ranges()))}
     todo = list(ctx.shards(keys))
     args = (str(projection_dir), dim, src.path, str(dst))
     start, n_samples = time.perf_counter(), 0
-    with _dask_client() as client, tqdm(total=len(todo), unit="shard", desc=f"reduce: {split}", leave=False) as bar:
-        if client is None:
-            for key in todo:
-                n_samples += materialize_shard(*args, keys[key], samples_per_call)
-                ctx.shard_finished(key)
-                bar.update()
-        else:
-            from distributed import as_completed
-
-            futures = {client.submit(materialize_shard, *args, keys[key], samples_per_call, pure=False): key
-                       for key in todo}
-            for future in as_completed(futures):
-                n_samples += future.result()
-                ctx.shard_finished(futures[future])
-                bar.update()
+    jobs = {key: (*args, keys[key], samples_per_call) for key in todo}
+    with tqdm(total=len(todo), unit="shard", desc=f"reduce: {split}", leave=False) as bar:
+        for _, n in ctx.map_shards(materialize_shard, jobs):
+            n_samples += n
+            bar.update()
     wall = time.perf_counter() - start
     h, w = src.grid
     store = token_store.open_token_store(dst)  # checks the layout of what was written
     return {"path": f"{split}.zarr", "n": store.n, "dim": store.dim, "shards": len(keys),
-            "shards_computed": len(todo), "parallel": "dask" if client is not None else "local",
+            "shards_computed": len(todo), "parallel": ctx.shard_executor,
             "tokens_per_s": round(n_samples * h * w / wall, 1) if n_samples and wall > 0 else None}
 
 
