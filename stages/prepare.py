@@ -23,10 +23,8 @@ from pipeline.artifacts import sha256_file, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.runner import Need, Request, StageContext, register_needs, register_stage
-from stages.datasets.base import DatasetReader, SampleRef, check_sample
+from stages.datasets.base import SPLITS, DatasetReader, SampleRef, check_sample
 from stages.datasets.registry import dataset_names, get_reader
-
-SPLITS = ("train", "val")
 
 
 @dataclass

@@ -72,7 +72,6 @@ REDUCE_METHODS = ("pca", "rp", "hnne")
 FIT_SUBSETS = ("all", "images", "tokens")
 BACKENDS = ("auto", "numpy", "dask", "cuml")
 HNNE_METRICS = ("cosine", "euclidean")
-SPLITS = ("train", "val")
 _CHUNK_BYTES = 2**24  # float16 bytes per fit block: 16 MiB, 64 MiB once upcast to float64
 
 
