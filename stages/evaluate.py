@@ -377,16 +377,9 @@ def _headline(results: Mapping[str, Mapping[str, Any]]) -> str:
     return " | ".join(parts) or "no labelled val pixels: no metrics"
 
 
-@register_stage("evaluate", version="2", kind="eval", sections=("evaluate", "projection"), params=_params, inputs=_inputs, resumable=True,
-                make_target="make evaluate")
-def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
-    """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
-    p = ctx.params
-    e = ctx.runtime.evaluate
-    workers, timeout_s, batch_size = int(e.crf_workers), float(e.crf_timeout_s), int(e.batch_size)
-    ev = _open(ctx, batch_size)
-    store, n, k = ev.store, ev.probes.n_classes, ev.probes.n_clusters
-    examples = _example_indices(store.n, p["examples"])
+def _score_pass(ev: _Eval, examples: list[int]) -> tuple[dict[str, np.ndarray], dict[int, dict[str, np.ndarray]], float]:
+    """One pass over the val split: the probes' confusion matrices, the example predictions, the seconds."""
+    n, k = ev.probes.n_classes, ev.probes.n_clusters
     shown: dict[int, dict[str, np.ndarray]] = {}
     conf = {"linear": np.zeros((n, n), np.int64), "cluster": np.zeros((k, n), np.int64)}
     start = time.perf_counter()
@@ -398,31 +391,93 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
         for j, i in enumerate(batch["index"]):
             if int(i) in examples:
                 shown[int(i)] = {name: preds[name][j] for name in PROBE_NAMES}
+    return conf, shown, time.perf_counter() - start
+
+
+def _crf_merge(ctx: StageContext, ev: _Eval, conf: dict[str, np.ndarray], shown: dict[int, dict[str, np.ndarray]],
+               examples: list[int]) -> tuple[list[dict[str, str]], int, float]:
+    """The dense-CRF pass (resumable shards), merged into ``conf`` (``*_crf`` entries) and the examples;
+    the shard files are removed afterwards. Returns the failed images, the images refined, the seconds."""
+    e, store = ctx.runtime.evaluate, ev.store
+    n, k = ev.probes.n_classes, ev.probes.n_clusters
+    start = time.perf_counter()
+    crf_images = _crf_pass(ctx, ev, int(e.crf_workers), float(e.crf_timeout_s), ctx.params["crf_pixels"])
+    crf_s = time.perf_counter() - start
+    failed: list[dict[str, str]] = []
+    conf["linear_crf"] = np.zeros((n, n), np.int64)
+    conf["cluster_crf"] = np.zeros((k, n), np.int64)
+    for a, preds, shard_failed in _read_crf_shards(ev, ctx.out / CRF_DIR):
+        labels = store.get_labels(np.arange(a, a + preds.shape[1]))
+        conf["linear_crf"] += metrics.confusion_matrix(preds[0], labels, n)
+        conf["cluster_crf"] += metrics.confusion_matrix(preds[1], labels, n, k)
+        failed.extend(shard_failed)
+        for i in examples:
+            if a <= i < a + preds.shape[1]:
+                shown[i].update(linear_crf=preds[0, i - a], cluster_crf=preds[1, i - a])
+    for key in _crf_keys(len(store.shard_ranges())):  # a run killed from here on redoes the CRF: files go
+        ctx.staging.unmark_shard(key)
+    shutil.rmtree(ctx.out / CRF_DIR)
+    if store.n and len(failed) == 2 * store.n:
+        raise StageError(f"the dense CRF failed on every val image (first error: {failed[0]['error']}); "
+                         "check that pydensecrf2 is installed, or run with evaluate.crf=false")
+    return failed, crf_images, crf_s
+
+
+def _write_examples(ctx: StageContext, ev: _Eval, examples: list[int], shown: dict[int, dict[str, np.ndarray]],
+                    results: dict[str, Any], assignments: dict[str, np.ndarray]) -> None:
+    """One PNG per example image: image, ground truth and every scored prediction, with a legend."""
+    store, attrs = ev.store, ev.store.attrs
+    (ctx.out / "examples").mkdir(exist_ok=True)
+    rgb = store.get_rgb(examples) if store.has_rgb else None
+    labels = store.get_labels(examples)
+    names = ev.probes.meta.get("class_names") or attrs.get("class_names")
+    backbone = backbone_label(attrs.get("backbone"), attrs.get("weights_tag"))
+    caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {ctx.params['projection']['method']} "
+               f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
+    colours = palette(ev.probes.n_classes)
+    for row, i in enumerate(examples):
+        image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
+        preds = {entry: shown[i][entry] for entry in results}
+        panels, legend = example_panels(image, labels[row], preds, assignments, colours, names)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
+        save_panels(ctx.out / "examples" / f"{row}-{name}.png", panels, legend, title=f"{store.ids[i]}: {caption}")
+
+
+def _protocol(ctx: StageContext, ev: _Eval) -> dict[str, Any]:
+    """What was evaluated and how (``metrics.json``'s ``protocol``): data, inputs, flags, projection."""
+    p, store, attrs = ctx.params, ev.store, ev.store.attrs
+    tokens_in, probes_in = ctx.input("tokens"), ctx.input("probes")
+    return {
+        "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
+        "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
+        "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
+        "resolution": list(store.label_hw), "feature_grid": list(store.grid),
+        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"],
+        "drop_extra_clusters": p["drop_extra_clusters"],
+        "probe_id": probes_in.id, "n_classes": ev.probes.n_classes, "n_clusters": ev.probes.n_clusters,
+        "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
+        "projection": {"method": p["projection"]["method"],
+                       "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
+                       "kind": ev.projection.kind, "dim": ev.projection.dim,
+                       "requested_dim": p["projection"]["dim"]},
+        "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
+    }
+
+
+@register_stage("evaluate", version="2", kind="eval", sections=("evaluate", "projection"), params=_params, inputs=_inputs, resumable=True,
+                make_target="make evaluate")
+def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+    """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
+    p = ctx.params
+    ev = _open(ctx, int(ctx.runtime.evaluate.batch_size))
+    examples = _example_indices(ev.store.n, p["examples"])
+    conf, shown, eval_s = _score_pass(ev, examples)
     pixels = int(conf["linear"].sum())
-    eval_s = time.perf_counter() - start
     scored = _scored_probes(pixels > 0, ev.probes.linear_trained)
     failed: list[dict[str, str]] = []
     crf_images, crf_s = 0, 0.0
     if p["crf"] and scored:
-        start = time.perf_counter()
-        crf_images = _crf_pass(ctx, ev, workers, timeout_s, p["crf_pixels"])
-        crf_s = time.perf_counter() - start
-        conf["linear_crf"] = np.zeros((n, n), np.int64)
-        conf["cluster_crf"] = np.zeros((k, n), np.int64)
-        for a, preds, shard_failed in _read_crf_shards(ev, ctx.out / CRF_DIR):
-            labels = store.get_labels(np.arange(a, a + preds.shape[1]))
-            conf["linear_crf"] += metrics.confusion_matrix(preds[0], labels, n)
-            conf["cluster_crf"] += metrics.confusion_matrix(preds[1], labels, n, k)
-            failed.extend(shard_failed)
-            for i in examples:
-                if a <= i < a + preds.shape[1]:
-                    shown[i].update(linear_crf=preds[0, i - a], cluster_crf=preds[1, i - a])
-        for key in _crf_keys(len(store.shard_ranges())):  # a run killed from here on redoes the CRF: files go
-            ctx.staging.unmark_shard(key)
-        shutil.rmtree(ctx.out / CRF_DIR)
-        if store.n and len(failed) == 2 * store.n:
-            raise StageError(f"the dense CRF failed on every val image (first error: {failed[0]['error']}); "
-                             "check that pydensecrf2 is installed, or run with evaluate.crf=false")
+        failed, crf_images, crf_s = _crf_merge(ctx, ev, conf, shown, examples)
 
     results: dict[str, Any] = {}
     assignments: dict[str, np.ndarray] = {}
@@ -432,47 +487,13 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
             hungarian = entry.startswith("cluster")
             results[entry], assignments[entry] = _score_entry(matrix, hungarian,
                                                               p["drop_extra_clusters"] and hungarian)
-
-    attrs = store.attrs
-    colours = palette(n)
     if examples and results:
-        (ctx.out / "examples").mkdir(exist_ok=True)
-        rgb = store.get_rgb(examples) if store.has_rgb else None
-        labels = store.get_labels(examples)
-        names = ev.probes.meta.get("class_names") or attrs.get("class_names")
-        backbone = backbone_label(attrs.get("backbone"), attrs.get("weights_tag"))
-        caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {p['projection']['method']} "
-                   f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
-        for row, i in enumerate(examples):
-            image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
-            preds = {entry: shown[i][entry] for entry in results}
-            panels, legend = example_panels(image, labels[row], preds, assignments, colours, names)
-            name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
-            save_panels(ctx.out / "examples" / f"{row}-{name}.png", panels, legend,
-                        title=f"{store.ids[i]}: {caption}")
-
-    tokens_in = ctx.input("tokens")
-    probes_in = ctx.input("probes")
-    protocol = {
-        "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
-        "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
-        "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
-        "resolution": list(store.label_hw), "feature_grid": list(store.grid),
-        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"],
-        "drop_extra_clusters": p["drop_extra_clusters"],
-        "probe_id": probes_in.id, "n_classes": n, "n_clusters": k,
-        "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
-        "projection": {"method": p["projection"]["method"],
-                       "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
-                       "kind": ev.projection.kind, "dim": ev.projection.dim,
-                       "requested_dim": p["projection"]["dim"]},
-        "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
-    }
-    write_json_atomic(ctx.out / "metrics.json", {"protocol": protocol, "scores": results})
+        _write_examples(ctx, ev, examples, shown, results, assignments)
+    write_json_atomic(ctx.out / "metrics.json", {"protocol": _protocol(ctx, ev), "scores": results})
     throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}
     if crf_images:
         throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)
-    ctx.record(counts={"images": store.n, "pixels": pixels, "crf_failed": len(failed)}, throughput=throughput,
+    ctx.record(counts={"images": ev.store.n, "pixels": pixels, "crf_failed": len(failed)}, throughput=throughput,
                crf_failed=failed,
                summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()},
                headline=_headline(results))
