@@ -15,6 +15,20 @@ from stages.stego.loss import PARTS
 from stages.stego.train import plot_diagnostics
 
 
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """Every matplotlib figure saved during the test, in order (still saved to its file)."""
+    figures: list[Figure] = []
+    real = Figure.savefig
+
+    def capture(self: Figure, *args: Any, **kwargs: Any) -> None:
+        figures.append(self)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    return figures
+
+
 def test_class_legend_lists_the_ids_shown() -> None:
     colours = palette(4)
     legend = class_legend([np.array([[2, 0]]), np.array([[0, -1]])], colours, ["a", "b", "c", "d"])
@@ -23,15 +37,7 @@ def test_class_legend_lists_the_ids_shown() -> None:
     assert [name for name, _ in class_legend([np.array([1])], colours, None)] == ["class 1"]
 
 
-def test_save_panels_titles_and_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    drawn: list[Figure] = []
-    real = Figure.savefig
-
-    def capture(self: Figure, *args: Any, **kwargs: Any) -> None:
-        drawn.append(self)
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
+def test_save_panels_titles_and_resolution(tmp_path: Path, drawn: list[Figure]) -> None:
     image = np.zeros((32, 48, 3), np.uint8)
     save_panels(tmp_path / "p.png", [("image", image), ("ground truth", image)], [("a", palette(1)[0])], title="t")
     axes = drawn[0].axes
@@ -41,15 +47,7 @@ def test_save_panels_titles_and_resolution(tmp_path: Path, monkeypatch: pytest.M
         assert png.info["dpi"][0] == pytest.approx(150, abs=1) and png.width >= 2 * 300
 
 
-def test_training_diagnostics_have_labelled_axes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    drawn: list[Figure] = []
-    real = Figure.savefig
-
-    def capture(self: Figure, *args: Any, **kwargs: Any) -> None:
-        drawn.append(self)
-        real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
+def test_training_diagnostics_have_labelled_axes(tmp_path: Path, drawn: list[Figure]) -> None:
     steps = [1, 2, 3]
     curves = {k: [0.1, 0.2, None] for k in (*PARTS, "total", "linear", "cluster", "cd_intra", "cd_inter", "cd_neg")}
     hist = {"edges": [-1.0, 0.0, 1.0], "counts": [3, 5], "shift": 0.2, "mean": 0.1, "fraction_above_shift": 0.5}
