@@ -260,22 +260,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
     """
     dev = torch.device(device)
     n = train.n
-    if nns.ndim != 2 or nns.shape[0] != n:
-        raise InputError(f"kNN table has shape {list(nns.shape)}, expected [{n}, K] for the {n} train samples")
-    if nns.shape[1] <= settings.num_neighbors:
-        raise ConfigError(f"head.num_neighbors={settings.num_neighbors} needs kNN tables with more than "
-                          f"{settings.num_neighbors} columns (column 0 is the sample itself); this one has "
-                          f"{nns.shape[1]} (raise knn.k)")
-    if nns.size and (nns.min() < 0 or nns.max() >= n):
-        raise InputError(f"kNN table holds indices outside [0, {n})")
-    if settings.batch_size > n:
-        raise ConfigError(f"head.batch_size={settings.batch_size} exceeds the {n} train samples")
-    if settings.val_every > 0:
-        if val is None:
-            raise InputError("validation (head.val_every > 0) needs the val token store")
-        if val.dim != train.dim:
-            raise InputError(f"val tokens have width {val.dim} but train tokens {train.dim}")
-
+    _check_inputs(train, nns, settings, val)
     seeds = _sub_seeds(settings.seed)
     trainer = HeadTrainer(train.dim, n_classes, settings, seeds, dev)
     head, probes = trainer.head, trainer.probes
@@ -286,8 +271,7 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
     curves: dict[str, list[float | None]] = {k: [] for k in (*PARTS, "linear", "cluster", "total",
                                                               "cd_intra", "cd_inter", "cd_neg")}
     correlations = _CorrelationStats(settings.shifts)
-    validations: list[dict[str, Any]] = []
-    best: tuple[float, int, list[dict[str, torch.Tensor]]] | None = None
+    selector = _Selector(settings, val, n_classes, dev, val_batch_size)
     wait_s = 0.0
 
     def read(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,29 +297,19 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
                 curve.append(values[key])
             if (step - 1) % diag_every == 0:
                 correlations.add(drop_feats, drop_pos, settings, diag_noise)
-            if settings.val_every and (step % settings.val_every == 0 or step == settings.steps):
-                head.eval()
-                metrics = validate(head, probes.linear, probes.cluster, val, n_classes, dev, val_batch_size)
-                validations.append({"step": step, **metrics})
-                score = metrics["cluster"]["miou"]
-                score = score if math.isfinite(score) else -math.inf
-                if settings.selection == "best_val_cluster_miou" and (best is None or score > best[0]):
-                    best = (score, step, _snapshot(head, probes.linear, probes.cluster))
-                bar.set_postfix(cluster_miou=f"{metrics['cluster']['miou']:.1f}")
+            cluster_miou = selector.after_step(step, head, probes)
+            if cluster_miou is not None:
+                bar.set_postfix(cluster_miou=f"{cluster_miou:.1f}")
             bar.update(1)
     bar.close()
     elapsed = time.perf_counter() - start
 
-    chosen = settings.steps
-    if best is not None:
-        _, chosen, states = best
-        for module, state in zip((head, probes.linear, probes.cluster), states):
-            module.load_state_dict(state)
+    chosen = selector.restore_chosen(head, probes)
     head.eval()
     diagnostics = {
         "steps": list(range(1, settings.steps + 1)),
         "curves": curves,
-        "validation": validations,
+        "validation": selector.validations,
         "feature_correlation": correlations.summary(),
         "chosen_step": chosen,
         "selection": settings.selection,
@@ -345,6 +319,62 @@ def train_head(train: TokenStore, nns: np.ndarray, settings: TrainSettings, *, n
              "data_wait_fraction": round(wait_s / elapsed, 4),
              "amp": str(trainer.amp_dtype).removeprefix("torch.") if trainer.use_amp else None}
     return TrainResult(head.cpu(), probes.linear.cpu(), probes.cluster.cpu(), chosen, diagnostics, stats, seeds)
+
+
+def _check_inputs(train: TokenStore, nns: np.ndarray, settings: TrainSettings, val: TokenStore | None) -> None:
+    """The kNN table, batch size and val store fit the train store and the settings (one clear error)."""
+    n = train.n
+    if nns.ndim != 2 or nns.shape[0] != n:
+        raise InputError(f"kNN table has shape {list(nns.shape)}, expected [{n}, K] for the {n} train samples")
+    if nns.shape[1] <= settings.num_neighbors:
+        raise ConfigError(f"head.num_neighbors={settings.num_neighbors} needs kNN tables with more than "
+                          f"{settings.num_neighbors} columns (column 0 is the sample itself); this one has "
+                          f"{nns.shape[1]} (raise knn.k)")
+    if nns.size and (nns.min() < 0 or nns.max() >= n):
+        raise InputError(f"kNN table holds indices outside [0, {n})")
+    if settings.batch_size > n:
+        raise ConfigError(f"head.batch_size={settings.batch_size} exceeds the {n} train samples")
+    if settings.val_every > 0:
+        if val is None:
+            raise InputError("validation (head.val_every > 0) needs the val token store")
+        if val.dim != train.dim:
+            raise InputError(f"val tokens have width {val.dim} but train tokens {train.dim}")
+
+
+class _Selector:
+    """Validation every ``val_every`` steps (and after the last) and model selection: with
+    ``best_val_cluster_miou`` a snapshot of the best head and probes by val cluster mIoU."""
+
+    def __init__(self, settings: TrainSettings, val: TokenStore | None, n_classes: int, dev: torch.device,
+                 val_batch_size: int) -> None:
+        self.settings, self.val, self.n_classes, self.dev, self.val_batch_size = (
+            settings, val, n_classes, dev, val_batch_size)
+        self.validations: list[dict[str, Any]] = []
+        self.best: tuple[float, int, list[dict[str, torch.Tensor]]] | None = None
+
+    def after_step(self, step: int, head: StegoHead, probes: Any) -> float | None:
+        """Validate when due; returns the val cluster mIoU then, else None."""
+        s = self.settings
+        if not s.val_every or (step % s.val_every and step != s.steps):
+            return None
+        head.eval()
+        metrics = validate(head, probes.linear, probes.cluster, self.val, self.n_classes, self.dev,
+                           self.val_batch_size)
+        self.validations.append({"step": step, **metrics})
+        score = metrics["cluster"]["miou"]
+        score = score if math.isfinite(score) else -math.inf
+        if s.selection == "best_val_cluster_miou" and (self.best is None or score > self.best[0]):
+            self.best = (score, step, _snapshot(head, probes.linear, probes.cluster))
+        return float(metrics["cluster"]["miou"])
+
+    def restore_chosen(self, head: StegoHead, probes: Any) -> int:
+        """Load the chosen step's state into the modules (the last step's is already there); its step."""
+        if self.best is None:
+            return self.settings.steps
+        _, chosen, states = self.best
+        for module, state in zip((head, probes.linear, probes.cluster), states):
+            module.load_state_dict(state)
+        return chosen
 
 
 # --------------------------------------------------------------------------------------------------
