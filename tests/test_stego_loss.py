@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from pipeline.errors import ConfigError, InputError
 from stages.stego.loss import (
+    LossOptions,
     correlation_loss,
     correlation_term,
     sample,
@@ -200,14 +202,8 @@ def _rv3_inputs():
     return feats, feats_pos, code, code_pos
 
 
-RV3_OPTS = {
-    "feature_samples": 3,
-    "neg_samples": 2,
-    "shifts": COCO_SHIFTS,
-    "pointwise": True,
-    "zero_clamp": True,
-    "stabilize": False,
-}
+RV3_OPTS = LossOptions(feature_samples=3, neg_samples=2, pointwise=True, zero_clamp=True, stabilize=False,
+                       weights=COCO_WEIGHTS, shifts=COCO_SHIFTS, true_permutation=False)
 
 
 def _bilinear(t: np.ndarray, x: float, y: float) -> np.ndarray:
@@ -258,7 +254,7 @@ def test_rv3_injected_draws_match_independent_recomputation():
     coords1 = torch.rand(4, 3, 3, 2, generator=g) * 2.4 - 1.2  # also exercises the border clamp
     coords2 = torch.rand(4, 3, 3, 2, generator=g) * 2 - 1
     perms = [torch.tensor([1, 2, 3, 0]), torch.tensor([2, 2, 0, 1])]
-    out = correlation_loss(feats, feats_pos, code, code_pos, coords1=coords1, coords2=coords2, perms=perms, **RV3_OPTS)
+    out = correlation_loss(feats, feats_pos, code, code_pos, RV3_OPTS, coords1=coords1, coords2=coords2, perms=perms)
     ref = _ref_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms, COCO_SHIFTS, pointwise=True)
     assert set(out) == set(ref)
     for key, value in ref.items():
@@ -269,16 +265,16 @@ def test_rv3_injected_draws_match_independent_recomputation():
 def test_rv3_rng_order_rand_rand_then_one_randperm_per_negative():
     feats, feats_pos, code, code_pos = _rv3_inputs()
     torch.manual_seed(2)
-    drawn = correlation_loss(feats, feats_pos, code, code_pos, **RV3_OPTS)
+    drawn = correlation_loss(feats, feats_pos, code, code_pos, RV3_OPTS)
     torch.manual_seed(2)
     coords1 = torch.rand(4, 3, 3, 2) * 2 - 1
     coords2 = torch.rand(4, 3, 3, 2) * 2 - 1
     perms = [super_perm(4), super_perm(4)]
     draws = {"coords1": coords1, "coords2": coords2, "perms": perms}
-    injected = correlation_loss(feats, feats_pos, code, code_pos, **draws, **RV3_OPTS)
+    injected = correlation_loss(feats, feats_pos, code, code_pos, RV3_OPTS, **draws)
     ref = _ref_loss(feats, feats_pos, code, code_pos, coords1, coords2, perms, COCO_SHIFTS, pointwise=True)
     gen = torch.Generator().manual_seed(2)
-    with_gen = correlation_loss(feats, feats_pos, code, code_pos, generator=gen, **RV3_OPTS)
+    with_gen = correlation_loss(feats, feats_pos, code, code_pos, RV3_OPTS, generator=gen)
     for key in ref:
         assert torch.equal(drawn[key], injected[key]), key
         assert torch.equal(drawn[key], with_gen[key]), key
@@ -291,7 +287,7 @@ def test_rv3_rng_order_rand_rand_then_one_randperm_per_negative():
 def test_true_permutation_negatives_are_real_derangements():
     feats, feats_pos, code, code_pos = _rv3_inputs()
     torch.manual_seed(2)
-    got = correlation_loss(feats, feats_pos, code, code_pos, true_permutation=True, **RV3_OPTS)
+    got = correlation_loss(feats, feats_pos, code, code_pos, replace(RV3_OPTS, true_permutation=True))
     torch.manual_seed(2)
     coords1 = torch.rand(4, 3, 3, 2) * 2 - 1
     coords2 = torch.rand(4, 3, 3, 2) * 2 - 1
@@ -304,7 +300,7 @@ def test_true_permutation_negatives_are_real_derangements():
 def test_loss_gradient_reaches_codes_only():
     feats, feats_pos, code, code_pos = (t.requires_grad_() for t in _rv3_inputs())
     torch.manual_seed(2)
-    out = correlation_loss(feats, feats_pos, code, code_pos, **RV3_OPTS)
+    out = correlation_loss(feats, feats_pos, code, code_pos, RV3_OPTS)
     weighted_total(out, COCO_WEIGHTS).backward()
     assert feats.grad is None and feats_pos.grad is None
     assert code.grad.abs().sum() > 0 and code_pos.grad.abs().sum() > 0
@@ -312,14 +308,16 @@ def test_loss_gradient_reaches_codes_only():
 
 def test_bad_arguments_are_reported():
     feats, feats_pos, code, code_pos = _rv3_inputs()
-    opts = dict(RV3_OPTS)
-    with pytest.raises(ConfigError, match="neg"):
-        correlation_loss(feats, feats_pos, code, code_pos, **{**opts, "shifts": {"intra": 0.1, "inter": 0.2}})
+    opts = RV3_OPTS
+    with pytest.raises(ConfigError, match=r"head\.shifts=.*neg"):
+        replace(opts, shifts={"intra": 0.1, "inter": 0.2})
+    with pytest.raises(ConfigError, match=r"head\.feature_samples=0"):
+        replace(opts, feature_samples=0)
     with pytest.raises(InputError, match="coords1"):
-        correlation_loss(feats, feats_pos, code, code_pos, coords1=torch.zeros(4, 2, 2, 2), **opts)
+        correlation_loss(feats, feats_pos, code, code_pos, opts, coords1=torch.zeros(4, 2, 2, 2))
     with pytest.raises(InputError, match="perms"):
-        correlation_loss(feats, feats_pos, code, code_pos, perms=[torch.tensor([0, 1, 2, 4])] * 2, **opts)
+        correlation_loss(feats, feats_pos, code, code_pos, opts, perms=[torch.tensor([0, 1, 2, 4])] * 2)
     with pytest.raises(InputError, match="feats_pos"):
-        correlation_loss(feats, feats_pos[:2], code, code_pos, **opts)
+        correlation_loss(feats, feats_pos[:2], code, code_pos, opts)
     with pytest.raises(ConfigError, match="weights"):
         weighted_total({"intra": 1, "inter": 1, "neg": 1}, {"intra": 1.0})

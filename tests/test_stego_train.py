@@ -124,8 +124,7 @@ def test_first_step_is_the_reference_step(data) -> None:
     feats_pos = torch.from_numpy(train.get_tokens(partners)).permute(0, 3, 1, 2)
     f, c = head(feats, train_dropout=True, generator=noise)
     fp, cp = head(feats_pos, train_dropout=True, generator=noise)
-    losses = correlation_loss(f, fp, c, cp, feature_samples=3, neg_samples=2, shifts=settings.shifts,
-                              pointwise=True, zero_clamp=True, stabilize=False, generator=noise)
+    losses = correlation_loss(f, fp, c, cp, settings, generator=noise)
     total = weighted_total(losses, settings.weights)
     curves = result.diagnostics["curves"]
     assert curves["total"][0] == pytest.approx(float(total.detach()), rel=1e-6, abs=1e-7)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import ConfigError, InputError
 
-from stages.stego.settings import PARTS  # noqa: E402  (re-exported)
+from stages.stego.settings import PARTS, LossOptions  # noqa: E402  (re-exported)
 """The three partner kinds: the image itself, its kNN partner, other images of the batch."""
 
 _NORM_EPS = 1e-10
@@ -124,37 +124,28 @@ def correlation_loss(
     feats_pos: torch.Tensor,
     code: torch.Tensor,
     code_pos: torch.Tensor,
+    options: LossOptions,
     *,
-    feature_samples: int,
-    neg_samples: int,
-    shifts: Mapping[str, float],
-    pointwise: bool,
-    zero_clamp: bool,
-    stabilize: bool,
     coords1: torch.Tensor | None = None,
     coords2: torch.Tensor | None = None,
     perms: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
-    true_permutation: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The contrastive correlation loss of method.md §3.3 for anchor maps and their kNN partners.
 
     ``feats``/``feats_pos``: ``[B,D,h,w]`` (dropout) features of the anchors and partners, ``code``/
-    ``code_pos``: ``[B,d,h,w]`` head outputs. ``S = feature_samples`` points per side are drawn as
-    ``coords1 = rand*2-1`` (anchors), ``coords2 = rand*2-1`` (partners), then one shuffle of the batch
-    per negative (:func:`super_perm`, or :func:`true_derangement` if ``true_permutation``); any of
-    them may be injected instead (``perms``: ``neg_samples`` index tensors of length B). Negatives are
-    other images of the anchor batch sampled at ``coords2``. ``shifts`` has keys intra/inter/neg.
+    ``code_pos``: ``[B,d,h,w]`` head outputs; ``options`` the :class:`LossOptions` (a ``TrainSettings``
+    is one). ``S = options.feature_samples`` points per side are drawn as ``coords1 = rand*2-1``
+    (anchors), ``coords2 = rand*2-1`` (partners), then one shuffle of the batch per negative
+    (:func:`super_perm`, or :func:`true_derangement` if ``options.true_permutation``); any of them may
+    be injected instead (``perms``: ``neg_samples`` index tensors of length B). Negatives are other
+    images of the anchor batch sampled at ``coords2``.
 
     Returns scalar means ``intra``, ``inter``, ``neg`` (losses) and ``cd_intra``, ``cd_inter``,
     ``cd_neg`` (code correlations, for monitoring).
     """
     _check_maps(feats, feats_pos, code, code_pos)
-    _check_parts("shifts", shifts)
-    if feature_samples < 1:
-        raise ConfigError(f"feature_samples must be >= 1, got {feature_samples}")
-    if neg_samples < 1:
-        raise ConfigError(f"neg_samples must be >= 1, got {neg_samples}")
+    feature_samples, neg_samples, shifts = options.feature_samples, options.neg_samples, options.shifts
     batch = feats.shape[0]
     device = feats.device
     coord_shape = (batch, feature_samples, feature_samples, 2)
@@ -167,7 +158,7 @@ def correlation_loss(
     coords1 = coords1.to(device=device, dtype=feats.dtype)
     coords2 = coords2.to(device=device, dtype=feats.dtype)
     if perms is None:
-        shuffle = true_derangement if true_permutation else super_perm
+        shuffle = true_derangement if options.true_permutation else super_perm
         perms = [shuffle(batch, generator=generator, device=device) for _ in range(neg_samples)]
     if len(perms) != neg_samples:
         raise InputError(f"perms holds {len(perms)} index tensors, expected neg_samples={neg_samples}")
@@ -175,7 +166,7 @@ def correlation_loss(
         if tuple(perm.shape) != (batch,) or perm.is_floating_point() or bool(((perm < 0) | (perm >= batch)).any()):
             raise InputError(f"perms[{k}] must be {batch} integer batch indices in [0, {batch}), got {perm.tolist()}")
 
-    opts = {"pointwise": pointwise, "zero_clamp": zero_clamp, "stabilize": stabilize}
+    opts = {"pointwise": options.pointwise, "zero_clamp": options.zero_clamp, "stabilize": options.stabilize}
     f_anchor, c_anchor = sample(feats, coords1), sample(code, coords1)
     f_pos, c_pos = sample(feats_pos, coords2), sample(code_pos, coords2)
     intra_loss, intra_cd = correlation_term(f_anchor, f_anchor, c_anchor, c_anchor, shifts["intra"], **opts)

@@ -21,16 +21,16 @@ PROBE_LR = 5e-3
 """Adam learning rate of both probes (method.md §5, §9.1)."""
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """Everything that determines a trained head (the stage's params)."""
+def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"head.{key}={value!r}: {allowed}")
 
-    projection: str
-    dim: int
-    dropout: float
-    lr: float
-    steps: int
-    batch_size: int
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The options of STEGO's correlation loss (method.md §3): the one definition the loss, the trainer
+    and the stage's params share (``head.*`` of the same names)."""
+
     feature_samples: int
     neg_samples: int
     pointwise: bool
@@ -38,8 +38,30 @@ class TrainSettings:
     stabilize: bool
     weights: Mapping[str, float]
     shifts: Mapping[str, float]
-    num_neighbors: int
     true_permutation: bool
+
+    def __post_init__(self) -> None:
+        for key in ("feature_samples", "neg_samples"):
+            value = getattr(self, key)
+            _need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+        for group in ("weights", "shifts"):
+            mapping = getattr(self, group)
+            _need(set(mapping) == set(PARTS), group, dict(mapping), f"needs exactly the keys {list(PARTS)}")
+            _need(all(math.isfinite(v) for v in mapping.values()), group, dict(mapping), "values must be finite")
+
+
+@dataclass(frozen=True)
+class TrainSettings(LossOptions):
+    """Everything that determines a trained head (the stage's params): the :class:`LossOptions` and the
+    head, optimisation, validation and seed fields below."""
+
+    projection: str
+    dim: int
+    dropout: float
+    lr: float
+    steps: int
+    batch_size: int
+    num_neighbors: int
     val_every: int
     selection: str
     extra_clusters: int
@@ -47,25 +69,18 @@ class TrainSettings:
     seed: int
 
     def __post_init__(self) -> None:
-        def need(ok: bool, key: str, value: Any, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"head.{key}={value!r}: {allowed}")
-
-        need(self.projection in PROJECTIONS, "projection", self.projection, f"allowed values: {list(PROJECTIONS)}")
-        need(self.selection in SELECTIONS, "selection", self.selection, f"allowed values: {list(SELECTIONS)}")
-        for key in ("dim", "steps", "batch_size", "feature_samples", "neg_samples", "num_neighbors"):
+        super().__post_init__()
+        _need(self.projection in PROJECTIONS, "projection", self.projection, f"allowed values: {list(PROJECTIONS)}")
+        _need(self.selection in SELECTIONS, "selection", self.selection, f"allowed values: {list(SELECTIONS)}")
+        for key in ("dim", "steps", "batch_size", "num_neighbors"):
             value = getattr(self, key)
-            need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+            _need(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
         for key in ("val_every", "extra_clusters"):
             value = getattr(self, key)
-            need(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
-        need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be a probability in [0, 1)")
-        need(self.lr > 0, "lr", self.lr, "must be > 0")
-        for group in ("weights", "shifts"):
-            mapping = getattr(self, group)
-            need(set(mapping) == set(PARTS), group, dict(mapping), f"needs exactly the keys {list(PARTS)}")
-            need(all(math.isfinite(v) for v in mapping.values()), group, dict(mapping), "values must be finite")
-        need(self.selection == "last" or self.val_every > 0, "selection", self.selection,
-             "best_val_cluster_miou needs validation (head.val_every > 0)")
-        need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
-             "a derangement of the batch needs head.batch_size >= 2")
+            _need(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+        _need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be a probability in [0, 1)")
+        _need(self.lr > 0, "lr", self.lr, "must be > 0")
+        _need(self.selection == "last" or self.val_every > 0, "selection", self.selection,
+              "best_val_cluster_miou needs validation (head.val_every > 0)")
+        _need(not self.true_permutation or self.batch_size >= 2, "true_permutation", self.true_permutation,
+              "a derangement of the batch needs head.batch_size >= 2")

@@ -211,10 +211,6 @@ class HeadTrainer:
         self.use_amp = settings.amp and device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
-        self.loss_opts = {"feature_samples": settings.feature_samples, "neg_samples": settings.neg_samples,
-                          "shifts": settings.shifts, "pointwise": settings.pointwise,
-                          "zero_clamp": settings.zero_clamp, "stabilize": settings.stabilize,
-                          "true_permutation": settings.true_permutation}
 
     def step(self, feats: torch.Tensor, feats_pos: torch.Tensor,
              labels: torch.Tensor) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
@@ -232,7 +228,7 @@ class HeadTrainer:
             drop_pos, code_pos = head(feats_pos, train_dropout=True, generator=self.noise)
         with record_function("stego.loss"):
             losses = correlation_loss(drop_feats.float(), drop_pos.float(), code.float(), code_pos.float(),
-                                      generator=self.noise, **self.loss_opts)
+                                      self.settings, generator=self.noise)
             total = weighted_total(losses, self.settings.weights)
         with record_function("stego.backward_adam"):
             self.optimizer.zero_grad(set_to_none=True)
