@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from functools import cache
+from functools import cache, lru_cache
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -142,13 +142,22 @@ def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def split_sections(cfg: Any, paths: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The sections ``paths`` of a config, split by the fields' metadata into (id part, runtime part):
-    plain nested dicts keyed by section path; the ``run`` section is always in the runtime part."""
-    ident: dict[str, Any] = {}
-    runtime: dict[str, Any] = {"run": to_container(OmegaConf.select(cfg, "run")) if "run" in cfg else {}}
-    for path in paths:
+    """The sections ``paths`` of a config (or of its plain resolved dict, left unchanged), split by the
+    fields' metadata into (id part, runtime part): plain nested dicts keyed by section path; the ``run``
+    section is always in the runtime part."""
+    tree = cfg if isinstance(cfg, dict) else None
+
+    def section(path: str) -> Any:
+        if tree is not None:
+            return copy.deepcopy(get_path(tree, path))
         node = OmegaConf.select(cfg, path)
-        values = to_container(node) if node is not None else {}
+        return to_container(node) if node is not None else None
+
+    ident: dict[str, Any] = {}
+    runtime: dict[str, Any] = {"run": section("run") if "run" in cfg else {}}
+    for path in paths:
+        values = section(path)
+        values = {} if values is None else values
         moved: dict[str, Any] = {}
         for key, _, meta in section_fields(section_class(path)):
             if meta.get("runtime"):
@@ -161,7 +170,7 @@ def check_section(path: str, values: Any) -> None:
     """Check a section's values against its fields' ``choices`` and ranges (see :func:`setting`); one
     :class:`ConfigError` naming the key, the value and what is allowed."""
     for key, _, meta in section_fields(section_class(path)):
-        value = OmegaConf.select(values, key) if isinstance(values, DictConfig) else _get(values, key)
+        value = OmegaConf.select(values, key) if isinstance(values, DictConfig) else get_path(values, key)
         name = f"{path}.{key}"
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, meta['choices']))}")
@@ -175,7 +184,8 @@ def check_section(path: str, values: Any) -> None:
             raise ConfigError(f"{name}={value!r}: must be < {meta['below']}")
 
 
-def _get(tree: Any, dotted: str) -> Any:
+def get_path(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of plain nested dicts (None where missing)."""
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None
     return tree
@@ -297,13 +307,20 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (a fresh copy; the parse is cached per file content)."""
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
+    return copy.deepcopy(data)
+
+
+@lru_cache(maxsize=256)
+def _parse_yaml(text: str) -> Any:
+    return yaml.safe_load(text) or {}
 
 
 def load_preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
@@ -322,7 +339,8 @@ _PRESETS: dict[tuple[str, tuple[tuple[str, type], ...]], DictConfig] = {}
 
 
 def _preset_config(preset: str) -> DictConfig:
-    """defaults ← the preset's layers, merged once per layers' content and registered sections (a copy)."""
+    """defaults ← the preset's layers, merged once per layers' content and registered sections (the
+    cached config itself: callers copy it before changing it)."""
     layers = load_preset_layers(resolve_preset(preset))
     for _, data in layers:
         data.pop("experiment", None)
@@ -333,13 +351,15 @@ def _preset_config(preset: str) -> DictConfig:
         for path, data in layers:
             cfg = _merge_checked(cfg, data, str(path))
         _PRESETS[key] = cfg
-    return copy.deepcopy(_PRESETS[key])
+    return _PRESETS[key]
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The root config: defaults ← preset (and what it extends) ← overrides, validated."""
-    cfg = _preset_config(preset) if preset else schema()
-    cfg = apply_overrides(cfg, overrides)
+    """The root config: defaults ← preset (and what it extends) ← overrides, validated (a new object)."""
+    base = _preset_config(preset) if preset else schema()
+    cfg = apply_overrides(base, overrides)  # merging copies
+    if cfg is base:
+        cfg = copy.deepcopy(base)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:

@@ -17,7 +17,9 @@ against the kind's storage spec and publishes it with a manifest. A failed stage
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
+import json
 import logging
 import os
 import platform
@@ -40,7 +42,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline import specs
 from pipeline.artifacts import ArtifactStore, Staging, artifact_id, stage_of, utc_now
-from pipeline.config import check_section, split_sections, to_container
+from pipeline.config import check_section, get_path, split_sections, to_container
 from pipeline.errors import (ArtifactError, ConfigError, MissingArtifactError, StageError, StegopipeError,
                              did_you_mean)
 
@@ -121,12 +123,13 @@ def config_view(tree: dict[str, Any]) -> DictConfig:
     return view
 
 
-def id_params(stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:
-    """The params of ``stage``'s artifact id under ``cfg`` (see the module docstring); checks the
-    declared sections' choices and ranges first."""
+def id_params(stage: Stage, cfg: DictConfig | dict[str, Any], args: Mapping[str, Any]) -> dict[str, Any]:
+    """The params of ``stage``'s artifact id under ``cfg`` (a config or its plain resolved dict; see the
+    module docstring); checks the declared sections' choices and ranges first."""
+    tree = cfg if isinstance(cfg, dict) else to_container(cfg)
     for path in stage.sections:
-        check_section(path, OmegaConf.select(cfg, path))
-    ident, _ = split_sections(cfg, stage.sections)
+        check_section(path, get_path(tree, path))
+    ident, _ = split_sections(tree, stage.sections)
     if stage.params is not None:
         return stage.params(config_view(ident), args)
     return ident[stage.sections[0]] if len(stage.sections) == 1 else ident  # every id field, as it is
@@ -208,7 +211,32 @@ class Task:
     needs: list[Need] = field(default_factory=list)
 
 
-def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problems: list[str]) -> str | None:
+class _Memo:
+    """What one ``plan`` call computes once: each config's plain resolved dict (by config object; the
+    configs are held so their ids stay theirs), and each stage's id params by the stage, its sections'
+    values and args (files a params function reads do not change while one plan runs)."""
+
+    def __init__(self) -> None:
+        self.trees: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+
+    def tree(self, cfg: DictConfig) -> dict[str, Any]:
+        held = self.trees.get(id(cfg))
+        if held is None or held[0] is not cfg:
+            held = self.trees[id(cfg)] = (cfg, to_container(cfg))
+        return held[1]
+
+    def id_params(self, stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:
+        tree = self.tree(cfg)
+        key = json.dumps([stage.name, stage.version, [get_path(tree, p) for p in stage.sections], args],
+                         sort_keys=True, default=repr)
+        if key not in self.params:
+            self.params[key] = id_params(stage, tree, args)
+        return copy.deepcopy(self.params[key])
+
+
+def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problems: list[str],
+             memo: _Memo) -> str | None:
     """The task id of ``request`` (planned into ``tasks``/``order``), or None when a stage's config is bad
     here or upstream: its ConfigError is added to ``problems`` and planning goes on."""
     stage = get_stage(request.stage)
@@ -222,10 +250,10 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
     except ConfigError as exc:
         problems.append(str(exc))
         return None
-    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems)
+    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems, memo)
               for name, req in upstream.items()}
     try:
-        params = id_params(stage, request.cfg, args)
+        params = memo.id_params(stage, request.cfg, args)
         needs = NEEDS[stage.name](request.cfg, args) if stage.name in NEEDS else []
     except ConfigError as exc:
         problems.append(str(exc))
@@ -234,7 +262,8 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
         return None
     task_id = artifact_id(stage.name, stage.version, params, inputs)
     if task_id not in tasks:
-        tasks[task_id] = Task(stage.name, task_id, params, args, to_container(request.cfg), inputs, needs)
+        tasks[task_id] = Task(stage.name, task_id, params, args, copy.deepcopy(memo.tree(request.cfg)), inputs,
+                              needs)
         order.append(task_id)
     return task_id
 
@@ -257,7 +286,8 @@ def plan(requests: Iterable[Request], problems: list[str] | None = None) -> tupl
     tasks: dict[str, Task] = {}
     order: list[str] = []
     found: list[str] = []
-    targets = [_resolve(request, tasks, order, found) for request in requests]
+    memo = _Memo()
+    targets = [_resolve(request, tasks, order, found, memo) for request in requests]
     if problems is None and found:
         raise problems_error(found)
     if problems is not None:
