@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +358,60 @@ class Lock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class ArtifactView:
+    """A published artifact folder, read-only: its manifest, id params and lineage. A stage kind
+    subclasses it to name its files (class attributes its writer uses too) and read them, so no other
+    stage reaches into its folder by literal file names."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, store: ArtifactStore, artifact: str) -> Any:
+        """The view of published ``artifact`` in ``store`` (MissingArtifactError when it is not there)."""
+        view = cls(store.path(artifact))
+        view.__dict__["manifest"] = store.manifest(artifact)
+        return view
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @cached_property
+    def manifest(self) -> dict[str, Any]:
+        return self.read_json(MANIFEST)
+
+    @property
+    def stage(self) -> str | None:
+        return self.manifest.get("stage")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The params its id was computed from."""
+        return dict(self.manifest.get("params") or {})
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """Its input artifacts by name (e.g. ``{"index": "prepare-..."}``)."""
+        return dict(self.manifest.get("inputs") or {})
+
+    def input_id(self, name: str) -> str:
+        """The id of its input ``name``; ArtifactError naming the artifact when it records none."""
+        lineage = self.lineage
+        if name not in lineage:
+            raise ArtifactError(f"artifact {self.id}: its manifest records no {name!r} input "
+                                f"(inputs: {', '.join(lineage) or 'none'})")
+        return lineage[name]
+
+    def read_json(self, name: str) -> Any:
+        """The JSON file ``name`` of the artifact; ArtifactError naming the file when it is missing or invalid."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable ({exc})") from exc
 
 
 class ArtifactStore:

@@ -51,6 +51,7 @@ from pipeline.errors import ArtifactError, InputError, StageError
 from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
 from pipeline.runner import Request, StageContext, register_stage
+from stages.artifacts import EvalArtifact, ProbesArtifact
 from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
 from stages.evaluation.figures import backbone_label, class_legend, save_panels
 from stages.probe import probe_request
@@ -213,7 +214,7 @@ class _Eval:
 def _open(ctx: StageContext, batch_size: int) -> _Eval:
     p = ctx.params
     store = token_store.TokensArtifact(ctx.input("tokens").path).store
-    probes = probes_lib.load_probes(ctx.input("probes").path)
+    probes = probes_lib.load_probes(ProbesArtifact(ctx.input("probes").path).probes_dir)
     provider = ctx.input("projection").path if "projection" in ctx.inputs else None
     projection = open_projection(provider, store.dim, p["projection"]["dim"])
     n_classes = store.attrs.get("n_classes")
@@ -342,9 +343,9 @@ def _read_crf_shards(ev: _Eval, folder: Path) -> Iterator[tuple[int, np.ndarray,
             yield a, data["preds"], json.loads(str(data["failed"]))
 
 
-def _index_id(manifest: Mapping[str, Any]) -> str | None:
-    """The ``prepare`` artifact among the inputs of the tokens artifact (the val index)."""
-    for dep in (manifest.get("inputs") or {}).values():
+def _index_id(lineage: Mapping[str, str]) -> str | None:
+    """The ``prepare`` artifact among the inputs (``lineage``) of the tokens artifact (the val index)."""
+    for dep in lineage.values():
         try:
             if stage_of(dep) == "prepare":
                 return dep
@@ -449,13 +450,13 @@ def _protocol(ctx: StageContext, ev: _Eval) -> dict[str, Any]:
     tokens_in, probes_in = ctx.input("tokens"), ctx.input("probes")
     return {
         "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
-        "index_id": _index_id(tokens_in.manifest), "tokens_id": tokens_in.id,
+        "index_id": _index_id(token_store.TokensArtifact(tokens_in.path).lineage), "tokens_id": tokens_in.id,
         "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
         "resolution": list(store.label_hw), "feature_grid": list(store.grid),
         "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"],
         "drop_extra_clusters": p["drop_extra_clusters"],
         "probe_id": probes_in.id, "n_classes": ev.probes.n_classes, "n_clusters": ev.probes.n_clusters,
-        "seed": (probes_in.manifest.get("params") or {}).get("seed", ev.probes.meta.get("seed")),
+        "seed": ProbesArtifact(probes_in.path).params.get("seed", ev.probes.meta.get("seed")),
         "projection": {"method": p["projection"]["method"],
                        "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
                        "kind": ev.projection.kind, "dim": ev.projection.dim,
@@ -489,7 +490,7 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                                                               p["drop_extra_clusters"] and hungarian)
     if examples and results:
         _write_examples(ctx, ev, examples, shown, results, assignments)
-    write_json_atomic(ctx.out / "metrics.json", {"protocol": _protocol(ctx, ev), "scores": results})
+    write_json_atomic(ctx.out / EvalArtifact.METRICS, {"protocol": _protocol(ctx, ev), "scores": results})
     throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}
     if crf_images:
         throughput["crf_images_per_s"] = round(crf_images / crf_s, 3)

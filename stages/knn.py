@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.config import register_section, setting
 from pipeline.runner import Request, StageContext, register_stage
+from stages.artifacts import KnnArtifact
 from stages.stego.knn import STEGO_NUM_NEIGHBORS, descriptors_from_store, save_nns_npz, topk_neighbors
 
 @dataclass
@@ -39,7 +40,7 @@ def knn_stage(ctx: StageContext) -> dict[str, Any]:
     k = min(ctx.params["k"], store.n)
     nns, sims = topk_neighbors(descriptors, k, block_size=ctx.runtime.knn.block_size,
                                device=ctx.device, return_similarities=True)
-    save_nns_npz(ctx.out / "nns.npz", nns, sims)
+    save_nns_npz(ctx.out / KnnArtifact.NNS, nns, sims)
     notes = [f"knn.k={ctx.params['k']} exceeds the {store.n} train samples; stored k={k}"] if k < ctx.params["k"] else []
     return {"counts": {"samples": store.n, "k": k}, "notes": notes,
             "throughput": {"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)}}

@@ -37,7 +37,6 @@ depend on the shard layout.
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -61,7 +60,8 @@ from stages.projections.hnne import HNNE_VERSIONS, HNNEProjection, check_hnne_me
 from stages.projections.linear import STANDARDIZE_MODES, PCAMoments, accumulate_moments, pca_moments_dask
 from stages.projections.pca import PCAProjection
 from stages.projections.rp import RandomProjection
-from stages.projections.select import PROJECTION_DIR, check_method
+from stages.artifacts import ReduceArtifact
+from stages.projections.select import check_method
 
 if TYPE_CHECKING:
     from stages.store import TokenStore
@@ -264,7 +264,7 @@ def write_evr(pca: PCAProjection, out: Path, title: str) -> dict[str, Any]:
             "explained_variance": pca.explained_variance.tolist(), "fraction": fraction.tolist(),
             "cumulative": cumulative.tolist(),
             "interpolated": {"fraction": grid.tolist(), "cumulative": interp.tolist()}}
-    write_json_atomic(out / "evr.json", data)
+    write_json_atomic(out / ReduceArtifact.EVR, data)
     with open(out / "evr.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["component", "fraction", "explained_variance_ratio", "cumulative"])
@@ -397,7 +397,7 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
     result: dict[str, Any] = {"in_dim": store.dim}
     if fit is not None:
         result["fit"] = {**p["fit"], "n_samples": len(fit.samples), "n_tokens": fit.n_rows, "store_samples": store.n}
-    projection_dir = ctx.out / PROJECTION_DIR
+    projection_dir = ctx.out / ReduceArtifact.PROJECTION
     for key in ctx.shards(["fit"]):  # a resumed run keeps the fit its materialised shards came from
         projection, record = _fit(ctx, store, fit)
         projection.save(projection_dir)
@@ -406,9 +406,9 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
             title = f"PCA of {store.attrs.get('dataset', '')} train tokens\n{backbone}"
             record["evr"] = write_evr(projection, ctx.out, title)
         ctx.record(fit_timing=record.pop("timing", {}))  # the manifest's: fit.json holds only what the fit made
-        write_json_atomic(ctx.out / "fit.json", record)
+        write_json_atomic(ctx.out / ReduceArtifact.FIT, record)
         ctx.shard_finished(key)
-    result |= json.loads((ctx.out / "fit.json").read_text())
+    result |= ReduceArtifact(ctx.out).read_json(ReduceArtifact.FIT)
     projection = load_projection(projection_dir)
     result["dim"] = projection.dim
     if "seed" in p:

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import register_section, setting
-from pipeline.artifacts import write_json_atomic
-from pipeline.errors import InputError
+from pipeline.artifacts import stage_of, write_json_atomic
 from pipeline.runner import StageContext, register_stage
+from stages.artifacts import EvalArtifact, ReduceArtifact
 from stages.evaluation.figures import DPI, backbone_label
 
 # Table 2 of Koenig et al. (CVPRW 2023), validation results with CRF, in %:
@@ -453,11 +453,8 @@ def report(ctx: StageContext) -> dict[str, Any]:
     for name in sorted(ctx.inputs):
         artifact = ctx.input(name)
         lineage[artifact.id] = ctx.store.lineage(artifact.id)
-        if artifact.manifest.get("stage") == "evaluate":
-            try:
-                metrics = json.loads((artifact.path / "metrics.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{artifact.path / 'metrics.json'}: unreadable ({exc})") from exc
+        if stage_of(artifact.id) == "evaluate":
+            metrics = EvalArtifact(artifact.path).metrics
             plain = (*EVAL_PRESENTATION_PARAMS, *EVAL_CRF_PARAMS)
             configs = {False: config_fingerprint(manifest_of, artifact.id, memo, ignore=plain),
                        True: config_fingerprint(manifest_of, artifact.id, memo, ignore=EVAL_PRESENTATION_PARAMS)}
@@ -466,11 +463,13 @@ def report(ctx: StageContext) -> dict[str, Any]:
             rows += eval_rows(artifact.id, metrics, configs, ((tokens or {}).get("params") or {}).get("weights_tag"))
     curves: dict[tuple[str, str], Any] = {}
     for artifact in sorted(ctx.store.closure({a.id for a in ctx.inputs.values()})):  # PCA fits in the lineage
-        manifest = ctx.store.manifest(artifact)
-        evr = ctx.store.path(artifact) / "evr.json"
-        if manifest.get("stage") == "reduce" and evr.is_file():
-            dataset, backbone = _tokens_info(ctx, manifest["inputs"]["tokens"])
-            curves[(dataset, backbone or "backbone not recorded")] = json.loads(evr.read_text())
+        if stage_of(artifact) != "reduce":
+            continue
+        fit = ReduceArtifact.of(ctx.store, artifact)
+        evr = fit.evr
+        if evr is not None:
+            dataset, backbone = _tokens_info(ctx, fit.input_id("tokens"))
+            curves[(dataset, backbone or "backbone not recorded")] = evr
     experiment = ctx.params["experiment"]
     with open(ctx.out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)

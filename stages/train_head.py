@@ -113,6 +113,7 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
 
         return write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
                               ignore_unknown=bool(runtime.checkpoint_ignore_unknown))
+    from stages.artifacts import KnnArtifact
     from stages.projections.stego import write_head_files
     from stages.stego.knn import load_nns_npz
     from stages.stego.train import plot_diagnostics, train_head
@@ -123,7 +124,7 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
     n_classes = train.attrs.get("n_classes")
     if not isinstance(n_classes, int) or n_classes < 1:
         raise InputError(f"token store {train.path}: attribute n_classes is {n_classes!r}, expected an integer >= 1")
-    nns = load_nns_npz(ctx.input("knn").path / "nns.npz", expected_n=train.n)
+    nns = load_nns_npz(KnnArtifact(ctx.input("knn").path).nns_path, expected_n=train.n)
     val = TokensArtifact(ctx.input("val").path).store if "val" in ctx.inputs else None
     result = train_head(train, nns, settings, n_classes=n_classes, val=val, device=ctx.device,
                         val_batch_size=int(runtime.val_batch_size), loader_workers=int(runtime.loader_workers),

@@ -11,6 +11,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from stages.artifacts import KnnArtifact
 from stages.stego.knn import load_nns_npz, save_nns_npz
 
 
@@ -30,11 +31,10 @@ def export_nns_cmd(artifact: str, directory: Path) -> None:
     from stages.store import TokensArtifact
 
     store = ArtifactStore(load_config().run.root)
-    artifact = store.resolve(artifact)
-    manifest = store.manifest(artifact)
-    if manifest.get("stage") != "knn":
-        raise InputError(f"{artifact} is a {manifest.get('stage')} artifact, not a knn artifact")
-    tokens = TokensArtifact(store.path(manifest["inputs"]["tokens"])).store
+    knn = KnnArtifact.of(store, store.resolve(artifact))
+    if knn.stage != "knn":
+        raise InputError(f"{knn.id} is a {knn.stage} artifact, not a knn artifact")
+    tokens = TokensArtifact.of(store, knn.input_id("tokens")).store
     directory.mkdir(parents=True, exist_ok=True)
-    out = save_nns_npz(directory / stego_nns_name(tokens.attrs), load_nns_npz(store.path(artifact) / "nns.npz"))
+    out = save_nns_npz(directory / stego_nns_name(tokens.attrs), load_nns_npz(knn.nns_path))
     click.echo(str(out))

@@ -30,7 +30,6 @@ then any non-random weights are accepted.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.runner import resolve_device
+from stages.artifacts import EvalArtifact, HeadArtifact, ProbesArtifact
 from stages.backbones import BACKBONES, dino_features, load_backbone
 from stages.evaluation.crf import dense_crf
 from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_nearest, resize_shorter_nearest
@@ -57,6 +57,7 @@ from stages.evaluation.metrics import map_clusters
 from stages.evaluation.probes import Probes, load_probes, predict_batch, upsample_code
 from stages.projections import BaseProjection
 from stages.projections.select import open_projection
+from stages.store import TokensArtifact
 
 __all__ = ["BackboneRecord", "PredictResult", "backbone_record", "check_weights", "predict_image", "prepare_image",
            "overlay", "panel_legend", "resolve_probes", "write_label_png", "predict_cmd"]
@@ -115,15 +116,15 @@ def resolve_artifact(store: ArtifactStore, ref: str, stage: str | tuple[str, ...
 def backbone_record(store: ArtifactStore, head_id: str) -> BackboneRecord:
     """The backbone of head ``head_id``: from its ``tokens`` input's params (trained heads) or the
     checkpoint's ViT variant and patch recorded in the manifest (imported heads)."""
-    manifest = store.manifest(head_id)
-    inputs = manifest.get("inputs") or {}
+    head = HeadArtifact.of(store, head_id)
+    inputs = head.lineage
     if "tokens" not in inputs:
-        return _imported_record(manifest, head_id)
+        return _imported_record(head.manifest, head_id)
     tokens_id = inputs["tokens"]
     if not store.exists(tokens_id):
         raise ArtifactError(f"head {head_id}: its tokens artifact {tokens_id} is gone (deleted by gc?); it "
                             "records the backbone; rebuild it with `stegopipe run extract split=train ...`")
-    params = store.manifest(tokens_id).get("params") or {}
+    params = TokensArtifact.of(store, tokens_id).params
     missing = [k for k in ("backbone", "weights_tag", "pos_interp") if k not in params]
     if missing:
         raise ArtifactError(f"tokens artifact {tokens_id}: manifest params lack {missing}")
@@ -131,7 +132,7 @@ def backbone_record(store: ArtifactStore, head_id: str) -> BackboneRecord:
         raise ArtifactError(f"tokens artifact {tokens_id}: unknown backbone {params['backbone']!r}")
     val_res = None
     if "val" in inputs and store.exists(inputs["val"]):
-        val_res = (store.manifest(inputs["val"]).get("params") or {}).get("res")
+        val_res = TokensArtifact.of(store, inputs["val"]).params.get("res")
     return BackboneRecord(params["backbone"], params["weights_tag"], params["pos_interp"],
                           int(val_res) if val_res else None)
 
@@ -180,13 +181,13 @@ def resolve_probes(store: ArtifactStore, head_id: str, probes_ref: str | None,
     assignment, eval_probes = None, None
     if eval_ref is not None:
         eval_id = resolve_artifact(store, eval_ref, "evaluate", "--eval")
-        metrics_path = store.path(eval_id) / "metrics.json"
+        evaluation = EvalArtifact.of(store, eval_id)
+        protocol = evaluation.protocol
         try:
-            metrics = json.loads(metrics_path.read_text())
-            protocol, cluster = metrics["protocol"], metrics["scores"]["cluster"]
-            assignment = np.asarray(cluster["assignment"], dtype=np.int64)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{metrics_path}: no readable cluster assignment ({exc})") from exc
+            assignment = np.asarray(evaluation.scores["cluster"]["assignment"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{evaluation.path / EvalArtifact.METRICS}: no readable cluster assignment "
+                                f"({exc})") from exc
         if (protocol.get("projection") or {}).get("id") != head_id:
             raise InputError(f"--eval {eval_ref}: evaluation {eval_id} scored projection "
                              f"{(protocol.get('projection') or {}).get('id')}, not head {head_id}")
@@ -201,15 +202,16 @@ def resolve_probes(store: ArtifactStore, head_id: str, probes_ref: str | None,
         raise InputError(f"--probes {probes_ref}: the cluster assignment of --eval {eval_ref} belongs to the probes "
                          f"{eval_probes}; leave out --probes or evaluate these probes")
     if stage_of(probes_id) == "probe":
-        projection_input = (store.manifest(probes_id).get("inputs") or {}).get("projection")
+        probes_artifact = ProbesArtifact.of(store, probes_id)
+        projection_input = probes_artifact.projection_id
         if projection_input != head_id:
             raise InputError(f"probes {probes_id} were trained on the codes of {projection_input or 'raw tokens'}, "
                              f"not of head {head_id}")
-        directory = store.path(probes_id)
+        directory = probes_artifact.probes_dir
     else:
         if probes_id != head_id:
             raise InputError(f"--probes {probes_ref}: {probes_id} holds the probes of another head than {head_id}")
-        directory = store.path(head_id) / "probes"
+        directory = HeadArtifact.of(store, head_id).probes_dir
     probes = load_probes(directory)
     if assignment is not None and len(assignment) != probes.n_clusters:
         raise ArtifactError(f"--eval {eval_ref}: assignment of {len(assignment)} clusters for a cluster probe of "

@@ -19,11 +19,11 @@ from typing import Any
 from pipeline.config import check_section, register_section, setting
 from pipeline.errors import ConfigError
 from pipeline.runner import Request
+from stages.artifacts import PROJECTION_DIR
 from stages.projections import BaseProjection, IdentityProjection, load_projection
 
 METHODS = ("identity", "pca", "rp", "hnne", "stego")
 PROVIDER_STAGE = {"pca": "reduce", "rp": "reduce", "hnne": "reduce", "stego": "train-head"}
-PROJECTION_DIR = "projection"
 
 
 @dataclass

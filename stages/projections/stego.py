@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, InputError
+from stages.artifacts import HeadArtifact
 from stages.evaluation.probes import ClusterProbe, LinearProbe, save_probes
 from stages.projections import BaseProjection, register_projection
 from stages.stego.head import StegoHead
@@ -83,10 +84,6 @@ class StegoProjection(BaseProjection):
 # files of a head artifact (written by train-head, whether trained or imported)
 # --------------------------------------------------------------------------------------------------
 
-HEAD_FILE = "head.safetensors"
-HEAD_META = "head.json"
-PROJECTION_DIR = "projection"
-PROBES_DIR = "probes"
 FILES_FORMAT = 1
 
 
@@ -99,12 +96,12 @@ def write_head_files(out: Path, head: StegoHead, linear: LinearProbe, cluster: C
     if linear.dim != head.dim:
         raise InputError(f"probes read codes of width {linear.dim}, but the head outputs {head.dim}")
     save_file({k: np.ascontiguousarray(v.detach().cpu().float().numpy()) for k, v in head.state_dict().items()},
-              str(out / HEAD_FILE))
+              str(out / HeadArtifact.WEIGHTS))
     meta = {**dict(info), "format": FILES_FORMAT, "in_dim": head.in_dim, "dim": head.dim,
             "projection": head.projection, "dropout": head.dropout, "n_classes": linear.n_classes,
             "n_clusters": cluster.n_clusters}
-    write_json_atomic(out / HEAD_META, meta)
+    write_json_atomic(out / HeadArtifact.META, meta)
     projection = StegoProjection(head)
-    projection.save(out / PROJECTION_DIR)
-    save_probes(out / PROBES_DIR, linear, cluster, class_names=class_names, projection=projection,
+    projection.save(out / HeadArtifact.PROJECTION)
+    save_probes(out / HeadArtifact.PROBES, linear, cluster, class_names=class_names, projection=projection,
                 extra={"source": info.get("source")})

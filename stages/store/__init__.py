@@ -48,6 +48,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from pipeline.artifacts import ArtifactView
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
 
@@ -996,12 +997,10 @@ def open_token_store(path: str | os.PathLike[str]) -> TokenStore:
     return TokenStore(path)
 
 
-class TokensArtifact:
-    """A ``tokens`` artifact folder (extract's output, or an imported store): its token store and its
-    manifest. The one place that knows where the store sits inside the artifact."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+class TokensArtifact(ArtifactView):
+    """A ``tokens`` artifact folder (extract's output, or an imported store): its token store, and its
+    manifest, params (split, backbone, res, ...) and lineage. The one place that knows where the store
+    sits inside the artifact."""
 
     @property
     def store_path(self) -> Path:
@@ -1010,24 +1009,6 @@ class TokensArtifact:
     @cached_property
     def store(self) -> TokenStore:
         return TokenStore(self.store_path)
-
-    @cached_property
-    def manifest(self) -> dict[str, Any]:
-        import json
-
-        from pipeline.artifacts import MANIFEST
-
-        return json.loads((self.path / MANIFEST).read_text())
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The params its id was computed from (split, backbone, res, ...)."""
-        return dict(self.manifest.get("params", {}))
-
-    @property
-    def lineage(self) -> dict[str, str]:
-        """Its input artifacts by name (e.g. ``{"index": "prepare-..."}``)."""
-        return dict(self.manifest.get("inputs", {}))
 
 
 def open_tokens(ref: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> TokenStore:
