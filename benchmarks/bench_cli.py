@@ -2,6 +2,7 @@
 artifact) next to a bare ``python -c "import click, omegaconf"`` (the floor any click + OmegaConf CLI
 pays), each in a fresh process, best of 3 (quick: 2). A light command imports no stage code (no torch,
 timm, scipy, zarr, dask). ratio = floor ÷ ours (1 would be no cost beyond the floor); goal ≤ 1 s.
+Also reported (no goal): ``stegopipe gc`` dry run, which plans every experiment of configs/experiments.
 """
 from __future__ import annotations
 
@@ -35,8 +36,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                         "dataset.synthetic.n_val=1"], cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
         floor = _wall([sys.executable, "-c", "import click, omegaconf"], env, repeat)
         ours = _wall([sys.executable, "-m", "pipeline.cli", "ls"], env, repeat)
+        gc = _wall([sys.executable, "-m", "pipeline.cli", "gc"], env, repeat)
     return [row("stegopipe ls wall time", ours, "s", baseline=floor, higher_is_better=False, goal="ours <= 1.0",
-                note=f"baseline: python -c 'import click, omegaconf' ({floor:.2f}s); fresh processes, best of {repeat}")]
+                note=f"baseline: python -c 'import click, omegaconf' ({floor:.2f}s); fresh processes, best of {repeat}"),
+            row("stegopipe gc (dry run) wall time", gc, "s", higher_is_better=False,
+                note=f"plans every experiment; report only; fresh processes, best of {repeat}")]
 
 
 if __name__ == "__main__":

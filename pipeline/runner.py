@@ -66,7 +66,7 @@ class Stage:
     name: str
     version: str
     kind: str
-    run: Callable[[StageContext], dict[str, Any] | None]
+    run: Callable[[StageContext], None]  # writes into ctx.out; manifest fields via ctx.record
     params: ParamsFn | None
     inputs: InputsFn
     args: Mapping[str, Any]
@@ -213,12 +213,12 @@ class Task:
 
 class _Memo:
     """What one ``plan`` call computes once: each config's plain resolved dict (by config object; the
-    configs are held so their ids stay theirs), and each stage's id params by the stage, its sections'
-    values and args (files a params function reads do not change while one plan runs)."""
+    configs are held so their ids stay theirs), and each stage's id params, or its ConfigError, by the
+    stage, its sections' values and args (files a params function reads do not change while one plan runs)."""
 
     def __init__(self) -> None:
         self.trees: dict[int, tuple[Any, dict[str, Any]]] = {}
-        self.params: dict[str, dict[str, Any]] = {}
+        self.params: dict[str, dict[str, Any] | ConfigError] = {}
 
     def tree(self, cfg: DictConfig) -> dict[str, Any]:
         held = self.trees.get(id(cfg))
@@ -231,8 +231,14 @@ class _Memo:
         key = json.dumps([stage.name, stage.version, [get_path(tree, p) for p in stage.sections], args],
                          sort_keys=True, default=repr)
         if key not in self.params:
-            self.params[key] = id_params(stage, tree, args)
-        return copy.deepcopy(self.params[key])
+            try:
+                self.params[key] = id_params(stage, tree, args)
+            except ConfigError as exc:
+                self.params[key] = exc
+        found = self.params[key]
+        if isinstance(found, ConfigError):
+            raise ConfigError(str(found))
+        return copy.deepcopy(found)
 
 
 def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problems: list[str],
@@ -413,7 +419,8 @@ class StageContext:
                 raise
 
     def record(self, **values: Any) -> None:
-        """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest."""
+        """Add fields (counts, throughput, seeds, skipped inputs, ...) to the manifest: the one way a stage
+        adds them (a later call's field replaces an earlier one of the same name)."""
         self.extras.update(values)
 
 
@@ -564,11 +571,11 @@ def execute(task: Task, root: str, *, force: bool = False, device: str = "auto",
 
 
 def import_artifact(root: str, *, stage: str, kind: str, version: str, params: dict[str, Any],
-                    write: Callable[[StageContext], dict[str, Any] | None], description: str = "") -> TaskResult:
+                    write: Callable[[StageContext], None], description: str = "") -> TaskResult:
     """Publish an artifact made outside the stage graph (an imported checkpoint or store).
 
     The id is content-addressed from ``stage``/``version``/``params`` like any other; ``write(ctx)``
-    fills ``ctx.out``; the result is checked against the ``kind`` spec and published atomically.
+    fills ``ctx.out`` (manifest fields via ``ctx.record``); the result is checked against the ``kind`` spec and published atomically.
     """
     task = Task(stage, artifact_id(stage, version, params, {}), params, {}, {}, {})
     pseudo = Stage(name=stage, version=version, kind=kind, run=write, params=lambda cfg, args: params,
@@ -645,8 +652,10 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             with _stage_log(staging.dir / LOG_FILE):
                 log.info("[run] %s", task.id)
                 _fault_point(task.stage, "start")
-                result = stage.run(ctx) or {}
-                _report_skipped(task.id, {**ctx.extras, **result}.get("skipped"))
+                if stage.run(ctx) is not None:
+                    raise StageError(f"stage {task.stage} returned a value; a stage returns None and adds "
+                                     "manifest fields with ctx.record(...)")
+                _report_skipped(task.id, ctx.extras.get("skipped"))
         except Exception as exc:
             gone = [(name, dep) for name, dep in task.inputs.items() if not store.exists(dep)]
             if gone:  # the cause, not its symptom (a file the stage could no longer read)
@@ -663,7 +672,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
             "host": socket.gethostname(), "device": ctx.device, "code": code_version(),
             "packages": package_versions(),
             "shards": {"computed": ctx.shards_computed, "reused": ctx.shards_reused},
-            **ctx.extras, **result,
+            **ctx.extras,
         }
         _fault_point(task.stage, "publish")
         try:
