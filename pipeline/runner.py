@@ -7,7 +7,8 @@ runtime-only fields removed (:func:`pipeline.config.setting`): by default those 
 ``params`` function, when given, sees only them (a read-only view: reading a runtime field or an
 undeclared section fails) and the request args, to validate and shape them. A running stage gets
 ``ctx.params``, ``ctx.config`` (that view) and ``ctx.runtime`` (the runtime fields and ``run``), never
-the whole config. :func:`plan` turns requests into a deduplicated,
+the whole config. It writes its files into ``ctx.out``, adds manifest fields with ``ctx.record(...)``
+(the one way) and returns None. :func:`plan` turns requests into a deduplicated,
 topologically sorted list of :class:`Task` s whose ids are content addresses; :func:`run_tasks`
 executes only tasks whose artifact is missing (DVC ``repro`` semantics), in-process or on a Dask
 cluster (LocalCluster, an existing scheduler, or SLURM through dask-jobqueue), independent tasks in
@@ -575,7 +576,8 @@ def import_artifact(root: str, *, stage: str, kind: str, version: str, params: d
     """Publish an artifact made outside the stage graph (an imported checkpoint or store).
 
     The id is content-addressed from ``stage``/``version``/``params`` like any other; ``write(ctx)``
-    fills ``ctx.out`` (manifest fields via ``ctx.record``); the result is checked against the ``kind`` spec and published atomically.
+    fills ``ctx.out`` (manifest fields via ``ctx.record``); the result is checked against the ``kind``
+    spec and published atomically.
     """
     task = Task(stage, artifact_id(stage, version, params, {}), params, {}, {}, {})
     pseudo = Stage(name=stage, version=version, kind=kind, run=write, params=lambda cfg, args: params,

@@ -467,7 +467,7 @@ def _protocol(ctx: StageContext, ev: _Eval) -> dict[str, Any]:
 
 @register_stage("evaluate", version="2", kind="eval", sections=("evaluate", "projection"), params=_params, inputs=_inputs, resumable=True,
                 make_target="make evaluate")
-def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
+def evaluate_stage(ctx: StageContext) -> None:
     """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
     p = ctx.params
     ev = _open(ctx, int(ctx.runtime.evaluate.batch_size))
@@ -498,4 +498,3 @@ def evaluate_stage(ctx: StageContext) -> dict[str, Any]:
                crf_failed=failed,
                summary={entry: {"miou": r["miou"], "accuracy": r["accuracy"]} for entry, r in results.items()},
                headline=_headline(results))
-    return {}

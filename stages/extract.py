@@ -455,7 +455,7 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
 @register_stage("extract", version="2", kind="tokens", sections=("backbone", "extract"), params=extract_params, inputs=extract_inputs,
                 args={"split": "train"}, resumable=True, make_target="make extract",
                 resources={"GPU": 1})
-def extract(ctx: StageContext) -> dict[str, Any]:
+def extract(ctx: StageContext) -> None:
     """Frozen-backbone tokens of one split into a sharded Zarr store."""
     p, backbone, runtime = ctx.params, ctx.config.backbone, ctx.runtime
     index_path = ctx.input("index").path
@@ -497,14 +497,14 @@ def extract(ctx: StageContext) -> dict[str, Any]:
             bar.update(n)
     wall = time.perf_counter() - start
     executor = ctx.shard_executor
-    return {
-        "counts": {"samples": len(index), "shards": len(ranges), "samples_computed": n_todo},
-        "throughput_img_s": round(n_todo / wall, 2) if n_todo and wall > 0 else None,
-        "extract_wall_s": round(wall, 3),
-        "executor": executor,
-        "backbone": {"name": p["backbone"], "weights_tag": p["weights_tag"], "patch": spec.patch,
-                     "embed_dim": spec.embed_dim, "pos_interp": p["pos_interp"]},
-        "grid": list(grid),
-        "runtime": {"batch_size": settings.batch_size, "loader_workers": settings.loader_workers,
-                    "device": ctx.device},
-    }
+    ctx.record(
+        counts={"samples": len(index), "shards": len(ranges), "samples_computed": n_todo},
+        throughput_img_s=round(n_todo / wall, 2) if n_todo and wall > 0 else None,
+        extract_wall_s=round(wall, 3),
+        executor=executor,
+        backbone={"name": p["backbone"], "weights_tag": p["weights_tag"], "patch": spec.patch,
+                  "embed_dim": spec.embed_dim, "pos_interp": p["pos_interp"]},
+        grid=list(grid),
+        runtime={"batch_size": settings.batch_size, "loader_workers": settings.loader_workers,
+                 "device": ctx.device},
+    )

@@ -30,7 +30,7 @@ def _knn_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 
 
 @register_stage("knn", version="1", kind="knn", sections=("knn",), inputs=_knn_inputs, make_target="make knn")
-def knn_stage(ctx: StageContext) -> dict[str, Any]:
+def knn_stage(ctx: StageContext) -> None:
     """Cosine top-k neighbours of the pooled train tokens (STEGO's nns file)."""
     from stages.store import TokensArtifact
 
@@ -42,5 +42,5 @@ def knn_stage(ctx: StageContext) -> dict[str, Any]:
                                device=ctx.device, return_similarities=True)
     save_nns_npz(ctx.out / KnnArtifact.NNS, nns, sims)
     notes = [f"knn.k={ctx.params['k']} exceeds the {store.n} train samples; stored k={k}"] if k < ctx.params["k"] else []
-    return {"counts": {"samples": store.n, "k": k}, "notes": notes,
-            "throughput": {"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)}}
+    ctx.record(counts={"samples": store.n, "k": k}, notes=notes,
+               throughput={"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)})

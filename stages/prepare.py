@@ -175,7 +175,7 @@ register_needs("prepare", prepare_needs)
 
 @register_stage("prepare", version="1", kind="index", sections=("dataset",), params=prepare_params, inputs=prepare_inputs,
                 args={"split": "train"}, make_target="make prepare")
-def prepare(ctx: StageContext) -> dict[str, Any]:
+def prepare(ctx: StageContext) -> None:
     """Index and validate one split of a dataset."""
     p = ctx.params
     root = ctx.input("data").path if "data" in ctx.inputs else Path(p["root"])
@@ -208,4 +208,4 @@ def prepare(ctx: StageContext) -> dict[str, Any]:
     index = {"dataset": p["dataset"], "split": p["split"], "root": str(root), "options": p["options"],
              "n_classes": reader.n_classes, "class_names": list(reader.class_names), "samples": rows}
     write_json_atomic(ctx.out / "index.json", index)
-    return {"counts": {"samples": len(rows), "skipped": len(skipped)}, "skipped": skipped}
+    ctx.record(counts={"samples": len(rows), "skipped": len(skipped)}, skipped=skipped)

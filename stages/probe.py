@@ -67,7 +67,7 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[np.nd
 
 @register_stage("probe", version="1", kind="probes", sections=("probe", "projection"), params=_probe_params, inputs=_probe_inputs,
                 make_target="make probe")
-def probe_stage(ctx: StageContext) -> dict[str, Any]:
+def probe_stage(ctx: StageContext) -> None:
     """Train fresh linear + cluster probes on the codes of the cached train tokens.
 
     Codes = projection(tokens) at feature resolution, random seeded batches; the linear loss upsamples
@@ -122,5 +122,4 @@ def probe_stage(ctx: StageContext) -> dict[str, Any]:
                throughput={"steps_per_s": round(len(history) / seconds, 3),
                            "tokens_per_s": round(sum(len(b) for b in batches) * h * w / seconds, 1)},
                final_loss={k: v[-1] for k, v in losses.items()}, **({"note": note} if note else {}))
-    return {}
 

@@ -388,7 +388,7 @@ def _fit(ctx: StageContext, store: TokenStore, fit: FitRows | None) -> tuple[Bas
 
 @register_stage("reduce", version="1", kind="reducer", sections=("projection", "reduce"), params=reduce_params, inputs=reduce_inputs,
                 resumable=True, make_target="make reduce")
-def reduce(ctx: StageContext) -> dict[str, Any]:
+def reduce(ctx: StageContext) -> None:
     """Fit a PCA / random projection / h-NNE reducer on the train tokens (and materialise h-NNE codes)."""
     p = ctx.params
     store = token_store.TokensArtifact(ctx.input("tokens").path).store
@@ -421,4 +421,4 @@ def reduce(ctx: StageContext) -> dict[str, Any]:
         result["materialized"] = {
             split: materialize_split(ctx, split, src, projection_dir, p.get("dim"), samples_per_call)
             for split, src in (("train", store), ("val", val))}
-    return result
+    ctx.record(**result)

@@ -441,7 +441,7 @@ FIG4_CAPTION = (
 
 @register_stage("report", version="2", kind="report", sections=("report",), params=_report_params, args={"experiment": "adhoc"},
                 make_target="make report EXPERIMENT=<name>")
-def report(ctx: StageContext) -> dict[str, Any]:
+def report(ctx: StageContext) -> None:
     """Tables, CSV and figures of an experiment's artifacts."""
     rows: list[dict[str, Any]] = []
     lineage: dict[str, Any] = {}
@@ -508,5 +508,5 @@ def report(ctx: StageContext) -> dict[str, Any]:
             counts = " / ".join(str(evr["components_for_evr"].get(f"{t:g}", "-")) for t in (0.5, 0.8, 0.9, 0.95, 0.99))
             parts.append(f"| {dataset} | {backbone_name} | {evr['in_dim']} | {counts} |")
     (ctx.out / "report.md").write_text("\n".join(parts) + "\n")
-    return {"counts": {"rows": len(rows), "evaluations": len({r["eval_id"] for r in rows}), "cells": n_cells,
-                       "evr_curves": len(curves)}}
+    ctx.record(counts={"rows": len(rows), "evaluations": len({r["eval_id"] for r in rows}), "cells": n_cells,
+                       "evr_curves": len(curves)})

@@ -2,17 +2,15 @@
 the input of ``prepare`` when ``dataset.name=synthetic``."""
 from __future__ import annotations
 
-from typing import Any
-
 from pipeline.runner import StageContext, register_stage
 from stages.datasets.synthetic import generate_synthetic
 
 
 @register_stage("synthesize", version="1", kind="dataset", sections=("dataset.synthetic",),
                 make_target="make prepare DATASET=synthetic")
-def synthesize(ctx: StageContext) -> dict[str, Any]:
+def synthesize(ctx: StageContext) -> None:
     """Generate the built-in synthetic dataset (folder layout)."""
     p = ctx.params
     generate_synthetic(ctx.out, n_train=p["n_train"], n_val=p["n_val"], size=(p["height"], p["width"]),
                        seed=p["seed"])
-    return {"counts": {"train": p["n_train"], "val": p["n_val"]}, "seeds": {"synthetic": p["seed"]}}
+    ctx.record(counts={"train": p["n_train"], "val": p["n_val"]}, seeds={"synthetic": p["seed"]})

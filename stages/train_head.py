@@ -105,14 +105,15 @@ def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 
 @register_stage(STAGE, version=VERSION, kind="head", sections=("head", "projection"), params=head_params, inputs=head_inputs,
                 make_target="make train-head", resources={"GPU": 1})
-def run_train_head(ctx: StageContext) -> dict[str, Any]:
+def run_train_head(ctx: StageContext) -> None:
     """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
     runtime = ctx.runtime.head
     if "imported" in ctx.params:
         from stages.commands.import_stego import write_imported
 
-        return write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
-                              ignore_unknown=bool(runtime.checkpoint_ignore_unknown))
+        ctx.record(**write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
+                                    ignore_unknown=bool(runtime.checkpoint_ignore_unknown)))
+        return
     from stages.artifacts import KnnArtifact
     from stages.projections.stego import write_head_files
     from stages.stego.knn import load_nns_npz
@@ -138,7 +139,6 @@ def run_train_head(ctx: StageContext) -> dict[str, Any]:
     plot_diagnostics(diagnostics, ctx.out)
     chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
     final = {k: v[-1] for k, v in diagnostics["curves"].items()}
-    return {"counts": {"train_samples": train.n, "val_samples": val.n if val else 0, "steps": settings.steps},
-            "chosen_step": result.chosen_step, "selection": settings.selection, "val_at_chosen_step": chosen_val,
-            "final_losses": final, "throughput": result.stats, "seeds": {"projection.seed": settings.seed,
-                                                                          **result.seeds}}
+    ctx.record(counts={"train_samples": train.n, "val_samples": val.n if val else 0, "steps": settings.steps},
+               chosen_step=result.chosen_step, selection=settings.selection, val_at_chosen_step=chosen_val,
+               final_losses=final, throughput=result.stats, seeds={"projection.seed": settings.seed, **result.seeds})

@@ -34,7 +34,7 @@ def _params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {"value": cfg.toy.value, **args}
 
 
-def _work(ctx: StageContext, value: Any) -> dict[str, Any]:
+def _work(ctx: StageContext, value: Any) -> None:
     start = time.time()
     if value < 0:
         raise ValueError("negative toy value")
@@ -44,13 +44,13 @@ def _work(ctx: StageContext, value: Any) -> dict[str, Any]:
     if ctx.runtime.toy.log:
         with open(ctx.runtime.toy.log, "a") as handle:
             handle.write(f"{ctx.task.stage} {start} {time.time()} {os.getpid()}\n")
-    return {"counts": {"value": value}}
+    ctx.record(counts={"value": value})
 
 
 @register_stage("t_source", version="1", kind="toy", sections=("toy",), params=_params)
-def t_source(ctx: StageContext) -> dict[str, Any]:
+def t_source(ctx: StageContext) -> None:
     """Toy source stage."""
-    return _work(ctx, ctx.params["value"])
+    _work(ctx, ctx.params["value"])
 
 
 def _branch_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
@@ -58,15 +58,15 @@ def _branch_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
 
 
 @register_stage("t_left", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
-def t_left(ctx: StageContext) -> dict[str, Any]:
+def t_left(ctx: StageContext) -> None:
     """Toy branch A."""
-    return _work(ctx, ctx.params["value"] * 2)
+    _work(ctx, ctx.params["value"] * 2)
 
 
 @register_stage("t_right", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
-def t_right(ctx: StageContext) -> dict[str, Any]:
+def t_right(ctx: StageContext) -> None:
     """Toy branch B."""
-    return _work(ctx, ctx.params["value"] * 3)
+    _work(ctx, ctx.params["value"] * 3)
 
 
 def _join_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
@@ -74,10 +74,10 @@ def _join_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
 
 
 @register_stage("t_join", version="1", kind="toy", sections=("toy",), params=lambda cfg, args: {}, inputs=_join_inputs)
-def t_join(ctx: StageContext) -> dict[str, Any]:
+def t_join(ctx: StageContext) -> None:
     """Toy join: sums its inputs."""
     total = sum(json.loads((ctx.input(n).path / "out.json").read_text())["value"] for n in ("left", "right"))
-    return _work(ctx, total)
+    _work(ctx, total)
 
 
 def _shard_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
@@ -85,11 +85,10 @@ def _shard_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
 
 
 @register_stage("t_shards", version="1", kind="toy", sections=("toy",), params=_shard_params, resumable=True)
-def t_shards(ctx: StageContext) -> dict[str, Any]:
+def t_shards(ctx: StageContext) -> None:
     """Toy resumable stage: 6 shards, each sleeps then writes a file."""
     for key in ctx.shards([f"{i:03d}" for i in range(6)]):
         time.sleep(ctx.runtime.toy.sleep)
         (ctx.out / f"shard-{key}.txt").write_text(key)
         ctx.shard_finished(key)
     (ctx.out / "out.json").write_text(json.dumps({"value": len(list(ctx.out.glob('shard-*.txt')))}))
-    return {}

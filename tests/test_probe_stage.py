@@ -45,7 +45,7 @@ def _onehot_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     return dict(args)
 
 
-def _onehot_run(ctx: StageContext) -> dict[str, Any]:
+def _onehot_run(ctx: StageContext) -> None:
     split, n, rgb = ctx.args["split"], ctx.args["n"], ctx.args["rgb"]
     data = onehot_split(n, seed=0 if split == "train" else 1)
     attrs = {"dataset": "onehot", "split": split, "n_classes": N_CLASSES, "class_names": ["a", "b", "c"],
@@ -57,7 +57,6 @@ def _onehot_run(ctx: StageContext) -> dict[str, Any]:
         write_shard(path, k, tokens=data["tokens"][a:b], labels=data["labels"][a:b],
                     tokens_flip=data["tokens_flip"][a:b], rgb=data["rgb"][a:b] if rgb else None,
                     ids=[f"{split}/{i}" for i in range(a, b)])
-    return {}
 
 
 @pytest.fixture

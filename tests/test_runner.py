@@ -168,6 +168,21 @@ def _t_vanish(ctx: StageContext) -> None:
     (ctx.input("source").path / "out.json").read_text()
 
 
+@register_stage("t_returns", version="1", kind="toy", params=lambda cfg, args: {})
+def _t_returns(ctx: StageContext) -> dict:
+    """Toy stage that returns manifest fields instead of recording them."""
+    (ctx.out / "out.json").write_text(json.dumps({"value": 1}))
+    return {"counts": {"value": 1}}
+
+
+def test_manifest_fields_come_only_from_ctx_record(toy: Path) -> None:
+    with pytest.raises(StageError, match=r"stage t_returns returned a value; .*ctx\.record"):
+        _run("t_returns", ["run.executor=local"])
+    assert ArtifactStore(toy).ids("t_returns") == []
+    (source,) = _run("t_source", ["run.executor=local"])
+    assert ArtifactStore(toy).manifest(source.id)["counts"] == {"value": 1}
+
+
 def test_an_input_that_vanishes_is_named_with_its_make_target(toy: Path) -> None:
     with pytest.raises(MissingArtifactError, match=r"input artifact 'source' \(t_source-[0-9a-f]+\) disappeared "
                        r"while the stage ran.*stegopipe gc.*make t_source"):

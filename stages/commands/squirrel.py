@@ -47,12 +47,12 @@ def import_squirrel_cmd(url: str, attrs: tuple[str, ...]) -> None:
     extra = dict(a.split("=", 1) for a in attrs if "=" in a)
     params = {"squirrel": url, "files": listing, "attrs": extra}
 
-    def write(ctx: Any) -> dict[str, Any]:
+    def write(ctx: Any) -> None:
         dest = import_squirrel(url, TokensArtifact(ctx.out).store_path)
         group = zarr.open_group(dest, mode="r+")
         for key, value in extra.items():
             group.attrs.setdefault(key, value)
-        return {"counts": {"samples": open_token_store(dest).n}, "source": url}
+        ctx.record(counts={"samples": open_token_store(dest).n}, source=url)
 
     result = import_artifact(root, stage="extract", kind="tokens", version="squirrel-import-2", params=params,
                              write=write, description="imported Squirrel store")
