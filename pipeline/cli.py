@@ -170,7 +170,9 @@ def params_summary(params: dict[str, Any], width: int = 72) -> str:
     leaves = [(k, v) for k, v in _leaves(params) if v is not None and k]
     order = {key: n for n, key in enumerate(_FIRST_KEYS)}
     leaves.sort(key=lambda kv: order.get(kv[0].rsplit(".", 1)[-1], len(order)))
-    text = " ".join(f"{k.rsplit('.', 1)[-1] if k.rsplit('.', 1)[-1] in order else k}={_short(v)}" for k, v in leaves)
+    names = [k.rsplit(".", 1)[-1] for k, _ in leaves]
+    shown = [name if name in order and names.count(name) == 1 else k for name, (k, _) in zip(names, leaves)]
+    text = " ".join(f"{key}={_short(v)}" for key, (_, v) in zip(shown, leaves))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

@@ -105,6 +105,9 @@ def test_params_summary_tells_reducers_apart() -> None:
     rp = params_summary({"standardize": "fit", "dim": 4, "seed": 0, "method": "rp"})
     assert pca.startswith("method=pca") and rp.startswith("method=rp dim=4 seed=0")
     assert len(params_summary({f"k{i}": "v" * 20 for i in range(20)}, 40)) == 40
+    # a telling key that stands twice (the reducer's seed and the projection's seed) keeps its full path
+    both = params_summary({"method": "rp", "seed": 0, "projection": {"seed": 1}}, 200)
+    assert "seed=0" in both and "projection.seed=1" in both and both.count(" seed=") == 1
 
 
 def test_did_you_mean_for_presets_and_targets(root: Path) -> None:
