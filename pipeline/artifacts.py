@@ -161,10 +161,6 @@ class Staging:
         """Forget that shard ``key`` is done (before deleting staged data a re-run would need)."""
         (self.dir / SHARD_MARKERS / f"{key}.done").unlink(missing_ok=True)
 
-    def done_shards(self) -> list[str]:
-        markers = self.dir / SHARD_MARKERS
-        return sorted(p.stem for p in markers.glob("*.done")) if markers.is_dir() else []
-
 
 BREAK_HINT = ("if that process is gone (check on its host), delete the lock file; a stale lock is also "
               "broken by itself (README, section Locks)")
