@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ArtifactError, MissingArtifactError
+from pipeline.paths import local_path
 
 _log = logging.getLogger("stegopipe")
 
@@ -414,7 +415,7 @@ class ArtifactStore:
     """The folder of published artifacts, their staging areas and locks."""
 
     def __init__(self, root: str | os.PathLike[str]):
-        self.root = Path(root).expanduser().resolve()
+        self.root = Path(local_path(root, "artifact root (run.root, STEGOPIPE_ROOT)")).expanduser().resolve()
 
     # -- addressing ---------------------------------------------------------------------------
     def path(self, artifact: str) -> Path:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.errors import ConfigError, did_you_mean
+from pipeline.paths import local_path
 
 PRESET_DIRS: list[Path] = []
 """Folders of presets (``<dir>/<name>.yaml``, ``<dir>/datasets/``, ``<dir>/experiments/``), in the order
@@ -36,16 +37,17 @@ def register_preset_dir(directory: Path) -> None:
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, runtime: bool = False,
             choices: tuple[Any, ...] | None = None, min: float | None = None, above: float | None = None,
-            below: float | None = None) -> Any:
+            below: float | None = None, path: bool = False) -> Any:
     """A config field with its contract in metadata, for dataclass sections.
 
     ``runtime=True``: the field never changes an artifact's content (worker counts, inference batch sizes,
     devices, root paths), so it is left out of the artifact id and reaches a stage as ``ctx.runtime``;
     every other field is part of the id of each stage that declares its section. ``choices``, ``min``
     (inclusive), ``above``/``below`` (exclusive): the allowed values, checked by :func:`check_section`
-    (None always passes a range check).
+    (None always passes a range check). ``path=True``: a filesystem path, a URL there is refused
+    (:func:`pipeline.paths.local_path`).
     """
-    metadata = {"runtime": runtime, "choices": choices, "min": min, "above": above, "below": below}
+    metadata = {"runtime": runtime, "choices": choices, "min": min, "above": above, "below": below, "path": path}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -174,6 +176,8 @@ def check_section(path: str, values: Any) -> None:
         name = f"{path}.{key}"
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("path") and value is not None:
+            local_path(value, name)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if meta.get("min") is not None and value < meta["min"]:

@@ -72,8 +72,8 @@ class BackboneConfig:
     """The frozen backbone (``backbone.*``)."""
 
     name: str = "vit_small_patch8_224.dino"  # a key of stages.backbones.BACKBONES
-    weights: str = "random"  # random | dino | timm | a checkpoint path
-    weights_dir: str | None = "${oc.env:STEGOPIPE_WEIGHTS_DIR,null}"  # folder of the official DINO files
+    weights: str = setting("random", path=True)  # random | dino | timm | a checkpoint path
+    weights_dir: str | None = setting("${oc.env:STEGOPIPE_WEIGHTS_DIR,null}", path=True)  # folder of the official DINO files
     seed: int = 0  # init seed of weights=random
     pos_interp: str = setting("dino", choices=POS_INTERP_MODES)  # DINOv2 always uses timm
     trust_checkpoint: bool = setting(False, runtime=True)  # allow checkpoints that need arbitrary unpickling

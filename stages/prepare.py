@@ -43,7 +43,7 @@ class DatasetConfig:
     """Which dataset and how to read it (``dataset.*``)."""
 
     name: str = "synthetic"  # cocostuff27 | cityscapes | potsdam | folder | synthetic
-    root: str | None = None  # dataset root on disk (unused for synthetic)
+    root: str | None = setting(None, path=True)  # dataset root on disk (unused for synthetic)
     n_classes: int | None = None  # folder datasets only
     class_names: list[str] | None = None  # folder datasets only
     train_crop: str = setting("none", choices=("none", "five"))  # five: virtual five-crops of train, ratio 0.5

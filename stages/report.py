@@ -77,7 +77,7 @@ CSV_COLUMNS = ("dataset", "method", "dim", "preset_dim", "seed", "probe", "crf",
 class ReportConfig:
     """Where reports are copied (``report.*``; runtime only)."""
 
-    out_dir: str = setting("reports", runtime=True)
+    out_dir: str = setting("reports", runtime=True, path=True)
 
 
 register_section("report", ReportConfig)
