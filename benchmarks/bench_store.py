@@ -85,7 +85,8 @@ def _timed_write(create: Callable[[Path], None], write: Callable[[Path], None], 
 
 def _encode_seconds(path: Path, d: dict[str, Any], repeat: int) -> float:
     """Best seconds to encode (validate, checksum, compress) every shard without writing it."""
-    from stages.store import _writer, shard_ranges
+    from stages.store import shard_ranges
+    from stages.store.writer import _writer
 
     _create_store(path, d)
     writer = _writer(path)

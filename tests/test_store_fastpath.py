@@ -11,7 +11,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import InputError, MissingArtifactError
-from stages import store as store_module
+from stages.store import fastpath, reader, writer
 from stages.store import (
     create_token_store,
     fast_path_unsupported_reason,
@@ -55,8 +55,9 @@ def _write_all(path: Path, d: dict[str, np.ndarray]) -> None:
 
 def _force_zarr_python(mp: pytest.MonkeyPatch) -> None:
     """Every array refused by the fast path (and no writer cached from before)."""
-    mp.setattr(store_module, "fast_path_unsupported_reason", lambda arr: "forced for the test")
-    mp.setattr(store_module, "_WRITERS", {})
+    for module in (reader, writer):
+        mp.setattr(module, "fast_path_unsupported_reason", lambda arr: "forced for the test")
+    mp.setattr(writer, "_WRITERS", {})
 
 
 def _write_with_zarr(path: Path, d: dict[str, np.ndarray], **config: bool) -> None:
@@ -101,7 +102,7 @@ def test_fast_writer_is_byte_identical_to_zarr_python(tmp_path: Path) -> None:
     with pytest.MonkeyPatch.context() as mp:
         _force_zarr_python(mp)
         _write_all(tmp_path / "fallback.zarr", d)
-        assert [w.sharded for _, w in store_module._WRITERS.values()] == [{}]  # zarr-python wrote it
+        assert [w.sharded for _, w in writer._WRITERS.values()] == [{}]  # zarr-python wrote it
     assert _chunk_files(tmp_path / "fallback.zarr") == fast
 
 
@@ -280,13 +281,13 @@ def test_non_finite_tokens_name_stage_artifact_store_and_sample(tmp_path: Path, 
 
 def test_float16_non_finite_check_by_bits() -> None:
     finite = np.array([0.0, -0.0, 65504.0, -65504.0, 6e-8, -6e-8, 1.0, -2.5], dtype=np.float16)
-    assert not store_module._has_non_finite(finite)
+    assert not fastpath._has_non_finite(finite)
     for bad in (np.inf, -np.inf, np.nan, -np.nan):
         x = finite.copy()
         x[3] = bad
-        assert store_module._has_non_finite(x), bad
+        assert fastpath._has_non_finite(x), bad
     negative_nan = np.array([0x7E00 | 0x8000], dtype=np.uint16).view(np.float16)
-    assert np.isnan(negative_nan).all() and store_module._has_non_finite(negative_nan)
+    assert np.isnan(negative_nan).all() and fastpath._has_non_finite(negative_nan)
 
 
 def _publish_fake_tokens_artifact(root: Path, artifact: str) -> Path:

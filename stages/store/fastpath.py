@@ -1,0 +1,337 @@
+"""The fast path: direct ``pread``/``preadv`` reads and ``writev`` writes of shard files for exactly our
+codec chains on a local directory, byte-identical to zarr-python (see :func:`fast_path_unsupported_reason`)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from functools import cache
+from math import prod
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+from numpy.typing import DTypeLike
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, VLenUTF8Codec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from pipeline.errors import InputError
+from stages.store.layout import _local_root
+
+_EMPTY = 2**64 - 1
+"""Offset and length of an empty shard index entry (no chunk stored)."""
+_RUN_BYTES = 1 << 20
+"""Raw chunks are read about this many bytes per ``preadv`` and checksummed (and cast) while in cache."""
+_IOV_MAX = 1000  # below every platform's IOV_MAX (1024 on Linux)
+_TMP = ".tmp-"
+
+def _has_non_finite(x: np.ndarray) -> bool:
+    """Whether float16 ``x`` holds a NaN or inf (all exponent bits set), by two max reductions of its bits
+    (numpy's ``isfinite`` on float16 is several times slower): ``-inf``/``-nan`` are the uint16 values
+    >= 0xFC00, ``+inf``/``+nan`` the int16 values >= 0x7C00."""
+    bits = x.reshape(-1).view(np.uint16)
+    return bool(bits.size) and (int(bits.max()) >= 0xFC00 or int(bits.view(np.int16).max()) >= 0x7C00)
+
+
+
+def fast_path_unsupported_reason(array: zarr.Array) -> str | None:
+    """None when :class:`_ShardFile` (sharded per-sample arrays) or the ids writer handles ``array``
+    directly; else why reads and writes of it go through zarr-python.
+
+    Handled: a Zarr v3 array in a local directory with the default ``/`` chunk keys, and either one
+    ``sharding_indexed`` codec (index at the end, ``[bytes, crc32c]``; inner chunks of one sample;
+    inner codecs ``bytes`` (little-endian), at most one of blosc / zstd, then ``crc32c``) over a
+    fixed-size numeric dtype, or (1-D strings) ``[vlen-utf8, crc32c]`` chunks.
+    """
+    if _local_root(array) is None:
+        return f"its store ({type(array.store).__name__}) is not a local directory"
+    meta = array.metadata
+    if meta.zarr_format != 3:
+        return f"it is a Zarr v{meta.zarr_format} array, not v3"
+    encoding = meta.chunk_key_encoding
+    if getattr(encoding, "name", None) != "default" or getattr(encoding, "separator", None) != "/":
+        return f"its chunk key encoding is {encoding}, not the default with '/'"
+    codecs = tuple(meta.codecs)
+    if array.dtype.kind in "TUO":
+        if array.ndim == 1 and codecs == (VLenUTF8Codec(), Crc32cCodec()):
+            return None
+        return f"its string codecs are {[c.to_dict()['name'] for c in codecs]}, not [vlen-utf8, crc32c]"
+    if array.dtype.kind not in "fiu":
+        return f"its dtype {array.dtype} is not a plain numeric type"
+    if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return f"its codecs are {[c.to_dict()['name'] for c in codecs]}, not one sharding_indexed codec"
+    sharding = codecs[0]
+    if sharding.index_location != ShardingCodecIndexLocation.end:
+        return "its shard index lies at the start, not the end"
+    if tuple(sharding.index_codecs) != (BytesCodec(endian="little"), Crc32cCodec()):
+        return "its shard index codecs are not [bytes (little-endian), crc32c]"
+    if tuple(sharding.chunk_shape) != (1, *array.shape[1:]):
+        return f"its inner chunks {tuple(sharding.chunk_shape)} are not one sample (1, {array.shape[1:]})"
+    if tuple(array.shards or ())[1:] != tuple(array.shape[1:]):
+        return f"its shards {array.shards} do not span whole samples"
+    inner = tuple(sharding.codecs)
+    first_ok = isinstance(inner[0], BytesCodec) and (inner[0].endian is None or inner[0].endian.value == "little")
+    middle_ok = len(inner) == 2 or (len(inner) == 3 and isinstance(inner[1], BloscCodec | ZstdCodec))
+    if not (first_ok and middle_ok and isinstance(inner[-1], Crc32cCodec)):
+        return (f"its inner codecs are {[c.to_dict()['name'] for c in inner]}, not [bytes, (blosc | zstd), "
+                "crc32c]")
+    return None
+
+
+def _numcodec(codec: Any) -> Any:
+    """The numcodecs codec doing zarr's ``codec`` step (same configuration, so the same bytes)."""
+    if isinstance(codec, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+        return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle,
+                               blocksize=codec.blocksize, typesize=codec.typesize)
+    return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
+
+
+@cache
+def _f16_to_f32() -> np.ndarray:
+    """The float32 value of every float16 bit pattern (256 KiB, stays in cache)."""
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``; float16 → float32 by table look-up (exact, and faster than numpy's cast)."""
+    if dst.dtype == np.float32 and src.dtype == np.float16:
+        np.take(_f16_to_f32(), src.view(np.uint16), out=dst, mode="clip")  # "raise" would buffer `out`
+    else:
+        dst[...] = src
+
+
+def _crc(data: Any) -> bytes:
+    """crc32c of a contiguous buffer, as the 4 little-endian bytes zarr's ``crc32c`` codec appends."""
+    return int(google_crc32c.value(np.frombuffer(data, dtype=np.uint8))).to_bytes(4, "little")
+
+
+@cache
+def _fallocate() -> Any:
+    """Linux ``fallocate(2)`` through libc, or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of a file about to be written with ``size`` bytes, without changing its size
+    (``FALLOC_FL_KEEP_SIZE``, as numpy's ``tofile`` does), which speeds up writes on ext4. A no-op
+    where unsupported (never glibc's zero-writing ``posix_fallocate`` emulation)."""
+    fallocate = _fallocate()
+    if fallocate is not None and size:
+        fallocate(fd, 1, 0, size)  # a failure (EOPNOTSUPP on some filesystems) only loses the speed-up
+
+
+def _write_atomic(path: Path, buffers: list[Any]) -> None:
+    """Write ``buffers`` to ``path`` with ``writev`` through a temporary file renamed into place.
+
+    Stale temporary files of ``path`` (a killed writer's) are removed first.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}{_TMP}"
+    for stale in os.listdir(path.parent):
+        if stale.startswith(prefix):
+            (path.parent / stale).unlink(missing_ok=True)
+    tmp = path.parent / f"{prefix}{os.getpid()}-{threading.get_ident()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        views = [memoryview(b).cast("B") for b in buffers]
+        _preallocate(fd, sum(len(v) for v in views))
+        while views:
+            written = os.writev(fd, views[:_IOV_MAX])
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if written:
+                views[0] = views[0][written:]
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+class _ShardFile:
+    """Direct reader/writer of one sharded per-sample array (see :func:`fast_path_unsupported_reason`).
+
+    Shard files are read with ``pread``/``preadv`` at the offsets of their index, which is read once per
+    file version (keyed by inode, size and mtime) and checked against its crc32c; every chunk's crc32c
+    is checked on every read.
+    """
+
+    def __init__(self, array: zarr.Array, name: str, where: str) -> None:
+        self.name, self.where = name, where
+        self.root = _local_root(array)
+        self.encode_key = array.metadata.encode_chunk_key
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        self.sample_shape = tuple(array.shape[1:])
+        self.nbytes = prod(self.sample_shape) * self.dtype.itemsize
+        self.shard_size = int(array.shards[0])
+        self.fill = np.asarray(array.fill_value, dtype=self.dtype)
+        inner = array.metadata.codecs[0].codecs
+        self.codec = _numcodec(inner[1]) if len(inner) == 3 else None
+        self.index_nbytes = 16 * self.shard_size + 4
+        self.run_samples = max(1, min(_RUN_BYTES // self.nbytes, _IOV_MAX // 2))
+        self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
+        self._paths: dict[int, str] = {}
+        self._local = threading.local()
+
+    def path(self, shard: int) -> Path:
+        return self.root / self.encode_key((shard,) + (0,) * len(self.sample_shape))
+
+    def _corrupt(self, shard: int, what: str, sample: int | None = None) -> InputError:
+        which = f"sample {sample}" if sample is not None else f"shard {shard}"
+        return InputError(f"{self.where}: array {self.name!r} is corrupt ({which}, file {self.path(shard)}: "
+                          f"{what}); run `stegopipe verify` and rebuild the artifact")
+
+    def _index(self, fd: int, shard: int) -> np.ndarray:
+        st = os.fstat(fd)
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._indexes.get(shard)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        if st.st_size < self.index_nbytes:
+            raise self._corrupt(shard, f"shard file of {st.st_size} bytes is shorter than its index")
+        raw = os.pread(fd, self.index_nbytes, st.st_size - self.index_nbytes)
+        if len(raw) != self.index_nbytes or _crc(raw[:-4]) != raw[-4:]:
+            raise self._corrupt(shard, "shard index checksum mismatch")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_size, 2)
+        used = index[:, 0] != _EMPTY
+        if (index[used, 0] + index[used, 1] > st.st_size - self.index_nbytes).any():
+            raise self._corrupt(shard, "shard index points beyond the chunk data")
+        self._indexes[shard] = (stamp, index)
+        return index
+
+    def read(self, idx: np.ndarray, dtype: DTypeLike | None = None) -> np.ndarray:
+        """Samples ``idx`` (in range; any order, repeats allowed) as ``[k, *sample_shape]`` in ``dtype``
+        (default: the stored one; another is cast chunk by chunk while the chunk is in cache)."""
+        out = np.empty((len(idx), *self.sample_shape), dtype=self.dtype if dtype is None else dtype)
+        if len(idx) == 0:
+            return out
+        order = np.argsort(idx, kind="stable") if len(idx) > 1 else np.zeros(1, dtype=np.int64)
+        ordered = idx[order]
+        shards = ordered // self.shard_size
+        bounds = [0, *(np.flatnonzero(shards[1:] != shards[:-1]) + 1).tolist(), len(idx)]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=False):
+            self._read_shard(int(shards[lo]), ordered[lo:hi], order[lo:hi], out)
+        return out
+
+    def _read_shard(self, shard: int, samples: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        path = self._paths.get(shard)
+        if path is None:
+            path = self._paths.setdefault(shard, str(self.path(shard)))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a shard never written: fill values, as zarr-python reads it
+            out[rows] = self.fill
+            return
+        try:
+            index = self._index(fd, shard)
+            local = samples - shard * self.shard_size
+            offsets, lengths = index[local, 0].tolist(), index[local, 1].tolist()
+            limit = self.run_samples if self.codec is None else _IOV_MAX
+            start = 0
+            while start < len(samples):  # runs of chunks stored back to back
+                stop = start + 1
+                while (stop < len(samples) and stop - start < limit and offsets[stop] != _EMPTY
+                       and offsets[stop - 1] != _EMPTY and offsets[stop] == offsets[stop - 1] + lengths[stop - 1]):
+                    stop += 1
+                self._read_run(fd, samples[start:stop], rows[start:stop], offsets[start:stop],
+                               lengths[start:stop], out)
+                start = stop
+        finally:
+            os.close(fd)
+
+    def _scratch(self, nbytes: int) -> np.ndarray:
+        """A reused per-thread byte buffer (hot in cache, no page faults of a fresh allocation)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._local.buf = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
+    def _read_run(self, fd: int, samples: np.ndarray, rows: np.ndarray, offsets: list[int],
+                  lengths: list[int], out: np.ndarray) -> None:
+        if offsets[0] == _EMPTY:  # a chunk zarr-python skipped as equal to the fill value
+            out[rows[0]] = self.fill
+            return
+        span = offsets[-1] + lengths[-1] - offsets[0]
+        if self.codec is None:  # raw chunks: read straight into the output rows (or scratch), crcs aside
+            if any(length != self.nbytes + 4 for length in lengths):
+                bad = int(samples[[length != self.nbytes + 4 for length in lengths].index(True)])
+                raise self._corrupt(bad // self.shard_size, "chunk length does not match the sample size", bad)
+            cast = out.dtype != self.dtype
+            target = (self._scratch(len(rows) * self.nbytes).reshape(len(rows), self.nbytes) if cast
+                      else out.reshape(len(out), -1).view(np.uint8))
+            places = range(len(rows)) if cast else rows
+            crcs = bytearray(4 * len(samples))
+            crc_view = memoryview(crcs)
+            buffers: list[Any] = []
+            for j, place in enumerate(places):
+                buffers += [target[place], crc_view[4 * j:4 * j + 4]]
+            got = os.preadv(fd, buffers, offsets[0])
+            for j, place in enumerate(places):
+                if got < span or _crc(target[place]) != crcs[4 * j:4 * j + 4]:
+                    sample = int(samples[j])
+                    raise self._corrupt(sample // self.shard_size,
+                                        "chunk checksum mismatch" if got >= span else "truncated chunk", sample)
+            if cast:
+                values = target.view(self.dtype).reshape(len(rows), *self.sample_shape)
+                for j, row in enumerate(rows):
+                    _cast_into(out[row], values[j])
+            return
+        data = memoryview(os.pread(fd, span, offsets[0]))
+        pos = 0
+        for j, row in enumerate(rows):
+            chunk = data[pos:pos + lengths[j]]
+            pos += lengths[j]
+            sample = int(samples[j])
+            if len(chunk) < 4 or _crc(chunk[:-4]) != chunk[-4:]:
+                raise self._corrupt(sample // self.shard_size, "chunk checksum mismatch"
+                                    if len(chunk) == lengths[j] else "truncated chunk", sample)
+            try:
+                decoded = self.codec.decode(chunk[:-4])
+            except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad input
+                raise self._corrupt(sample // self.shard_size, f"{self.codec.codec_id} decode failed ({exc})",
+                                    sample) from exc
+            raw = np.frombuffer(decoded, dtype=np.uint8)
+            if raw.size != self.nbytes:
+                raise self._corrupt(sample // self.shard_size, f"chunk decodes to {raw.size} bytes, expected "
+                                    f"{self.nbytes}", sample)
+            out[row] = raw.view(self.dtype).reshape(self.sample_shape)
+
+    def encode(self, data: np.ndarray, non_finite: list[int] | None = None) -> list[Any]:
+        """The bytes (a list of buffers) of a shard file holding samples ``data`` (``[k, *sample_shape]``,
+        ``k <= S``). With ``non_finite`` (float16 data), the rows holding NaN/inf are appended to it, each
+        checked while its chunk is in cache for the checksum."""
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        index = np.full((self.shard_size, 2), _EMPTY, dtype="<u8")
+        buffers: list[Any] = []
+        offset = 0
+        for j in range(len(data)):
+            if non_finite is not None and _has_non_finite(data[j]):
+                non_finite.append(j)
+            payload = data[j] if self.codec is None else self.codec.encode(data[j])
+            buffers += [payload, _crc(payload)]
+            size = memoryview(payload).nbytes + 4
+            index[j] = (offset, size)
+            offset += size
+        index_bytes = index.tobytes()
+        return [*buffers, index_bytes, _crc(index_bytes)]
+
+
+def _ids_chunk(array: zarr.Array, ids: list[str]) -> list[Any]:
+    """The bytes of one chunk of the ``[vlen-utf8, crc32c]`` ids array (padded with ``""`` to a full chunk,
+    as zarr-python stores edge chunks)."""
+    size = int(array.chunks[0])
+    payload = numcodecs.VLenUTF8().encode(np.array(ids + [""] * (size - len(ids)), dtype=object))
+    return [payload, _crc(payload)]

@@ -1,0 +1,289 @@
+"""Reading token stores: :class:`TokenStore` (random access by sample, streaming in order) over the fast
+path where it applies, else zarr-python."""
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from numpy.typing import ArrayLike, DTypeLike
+from zarr.core.sync import sync
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.prefetch import prefetch
+from stages.store.fastpath import _ShardFile, fast_path_unsupported_reason
+from stages.store.layout import _META_KEY, _check_layout, _context, shard_ranges
+
+def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Read sample runs ``[a, b)`` concurrently on zarr's event loop (faster than one blocking read
+    per run for random batches; bench_store measures it). Uses zarr 3.1's ``Array._async_array`` (pinned version)."""
+
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*(arr._async_array.getitem((slice(a, b),)) for a, b in runs))
+
+    return [np.asarray(part) for part in sync(gather())]
+
+
+
+class TokenStore:
+    """Read-only view of a token store (open with :func:`open_token_store` or :func:`open_tokens`).
+
+    Arrays and metadata are opened once. Reads of per-sample arrays use the direct shard reader where
+    :func:`fast_path_unsupported_reason` allows (see :attr:`fast_path`), else zarr-python; either way
+    every chunk's checksum is checked, and corruption raises :class:`InputError` naming the store, the
+    array and the sample (or the samples / shard read).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        if not Path(self.path).exists():
+            raise InputError(f"token store {self.path}: path does not exist (run the extract stage first)")
+        try:
+            group = zarr.open_group(self.path, mode="r")
+        except Exception as exc:  # zarr raises several types for "not a group"
+            raise InputError(f"token store {self.path}: not a Zarr v3 group ({exc})") from exc
+        self._group = group
+        self._meta, self._opened = _check_layout(group, self.path)
+        self._n = int(self._opened["tokens"].shape[0])
+        self.fast_path: dict[str, str | None] = {
+            name: fast_path_unsupported_reason(arr) for name, arr in self._opened.items()}
+        """Per array: None when it is read directly, else the reason it is read through zarr-python."""
+        where = _context(self.path)
+        self._direct = {name: _ShardFile(arr, name, where) for name, arr in self._opened.items()
+                        if name != "ids" and self.fast_path[name] is None}
+
+    @property
+    def n(self) -> int:
+        """Number of samples."""
+        return self._n
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)``."""
+        h, w = self._meta["grid"]
+        return int(h), int(w)
+
+    @property
+    def dim(self) -> int:
+        """Token dimension ``D``."""
+        return int(self._meta["dim"])
+
+    @property
+    def label_hw(self) -> tuple[int, int]:
+        """Label / rgb size ``(H, W)``."""
+        H, W = self._meta["label_hw"]
+        return int(H), int(W)
+
+    @property
+    def shard_size(self) -> int:
+        """Samples per shard."""
+        return int(self._meta["shard_size"])
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """Per-sample arrays present in this store."""
+        return tuple(self._opened)
+
+    @property
+    def has_rgb(self) -> bool:
+        return "rgb" in self._opened
+
+    @property
+    def has_flip(self) -> bool:
+        return "tokens_flip" in self._opened
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """User attributes given at creation (the store's own metadata excluded)."""
+        return {k: v for k, v in self._group.attrs.asdict().items() if k != _META_KEY}
+
+    @cached_property
+    def ids(self) -> list[str]:
+        """Sample ids in store order."""
+        arr = self._array("ids")
+        try:
+            return [str(v) for v in arr[:]]
+        except (ValueError, RuntimeError, OSError):
+            for shard, (a, b) in enumerate(self.shard_ranges()):  # name the shard that fails
+                self._checked("ids", lambda arr: arr[a:b], f"shard {shard}, samples [{a}, {b})")
+            raise
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {sample_id: i for i, sample_id in enumerate(self.ids)}
+
+    def index_of(self, ids: str | Sequence[str]) -> np.ndarray:
+        """Store indices (int64) of sample ids (one id or a sequence); InputError naming an unknown id."""
+        wanted = [ids] if isinstance(ids, str) else list(ids)
+        missing = [i for i in wanted if i not in self._positions]
+        if missing:
+            raise InputError(f"token store {self.path}: no sample with id {missing[0]!r}"
+                             + (f" (and {len(missing) - 1} more unknown ids)" if len(missing) > 1 else ""))
+        return np.array([self._positions[i] for i in wanted], dtype=np.int64)
+
+    def sample(self, key: int | str) -> dict[str, Any]:
+        """One sample by index or id: ``{"id", "index", "tokens" (float32 [h,w,D]), "labels"`` (and
+        ``"tokens_flip"``, ``"rgb"`` when stored)``}``."""
+        i = int(self.index_of(key)[0]) if isinstance(key, str) else int(key)
+        arrays = {name: self.get(name, [i], np.float32 if name.startswith("tokens") else None)[0]
+                  for name in self.arrays if name != "ids"}
+        return {"id": self.ids[i], "index": i, **arrays}
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        """Sample ranges of this store's shards."""
+        return shard_ranges(self.n, self.shard_size)
+
+    def _array(self, name: str) -> zarr.Array:
+        """The opened array ``name``."""
+        if name not in self._opened:
+            raise InputError(f"token store {self.path}: has no array {name!r} (it has {', '.join(self.arrays)})")
+        return self._opened[name]
+
+    def _checked(self, name: str, read: Any, what: str) -> Any:
+        """``read(array)`` through zarr-python, a failed read (checksum, decompression) reported as an
+        InputError naming the store, the array and the samples."""
+        try:
+            return read(self._array(name))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise InputError(f"{_context(self.path)}: array {name!r} is corrupt ({what}: {exc}); "
+                             "run `stegopipe verify` and rebuild the artifact") from exc
+
+    def get(self, name: str, indices: ArrayLike, dtype: DTypeLike | None = None) -> np.ndarray:
+        """Samples ``indices`` (any order, repeats allowed) of array ``name``, in the stored dtype or ``dtype``.
+
+        Only the chunks of the requested samples are read and decoded.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._n):
+            raise InputError(
+                f"token store {self.path}: sample indices must lie in [0, {self.n}), got min {idx.min()} max {idx.max()}"
+            )
+        direct = self._direct.get(name)
+        if direct is not None:
+            return direct.read(idx, dtype)
+        out = self._get_zarr(name, idx)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _get_zarr(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """:meth:`get` through zarr-python."""
+        arr = self._array(name)
+        if idx.size == 0:
+            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        # Read runs of consecutive samples with basic slices, concurrently: zarr's orthogonal (fancy)
+        # selection is much slower here, and a slice of a sharded array decodes only the chunks (samples)
+        # it covers. Sorted, so shard files are visited in order and neighbours merge into one run.
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts)]
+        parts = self._checked(name, lambda arr: [arr[a:b] for a, b in runs] if len(runs) == 1 else _read_runs(arr, runs),
+                              f"samples {', '.join(f'[{a}, {b})' for a, b in runs[:8])}")
+        if uniq.size < idx.size:  # repeats: gather from the unique rows
+            return np.concatenate(parts)[inverse]
+        out = np.empty((idx.size, *arr.shape[1:]), dtype=arr.dtype)
+        positions = np.argsort(idx, kind="stable")  # where each sorted sample goes in the request
+        start = 0
+        for part in parts:  # one copy of each sample, straight to its place
+            out[positions[start:start + len(part)]] = part
+            start += len(part)
+        return out
+
+    def get_tokens(self, indices: ArrayLike, *, flip: bool = False) -> np.ndarray:
+        """Tokens of samples ``indices`` as float32 ``[k,h,w,D]`` (``flip``: of the flipped images)."""
+        return self.get("tokens_flip" if flip else "tokens", indices, np.float32)
+
+    def get_labels(self, indices: ArrayLike) -> np.ndarray:
+        """Labels of samples ``indices`` as int16 ``[k,H,W]`` (-1 = ignore)."""
+        return self.get("labels", indices)
+
+    def get_rgb(self, indices: ArrayLike) -> np.ndarray:
+        """Images of samples ``indices`` as uint8 ``[k,H,W,3]``."""
+        return self.get("rgb", indices)
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        arrays: Sequence[str] = ("tokens",),
+        start: int = 0,
+        stop: int | None = None,
+        tokens_dtype: DTypeLike = np.float32,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Stream samples ``[start, stop)`` in order as dicts of ``arrays`` plus ``"index"`` (int64).
+
+        Reads one shard (clipped to the range) at a time and prefetches the next one in a background
+        thread; batches span shard boundaries, the last one may be short. Token arrays are cast to
+        ``tokens_dtype`` (float32 by default).
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} is invalid: must be a positive integer")
+        stop = self.n if stop is None else stop
+        if not 0 <= start <= stop <= self.n:
+            raise InputError(f"token store {self.path}: range [{start}, {stop}) is not within [0, {self.n}]")
+        names = list(arrays)
+        for name in names:
+            self._array(name)
+        pieces = [(max(a, start), min(b, stop)) for a, b in self.shard_ranges() if b > start and a < stop]
+
+        def read(piece: tuple[int, int]) -> dict[str, np.ndarray]:
+            a, b = piece
+            out = {name: self.get(name, np.arange(a, b), tokens_dtype if name.startswith("tokens") else None)
+                   for name in names}
+            out["index"] = np.arange(a, b, dtype=np.int64)
+            return out
+
+        buffer: list[dict[str, np.ndarray]] = []
+        buffered = 0
+        with prefetch(read, pieces, workers=1, name="store-stream") as chunks:
+            for chunk in chunks:
+                buffer.append(chunk)
+                buffered += len(chunk["index"])
+                while buffered >= batch_size:
+                    batch, buffer = _split(buffer, batch_size)
+                    buffered -= batch_size
+                    yield batch
+            if buffered:
+                yield _split(buffer, buffered)[0]
+
+    def dask_tokens(self, flatten: bool = True, *, flip: bool = False):  # -> dask.array.Array
+        """Lazy float16 dask array of tokens, one dask chunk per shard.
+
+        ``flatten=True`` gives ``[N*h*w, D]`` (rows sample-major, then grid row, then column), else
+        ``[N,h,w,D]``. Opens the store by path, so tasks can run on other Dask workers.
+        """
+        import dask.array as da
+
+        name = "tokens_flip" if flip else "tokens"
+        self._array(name)
+        h, w = self.grid
+        arr = da.from_zarr(self.path, component=name, chunks=(self.shard_size, h, w, self.dim))
+        return arr.reshape(self.n * h * w, self.dim) if flatten else arr
+
+
+def _split(buffer: list[dict[str, np.ndarray]], k: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """First ``k`` samples of the buffered pieces as one batch, and the remaining pieces."""
+    taken: list[dict[str, np.ndarray]] = []
+    rest: list[dict[str, np.ndarray]] = []
+    need = k
+    for piece in buffer:
+        m = len(piece["index"])
+        if need >= m:
+            taken.append(piece)
+            need -= m
+        elif need > 0:
+            taken.append({key: v[:need] for key, v in piece.items()})
+            rest.append({key: v[need:] for key, v in piece.items()})
+            need = 0
+        else:
+            rest.append(piece)
+    batch = taken[0] if len(taken) == 1 else {key: np.concatenate([p[key] for p in taken]) for key in taken[0]}
+    return batch, rest
+
+
+def open_token_store(path: str | os.PathLike[str]) -> TokenStore:
+    """Open a token store read-only; :class:`InputError` naming the path if it is missing or malformed."""
+    return TokenStore(path)
