@@ -101,7 +101,8 @@ def stage_run(case: Case, root: Path) -> tuple[dict[str, Any], Path, Path]:
     extract artifact's path and the prepare (index) artifact's path."""
     import stages.plugin  # noqa: F401  (registers the stages and their config sections)
     from pipeline.config import load_config
-    from pipeline.runner import Request, plan, run_tasks
+    from pipeline.planner import Request, plan
+    from pipeline.runner import run_tasks
 
     cfg = load_config("synthetic", [
         "run.executor=local", f"run.root={root}", f"run.device={case.device}",

@@ -25,7 +25,7 @@ if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
 import click  # noqa: E402
 from click.shell_completion import CompletionItem  # noqa: E402
 
-from pipeline import runner  # noqa: E402
+from pipeline import executor, planner, registry, runner  # noqa: E402
 from pipeline.artifacts import ArtifactStore  # noqa: E402
 from pipeline.config import load_config, parse_override, to_yaml  # noqa: E402
 from pipeline.errors import ConfigError, StegopipeError, did_you_mean  # noqa: E402
@@ -52,7 +52,7 @@ class PluginGroup(click.Group):
     """A click group whose plugin commands are loaded on demand (see the module docstring)."""
 
     def _load(self, module: str | None = None) -> None:
-        runner.load_plugins(runner.plugin_names() + ([module] if module else []))
+        registry.load_plugins(registry.plugin_names() + ([module] if module else []))
         for command in EXTRA_COMMANDS:
             if command.name not in self.commands:
                 self.add_command(command)
@@ -125,12 +125,12 @@ def store_from() -> ArtifactStore:
 
 
 def _load_plugins() -> None:
-    runner.load_plugins(runner.plugin_names())
+    registry.load_plugins(registry.plugin_names())
 
 
 def _complete_stages(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     _load_plugins()
-    return [CompletionItem(name, help="stage") for name in sorted(runner.STAGES) if name.startswith(incomplete)]
+    return [CompletionItem(name, help="stage") for name in sorted(registry.STAGES) if name.startswith(incomplete)]
 
 
 def _complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
@@ -202,11 +202,11 @@ def _lock_holder(store: ArtifactStore, artifact: str) -> str | None:
 
 
 def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cli_overrides: list[str],
-                 problems: list[str] | None) -> tuple[list[runner.Task], list[str], Any, Experiment | None]:
-    """Tasks, target ids, config and experiment (if any) of ``run TARGET`` (see :func:`runner.plan`)."""
+                 problems: list[str] | None) -> tuple[list[planner.Task], list[str], Any, Experiment | None]:
+    """Tasks, target ids, config and experiment (if any) of ``run TARGET`` (see :func:`planner.plan`)."""
     _load_plugins()
-    if target in runner.STAGES:
-        stage = runner.get_stage(target)
+    if target in registry.STAGES:
+        stage = registry.get_stage(target)
         args = {}
         config_overrides = []
         for text in overrides:
@@ -216,7 +216,7 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
             else:
                 config_overrides.append(text)
         cfg = load_config(preset, config_overrides + cli_overrides)
-        tasks, targets = runner.plan([runner.Request(target, cfg, args)], problems)
+        tasks, targets = planner.plan([planner.Request(target, cfg, args)], problems)
         return tasks, targets, cfg, None
     if experiment_path(target):
         experiment = Experiment.load(target)
@@ -224,8 +224,8 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
                           list(experiment.spec.get("overrides") or []) + list(overrides) + cli_overrides)
         tasks, targets = experiment.plan(list(overrides) + cli_overrides, problems)
         return tasks, targets, cfg, experiment
-    names = sorted(runner.STAGES) + experiment_names()
-    raise ConfigError(f"'{target}' is neither a stage ({', '.join(sorted(runner.STAGES))}) "
+    names = sorted(registry.STAGES) + experiment_names()
+    raise ConfigError(f"'{target}' is neither a stage ({', '.join(sorted(registry.STAGES))}) "
                       f"nor an experiment ({', '.join(experiment_names())}){did_you_mean(target, names)}")
 
 
@@ -285,13 +285,13 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> Non
     cached_bytes, missing_bytes, unknown, counts = 0, 0, 0, {"cached": 0, "missing": 0, "running": 0}
     for n, task in enumerate(tasks, 1):
         holder = _lock_holder(store, task.id)
-        if runner.is_cached(store, task.id):
+        if executor.is_cached(store, task.id):
             state, size = "cached", store.size(task.id)
             cached_bytes += size
             size_text = human_bytes(size)
         else:
             state = "running" if holder else "missing"
-            estimate = runner.ESTIMATES[task.stage](task, store) if task.stage in runner.ESTIMATES else None
+            estimate = registry.ESTIMATES[task.stage](task, store) if task.stage in registry.ESTIMATES else None
             if estimate is None:
                 unknown += 1
             else:
@@ -312,7 +312,7 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> Non
         click.echo(f"needs {need.what}: {need.path}  {'ok' if need.ok else 'MISSING (set ' + need.setting + ')'}")
     blocking = problems + [need.problem() for need in needs.values() if not need.ok]
     if blocking:
-        click.echo(f"cannot run: {runner.problems_error(blocking)}", err=True)
+        click.echo(f"cannot run: {planner.problems_error(blocking)}", err=True)
         sys.exit(1)
     if targets:
         click.echo(f"targets: {' '.join(dict.fromkeys(targets))}")
@@ -326,7 +326,7 @@ def stages_cmd() -> None:
     """List the registered stages, their artifact kinds and make targets."""
     _load_plugins()
     click.echo(f"{'STAGE':<12} {'VER':<5} {'KIND':<10} {'MAKE TARGET':<22} DESCRIPTION")
-    for stage in sorted(runner.STAGES.values(), key=lambda s: s.name):
+    for stage in sorted(registry.STAGES.values(), key=lambda s: s.name):
         args = ", ".join(f"{k}={v}" for k, v in stage.args.items())
         click.echo(f"{stage.name:<12} v{stage.version:<4} {stage.kind:<10} {stage.make_target:<22} "
                    f"{stage.description}{f'  [args: {args}]' if args else ''}")
@@ -339,7 +339,7 @@ def ls_cmd(stage: str | None, as_json: bool) -> None:
     """List published artifacts (optionally of one STAGE), oldest first, with a short params summary."""
     if stage is not None:
         _load_plugins()
-        runner.get_stage(stage)  # an unknown stage is an error (with a "did you mean")
+        registry.get_stage(stage)  # an unknown stage is an error (with a "did you mean")
     store = store_from()
     pinned = set(store.pins())
     rows = []
@@ -374,7 +374,7 @@ def show_cmd(artifact: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({**manifest, "path": str(store.path(artifact))}, indent=2, sort_keys=True))
         return
-    status = "published" if runner.is_cached(store, artifact) else "INCOMPLETE (files missing; rebuilt on the next run)"
+    status = "published" if executor.is_cached(store, artifact) else "INCOMPLETE (files missing; rebuilt on the next run)"
     if artifact in store.pins():
         status += ", pinned"
     holder = store.in_use().get(artifact)
@@ -394,8 +394,8 @@ def show_cmd(artifact: str, as_json: bool) -> None:
     if manifest.get("skipped"):
         lines.append(("skipped", f"{len(manifest['skipped'])} bad inputs (--json lists them)"))
     lines.append(("path", str(store.path(artifact))))
-    if any(entry["path"] == runner.LOG_FILE for entry in files):
-        lines.append(("log", str(store.path(artifact) / runner.LOG_FILE)))
+    if any(entry["path"] == executor.LOG_FILE for entry in files):
+        lines.append(("log", str(store.path(artifact) / executor.LOG_FILE)))
     for key, value in lines:
         click.echo(f"{key:<10} {value}")
 
@@ -457,7 +457,7 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
         tasks, _ = Experiment.load(name).plan(problems=problems)
         if problems:
             if experiments:  # named explicitly: it must be plannable
-                raise runner.problems_error(problems)
+                raise planner.problems_error(problems)
             unplanned[name] = problems[0]
         kept |= {t.id for t in tasks}
     if unplanned:

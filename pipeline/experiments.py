@@ -28,7 +28,8 @@ from typing import Any
 
 from pipeline.config import PRESET_DIRS, load_config, load_yaml
 from pipeline.errors import ConfigError, did_you_mean
-from pipeline.runner import Request, Task, get_stage, plan, problems_error
+from pipeline.planner import Request, Task, plan, problems_error
+from pipeline.registry import get_stage
 
 KNOWN_KEYS = {"experiment", "description", "preset", "overrides", "matrix", "targets", "collect", "copy_to"}
 
@@ -103,7 +104,7 @@ class Experiment:
     def plan(self, overrides: Iterable[str] = (), problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
         """Tasks of the whole experiment (dependency order) and the ids of its final artifacts.
 
-        Every bad config of every matrix point is reported at once (see :func:`pipeline.runner.plan`);
+        Every bad config of every matrix point is reported at once (see :func:`pipeline.planner.plan`);
         with a ``problems`` list, the points that cannot be planned are left out and nothing is collected.
         """
         overrides = list(overrides)

@@ -50,7 +50,9 @@ from pipeline.config import register_section, setting
 from pipeline.errors import ArtifactError, InputError, StageError
 from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from stages.artifacts import EvalArtifact, ProbesArtifact
 from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
 from stages.evaluation.figures import backbone_label, class_legend, save_panels

@@ -45,7 +45,9 @@ from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
-from pipeline.runner import Need, Request, StageContext, Task, register_estimate, register_needs, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request, Task
+from pipeline.registry import Need, register_estimate, register_needs, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
 from stages.datasets.base import SampleRef
 from stages.datasets.transforms import (

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import register_section, setting
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from stages.artifacts import KnnArtifact
 from stages.stego.knn import STEGO_NUM_NEIGHBORS, descriptors_from_store, save_nns_npz, topk_neighbors
 

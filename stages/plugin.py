@@ -20,7 +20,7 @@ from stages import (  # noqa: F401  (each module registers its stage and config 
     train_head,
 )
 from pipeline.cli import register_lazy_commands
-from pipeline.runner import register_packages
+from pipeline.environment import register_packages
 
 register_packages("stegopipe", "torch", "numpy", "zarr", "timm", "scikit-learn", "scipy", "hnne", "pydensecrf2",
                   "safetensors", "squirrel-core")

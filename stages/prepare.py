@@ -22,7 +22,9 @@ from tqdm import tqdm
 from pipeline.artifacts import sha256_file, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
-from pipeline.runner import Need, Request, StageContext, register_needs, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import Need, register_needs, register_stage
 from stages.datasets.base import SPLITS, DatasetReader, SampleRef, check_sample
 from stages.datasets.registry import dataset_names, get_reader
 

@@ -15,7 +15,9 @@ from pipeline.config import register_section, setting
 from pipeline.errors import InputError
 from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from stages.projections.select import open_projection, projection_params, projection_request
 from stages.stego.settings import PROBE_LR
 

@@ -53,7 +53,9 @@ from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 from pipeline.prefetch import prefetch
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from stages.evaluation.figures import DPI, backbone_label
 from stages.projections import BaseProjection, load_projection
 from stages.projections.hnne import HNNE_VERSIONS, HNNEProjection, check_hnne_memory, sample_token_rows

@@ -36,7 +36,8 @@ import numpy as np
 
 from pipeline.config import register_section, setting
 from pipeline.artifacts import stage_of, write_json_atomic
-from pipeline.runner import StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.registry import register_stage
 from stages.artifacts import EvalArtifact, ReduceArtifact
 from stages.evaluation.figures import DPI, backbone_label
 

@@ -2,7 +2,8 @@
 the input of ``prepare`` when ``dataset.name=synthetic``."""
 from __future__ import annotations
 
-from pipeline.runner import StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.registry import register_stage
 from stages.datasets.synthetic import generate_synthetic
 
 

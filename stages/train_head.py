@@ -15,7 +15,9 @@ from typing import Any
 from pipeline.artifacts import json_safe, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import InputError
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from stages.stego.settings import PROJECTIONS, SELECTIONS, TrainSettings
 
 STAGE = "train-head"

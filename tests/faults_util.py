@@ -27,7 +27,10 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import MANIFEST, SHARD_MARKERS, ArtifactStore
 from pipeline.config import load_config
-from pipeline.runner import FAULT_ENV, LOG_FILE, Request, Task, TaskResult, plan, run_tasks
+from pipeline.executor import LOG_FILE, TaskResult
+from pipeline.faults import FAULT_ENV
+from pipeline.planner import Request, Task, plan
+from pipeline.runner import run_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,7 +148,7 @@ class KillReport:
 
 class CliRun:
     """``stegopipe ARGS`` in another process (``fork=True``: a fork of this process), output in ``log``;
-    ``fault``: the child's ``STEGOPIPE_FAULT_KILL_AT`` (see :data:`pipeline.runner.FAULT_ENV`)."""
+    ``fault``: the child's ``STEGOPIPE_FAULT_KILL_AT`` (see :data:`pipeline.faults.FAULT_ENV`)."""
 
     def __init__(self, args: list[str], root: Path, log: Path, *, fork: bool = False,
                  fault: str | None = None) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import register_section, setting
-from pipeline.runner import Request, StageContext, register_stage
+from pipeline.context import StageContext
+from pipeline.planner import Request
+from pipeline.registry import register_stage
 from pipeline.specs import register_spec_dir
 
 register_spec_dir(Path(__file__).resolve().parent / "specs")

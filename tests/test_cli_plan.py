@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import runner
+from pipeline import planner, registry
 from pipeline.artifacts import ArtifactStore
 from pipeline.cli import main, params_summary
 from tests.conftest import REPO
@@ -28,7 +28,7 @@ def _invoke(*args: str, **kwargs: object) -> object:
 def test_plan_shows_cached_missing_running_with_the_lock_holder(toy: Path) -> None:
     assert _invoke("run", "t_left").exit_code == 0
     store = ArtifactStore(toy)
-    tasks, _ = runner.plan([runner.Request("t_join", runner_cfg())])
+    tasks, _ = planner.plan([planner.Request("t_join", runner_cfg())])
     right = next(t.id for t in tasks if t.stage == "t_right")
     lock = store.lock(right)
     assert lock.try_acquire()  # a live run of t_right (this process)
@@ -54,14 +54,14 @@ def runner_cfg() -> object:
 
 def test_every_missing_need_at_once_and_run_starts_nothing(toy: Path, tmp_path: Path) -> None:
     log = tmp_path / "toy.log"
-    missing = [runner.Need("data root", str(tmp_path / "nowhere"), "DATA_ROOT=DIR", False),
-               runner.Need("weights", str(tmp_path / "w.pth"), "WEIGHTS_DIR=DIR", False)]
-    runner.register_needs("t_right", lambda cfg, args: missing)
+    missing = [registry.Need("data root", str(tmp_path / "nowhere"), "DATA_ROOT=DIR", False),
+               registry.Need("weights", str(tmp_path / "w.pth"), "WEIGHTS_DIR=DIR", False)]
+    registry.register_needs("t_right", lambda cfg, args: missing)
     try:
         planned = _invoke("plan", "t_join", f"toy.log={log}")
         ran = _invoke("run", "t_join", f"toy.log={log}")
     finally:
-        del runner.NEEDS["t_right"]
+        del registry.NEEDS["t_right"]
     assert planned.exit_code == 1 and "2 problems" in planned.stderr
     assert "needs weights: " in planned.output and "MISSING (set WEIGHTS_DIR=DIR)" in planned.output
     assert ran.exit_code == 2 and "DATA_ROOT=DIR" in ran.stderr and "WEIGHTS_DIR=DIR" in ran.stderr

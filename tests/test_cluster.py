@@ -29,7 +29,8 @@ import pytest
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.experiments import Experiment
-from pipeline.runner import FAULT_ENV, FAULT_ONCE_ENV, run_tasks
+from pipeline.faults import FAULT_ENV, FAULT_ONCE_ENV
+from pipeline.runner import run_tasks
 from tests.faults_util import REPO, TINY, build, config, digests, manifest
 
 DASK = Path(sys.executable).parent / "dask"

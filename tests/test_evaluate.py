@@ -14,7 +14,7 @@ from PIL import Image
 import stages.evaluate as evaluate
 from pipeline.artifacts import ArtifactStore
 from pipeline.errors import ConfigError, InputError, StageError
-from pipeline.runner import Request
+from pipeline.planner import Request
 from stages.evaluate import colorize, palette, upsampled_codes
 from stages.projections import IdentityProjection
 from tests.test_probe_stage import config, onehot, onehot_requests, run_request  # noqa: F401

@@ -12,7 +12,9 @@ import zarr
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError
-from pipeline.runner import Request, TaskResult, plan, run_tasks
+from pipeline.executor import TaskResult
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from stages.backbones import dino_features, load_backbone
 from stages.datasets.transforms import center_crop, preprocess_image, preprocess_label, resize_shorter_nearest
 from stages.extract import ModelSettings, load_model, weights_tag

@@ -12,7 +12,10 @@ import stages.store as store_module
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import StageError
-from pipeline.runner import FAULT_ENV, Request, TaskResult, plan, run_tasks
+from pipeline.executor import TaskResult
+from pipeline.faults import FAULT_ENV
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from stages.store import TOKENS_STORE
 from tests.conftest import cli_process
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Planning computes each config's plain dict and each stage's id params once per plan (pipeline.runner._Memo)
+"""Planning computes each config's plain dict and each stage's id params once per plan (pipeline.planner._Memo)
 and merges each preset once (pipeline.config): the planned ids must be exactly those of the uncached path."""
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import runner
+from pipeline import registry
 from pipeline.artifacts import artifact_id
 from pipeline.config import check_section, load_config, load_yaml, split_sections
 from pipeline.experiments import Experiment, experiment_names
-from pipeline.runner import Request, config_view, plan
+from pipeline.planner import Request, plan
+from pipeline.registry import config_view
 
-runner.load_plugins(runner.plugin_names())
+registry.load_plugins(registry.plugin_names())
 
 
 @pytest.fixture
@@ -35,7 +36,7 @@ def plannable(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 def _reference_id(request: Request) -> str:
     """The id of a request, the slow way: OmegaConf selects per section, a view per stage run, no memo."""
-    stage = runner.get_stage(request.stage)
+    stage = registry.get_stage(request.stage)
     args = {**stage.args, **request.args}
     upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
     inputs = {name: req if isinstance(req, str) else _reference_id(req) for name, req in upstream.items()}

@@ -17,7 +17,8 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from stages.datasets.synthetic import synthetic_scene
 from stages.evaluate import palette
 from stages.commands.predict import (

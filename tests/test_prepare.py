@@ -11,7 +11,9 @@ from PIL import Image
 from pipeline.artifacts import ArtifactStore, sha256_file
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError
-from pipeline.runner import STAGES, Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.registry import STAGES
+from pipeline.runner import run_tasks
 from pipeline.specs import load_spec
 from stages.prepare import load_index
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.runner import Request, plan
+from pipeline.planner import Request, plan
 from stages.backbones import BACKBONES
 from stages.datasets.cityscapes import CityscapesReader
 from stages.datasets.cocostuff import CocoStuff27Reader

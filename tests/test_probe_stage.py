@@ -17,7 +17,10 @@ import torch
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
-from pipeline.runner import STAGES, Request, StageContext, plan, register_stage, run_tasks
+from pipeline.context import StageContext
+from pipeline.planner import Request, plan
+from pipeline.registry import STAGES, register_stage
+from pipeline.runner import run_tasks
 from stages.evaluation.probes import ClusterProbe, LinearProbe, load_probes, save_probes
 from stages.projections import IdentityProjection
 from stages.store import create_token_store, open_token_store, write_shard

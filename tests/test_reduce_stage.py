@@ -17,7 +17,8 @@ from sklearn.preprocessing import StandardScaler
 import stages.plugin  # noqa: F401  (registers stages and config sections)
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from stages.projections import load_projection
 from stages.reduce import FitRows, fit_moments, fit_parts, read_rows, select_fit_rows, subsample_rows
 from stages.projections.hnne import HNNEProjection, sample_token_rows
@@ -211,7 +212,8 @@ KILL_AT_SHARD = """
 import os, signal, sys
 import stages, stages.reduce as reduce
 from pipeline.config import load_config
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 calls = []
 original = reduce.materialize_shard
 def dying(*args):

@@ -15,16 +15,11 @@ from omegaconf import OmegaConf
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import MissingArtifactError, StageError
-from pipeline.runner import (
-    FAULT_ENV,
-    RemoteFailure,
-    Request,
-    StageContext,
-    _execute_remote,
-    plan,
-    register_stage,
-    run_tasks,
-)
+from pipeline.context import StageContext
+from pipeline.faults import FAULT_ENV
+from pipeline.planner import Request, plan
+from pipeline.registry import register_stage
+from pipeline.runner import RemoteFailure, _execute_remote, run_tasks
 from tests.conftest import cli_process
 
 

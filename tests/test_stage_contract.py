@@ -11,7 +11,8 @@ import pytest
 import stages.plugin  # noqa: F401  (registers every stage)
 from pipeline.config import load_config, section_class, section_fields
 from pipeline.errors import ConfigError
-from pipeline.runner import STAGES, Request, plan
+from pipeline.planner import Request, plan
+from pipeline.registry import STAGES
 from stages.backbones import BACKBONES
 
 FOLDER = "folder"
@@ -136,7 +137,7 @@ def _yaml(value: Any) -> str:
 
 
 def test_a_stage_cannot_read_runtime_fields_or_undeclared_sections() -> None:
-    from pipeline.runner import Stage, id_params
+    from pipeline.registry import Stage, id_params
 
     def peek(cfg: Any, args: Any) -> dict[str, Any]:
         return {"n": cfg.knn.batch_size}

@@ -14,7 +14,8 @@ from pipeline.artifacts import ArtifactStore, artifact_id, sha256_file
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from pipeline.specs import validate
 from stages.evaluation.probes import load_probes
 from stages.projections.select import open_projection

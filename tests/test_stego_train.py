@@ -13,7 +13,8 @@ from safetensors.numpy import load_file
 from pipeline.artifacts import ArtifactStore
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, InputError
-from pipeline.runner import Request, plan, run_tasks
+from pipeline.planner import Request, plan
+from pipeline.runner import run_tasks
 from pipeline.specs import validate as validate_spec
 from stages.evaluation.probes import ClusterProbe, LinearProbe, load_probes
 from stages.projections import load_projection

@@ -102,13 +102,13 @@ def import_stego_cmd(checkpoint: Path, overrides: tuple[str, ...], preset: str |
 
     Prints the artifact id; use the file in experiments with head.checkpoint=CHECKPOINT.
     """
-    from pipeline import runner
+    from pipeline import planner, runner
     from pipeline.config import load_config
 
     cfg = load_config(preset, list(overrides))
     cfg.head.checkpoint = os.fspath(checkpoint.expanduser().resolve())
     cfg.head.checkpoint_ignore_unknown = ignore_unknown_keys
-    tasks, targets = runner.plan([runner.Request("train-head", cfg)])
+    tasks, targets = planner.plan([planner.Request("train-head", cfg)])
     results = runner.run_tasks(tasks, cfg.run)
     done = {r.id: r for r in results}[targets[0]]
     click.echo(f"{'imported' if done.status == 'ran' else 'already imported'}: {done.path}", err=True)

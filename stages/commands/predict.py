@@ -45,7 +45,7 @@ from pipeline.artifacts import ArtifactStore, stage_of, write_json_atomic
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
-from pipeline.runner import resolve_device
+from pipeline.environment import resolve_device
 from stages.artifacts import EvalArtifact, HeadArtifact, ProbesArtifact
 from stages.backbones import BACKBONES, dino_features, load_backbone
 from stages.evaluation.crf import dense_crf

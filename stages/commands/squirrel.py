@@ -12,7 +12,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import InputError
-from pipeline.runner import import_artifact
+from pipeline.executor import import_artifact
 from stages.store import TokensArtifact, open_token_store
 from stages.store.squirrel import SQUIRREL_SHARD_SIZE, export_squirrel, import_squirrel
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import check_section, register_section, setting
 from pipeline.errors import ConfigError
-from pipeline.runner import Request
+from pipeline.planner import Request
 from stages.artifacts import PROJECTION_DIR
 from stages.projections import BaseProjection, IdentityProjection, load_projection
 

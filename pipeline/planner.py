@@ -1,0 +1,137 @@
+"""Planning: requests (a stage under a config, with args) become a deduplicated, topologically sorted
+list of :class:`Task` s whose ids are content addresses (:func:`pipeline.artifacts.artifact_id`)."""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.artifacts import artifact_id
+from pipeline.config import get_path, to_container
+from pipeline.errors import ConfigError
+from pipeline.registry import NEEDS, Need, Stage, get_stage, id_params
+
+
+@dataclass(frozen=True)
+class Request:
+    """Ask for the artifact of ``stage`` under ``cfg`` with request ``args`` (e.g. split=val).
+
+    ``extra_inputs`` adds inputs beyond the stage's own: requests, or ids of tasks already planned.
+    """
+
+    stage: str
+    cfg: DictConfig = field(compare=False, hash=False)
+    args: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    extra_inputs: Mapping[str, Request | str] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Task:
+    """One stage run, fully resolved; plain data so it can travel to a Dask worker."""
+
+    stage: str
+    id: str
+    params: dict[str, Any]
+    args: dict[str, Any]
+    cfg: dict[str, Any]
+    inputs: dict[str, str]
+    needs: list[Need] = field(default_factory=list)
+
+
+class _Memo:
+    """What one ``plan`` call computes once: each config's plain resolved dict (by config object; the
+    configs are held so their ids stay theirs), and each stage's id params, or its ConfigError, by the
+    stage, its sections' values and args (files a params function reads do not change while one plan runs)."""
+
+    def __init__(self) -> None:
+        self.trees: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.params: dict[str, dict[str, Any] | ConfigError] = {}
+
+    def tree(self, cfg: DictConfig) -> dict[str, Any]:
+        held = self.trees.get(id(cfg))
+        if held is None or held[0] is not cfg:
+            held = self.trees[id(cfg)] = (cfg, to_container(cfg))
+        return held[1]
+
+    def id_params(self, stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:
+        tree = self.tree(cfg)
+        key = json.dumps([stage.name, stage.version, [get_path(tree, p) for p in stage.sections], args],
+                         sort_keys=True, default=repr)
+        if key not in self.params:
+            try:
+                self.params[key] = id_params(stage, tree, args)
+            except ConfigError as exc:
+                self.params[key] = exc
+        found = self.params[key]
+        if isinstance(found, ConfigError):
+            raise ConfigError(str(found))
+        return copy.deepcopy(found)
+
+
+def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problems: list[str],
+             memo: _Memo) -> str | None:
+    """The task id of ``request`` (planned into ``tasks``/``order``), or None when a stage's config is bad
+    here or upstream: its ConfigError is added to ``problems`` and planning goes on."""
+    stage = get_stage(request.stage)
+    unknown = set(request.args) - set(stage.args)
+    if unknown:
+        raise ConfigError(f"stage '{stage.name}' takes no argument {', '.join(sorted(unknown))}; "
+                          f"arguments: {', '.join(sorted(stage.args)) or 'none'}")
+    args = {**stage.args, **request.args}
+    try:
+        upstream = {**stage.inputs(request.cfg, args), **request.extra_inputs}
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return None
+    inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems, memo)
+              for name, req in upstream.items()}
+    try:
+        params = memo.id_params(stage, request.cfg, args)
+        needs = NEEDS[stage.name](request.cfg, args) if stage.name in NEEDS else []
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return None
+    if None in inputs.values():
+        return None
+    task_id = artifact_id(stage.name, stage.version, params, inputs)
+    if task_id not in tasks:
+        tasks[task_id] = Task(stage.name, task_id, params, args, copy.deepcopy(memo.tree(request.cfg)), inputs,
+                              needs)
+        order.append(task_id)
+    return task_id
+
+
+def problems_error(problems: list[str]) -> ConfigError:
+    """One error listing every problem (a single one as it stands), duplicates removed."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) == 1:
+        return ConfigError(unique[0])
+    return ConfigError(f"{len(unique)} problems:\n" + "\n".join(f"  - {p}" for p in unique))
+
+
+def plan(requests: Iterable[Request], problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
+    """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to.
+
+    Every request is planned, and every bad config found on the way is reported at once: one
+    ConfigError listing them all; or, when a ``problems`` list is given, the messages are appended to it
+    and the requests that cannot be planned are left out of the tasks and targets.
+    """
+    tasks: dict[str, Task] = {}
+    order: list[str] = []
+    found: list[str] = []
+    memo = _Memo()
+    targets = [_resolve(request, tasks, order, found, memo) for request in requests]
+    if problems is None and found:
+        raise problems_error(found)
+    if problems is not None:
+        problems += [p for p in dict.fromkeys(found) if p not in problems]
+    return [tasks[t] for t in order], [t for t in targets if t is not None]
+
+
+def missing_needs(tasks: Iterable[Task]) -> list[str]:
+    """Problem lines for everything the tasks need from outside the store that is not there."""
+    return list(dict.fromkeys(need.problem() for task in tasks for need in task.needs if not need.ok))
