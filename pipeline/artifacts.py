@@ -37,7 +37,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.errors import ArtifactError, MissingArtifactError
@@ -88,6 +88,14 @@ def artifact_id(stage: str, version: str, params: Mapping[str, Any], inputs: Map
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
+def id_from_manifest(manifest: Mapping[str, Any]) -> str:
+    """The id :func:`artifact_id` gives for what a manifest records (stage, version, params, inputs): a
+    manifest whose fields were edited (and its checksum recomputed) no longer matches its folder's id.
+    Keep in step with how the planner calls :func:`artifact_id`."""
+    return artifact_id(str(manifest.get("stage")), str(manifest.get("version")), manifest.get("params") or {},
+                       manifest.get("inputs") or {})
+
+
 def stage_of(artifact: str) -> str:
     """Stage name of an artifact id; ArtifactError when the id is malformed."""
     match = ID_PATTERN.match(artifact)
@@ -125,6 +133,103 @@ def manifest_checksum(manifest: Mapping[str, Any]) -> str:
     body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM},
                                  default=_json_default))
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+MAX_MANIFEST_BYTES = 256 << 20
+"""A manifest larger than this is refused unread (a real one lists at most a few 100k files)."""
+
+
+def seal_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its ``manifest_sha256`` set (what :meth:`ArtifactStore.publish` writes)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return {**body, MANIFEST_CHECKSUM: manifest_checksum(body)}
+
+
+def confined(directory: Path, rel: Any, *, follow: bool = True) -> Path:
+    """``directory / rel`` when ``rel`` is a relative path that stays inside ``directory`` (no absolute
+    path, no ``..``, and with ``follow`` no symlink leading out); ArtifactError naming both otherwise."""
+    pure = PurePosixPath(rel) if isinstance(rel, str) else None
+    if pure is None or not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or "\0" in rel:
+        raise ArtifactError(f"{directory}: file entry {rel!r} is not a plain relative path inside the artifact")
+    path = directory / pure
+    if not follow:
+        return path
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise ArtifactError(f"{path}: cannot be resolved ({exc})") from None
+    if not inside:
+        raise ArtifactError(f"{path}: a symlink leading out of the artifact folder {directory}")
+    return path
+
+
+def _check_manifest(path: Path, manifest: Any) -> dict[str, Any]:
+    """``manifest`` if it is a sealed manifest of the folder it sits in, with well-formed ``files`` and
+    ``inputs``; ArtifactError naming ``path`` and the first problem otherwise."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {what}; the artifact cannot be trusted (rebuild it with --force, or "
+                             f"delete its folder)")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"manifest is a {type(manifest).__name__}, not a JSON object")
+    stored = manifest.get(MANIFEST_CHECKSUM)
+    if not isinstance(stored, str):
+        raise bad(f"manifest has no {MANIFEST_CHECKSUM}")
+    if stored != manifest_checksum(manifest):
+        raise bad(f"content differs from its {MANIFEST_CHECKSUM} (corrupted or edited)")
+    folder = path.parent.name
+    if "id" in manifest and manifest["id"] != folder:
+        raise bad(f"manifest id {manifest['id']!r} differs from its folder name {folder!r}")
+    inputs = manifest.get("inputs", {})
+    if not isinstance(inputs, dict) or not all(isinstance(k, str) and isinstance(v, str) and ID_PATTERN.match(v)
+                                               for k, v in inputs.items()):
+        raise bad(f"'inputs' must map names to artifact ids, got {json.dumps(inputs, default=str)[:200]}")
+    files = manifest.get("files", [])
+    if not isinstance(files, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
+            and e["size"] >= 0 and isinstance(e.get("sha256"), str) for e in files):
+        raise bad("'files' must be a list of {path, size, sha256} entries")
+    for entry in files:
+        confined(path.parent, entry["path"], follow=False)
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of the artifact folder ``directory``, checked (:func:`_check_manifest`): exactly what
+    was published, or ArtifactError naming the file (MissingArtifactError when there is none)."""
+    path = directory / MANIFEST
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read() if size <= MAX_MANIFEST_BYTES else b""
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingArtifactError(f"artifact {directory.name} does not exist under "
+                                   f"{directory.parent.parent}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if max(size, len(data)) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+    try:
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({str(exc)[:200]})") from None
+    return _check_manifest(path, manifest)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def ids_mentioned(path: Path) -> set[str]:
+    """Every artifact id that appears in the (possibly damaged) file ``path``: what an unreadable manifest
+    may depend on, so gc keeps them."""
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return set()
+        text = path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return set()
+    return set(re.findall(r"[a-z][a-z0-9_-]*-[0-9a-f]{16}(?![0-9a-f])", text))
 
 
 def list_files(directory: Path) -> list[Path]:
@@ -378,7 +483,7 @@ class ArtifactView:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        return self.read_json(MANIFEST)
+        return read_manifest(self.path)
 
     @property
     def stage(self) -> str | None:
@@ -431,20 +536,15 @@ class ArtifactStore:
         bad = []
         for entry in self.manifest(artifact).get("files", []):
             try:
-                if (directory / entry["path"]).stat().st_size != entry["size"]:
+                if confined(directory, entry["path"]).stat().st_size != entry["size"]:
                     bad.append(entry["path"])
-            except OSError:
+            except (OSError, ArtifactError):
                 bad.append(entry["path"])
         return bad
 
     def manifest(self, artifact: str) -> dict[str, Any]:
-        path = self.path(artifact) / MANIFEST
-        if not path.is_file():
-            raise MissingArtifactError(f"artifact {artifact} does not exist under {self.root}")
-        try:
-            return json.loads(path.read_text())
-        except ValueError as exc:
-            raise ArtifactError(f"{path}: manifest is not valid JSON ({exc})") from exc
+        """The checked manifest of ``artifact`` (:func:`read_manifest`)."""
+        return read_manifest(self.path(artifact))
 
     def ids(self, stage: str | None = None) -> list[str]:
         """Published artifact ids, optionally of one stage, sorted by creation time."""
@@ -475,13 +575,19 @@ class ArtifactStore:
         current = self.pins()
         if (artifact in current) == pinned:
             return False
-        if pinned:
-            self.manifest(artifact)  # MissingArtifactError for an id that is not published
+        if pinned and not self.exists(artifact):
+            raise MissingArtifactError(f"artifact {artifact} does not exist under {self.root}")
         updated = current + [artifact] if pinned else [a for a in current if a != artifact]
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{PINS}.tmp-{os.getpid()}"
-        tmp.write_text("".join(f"{a}\n" for a in updated))
-        os.replace(tmp, self.root / PINS)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(f"{a}\n" for a in updated))
+            os.replace(tmp, self.root / PINS)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise ArtifactError(f"cannot write the pin list {self.root / PINS}: {exc.strerror or exc}; "
+                                f"pins need a writable artifact root") from None
         return True
 
     def resolve(self, prefix: str) -> str:
@@ -563,13 +669,18 @@ class ArtifactStore:
             manifest = self.manifest(artifact)
         except ArtifactError as exc:
             return [str(exc)]
-        stored = manifest.get(MANIFEST_CHECKSUM)
-        if stored is not None and stored != manifest_checksum(manifest):  # its file list cannot be trusted
-            return [f"{directory / MANIFEST}: content differs from its manifest_sha256 (corrupted)"]
         problems = []
+        recomputed = id_from_manifest(manifest)
+        if recomputed != artifact:
+            problems.append(f"{directory / MANIFEST}: its stage, version, params and inputs give the id {recomputed}, "
+                            f"not {artifact} (the manifest was edited)")
         listed = {entry["path"] for entry in manifest.get("files", [])}
         for entry in manifest.get("files", []):
-            path = directory / entry["path"]
+            try:
+                path = confined(directory, entry["path"])
+            except ArtifactError as exc:
+                problems.append(str(exc))
+                continue
             if not path.is_file():
                 problems.append(f"{path}: missing")
             elif path.stat().st_size != entry["size"]:
@@ -583,25 +694,37 @@ class ArtifactStore:
         return problems
 
     def lineage(self, artifact: str) -> dict[str, Any]:
-        """Nested {id, stage, inputs: {name: lineage}} of an artifact."""
+        """Nested {id, stage, inputs: {name: lineage}} of an artifact; an input whose manifest cannot be
+        read is ``{"id", "unreadable": reason}``, a missing one ``{"id", "missing": True}``."""
         manifest = self.manifest(artifact)
-        return {
-            "id": artifact,
-            "stage": manifest.get("stage"),
-            "inputs": {name: self.lineage(dep) if self.exists(dep) else {"id": dep, "missing": True}
-                       for name, dep in manifest.get("inputs", {}).items()},
-        }
+        inputs: dict[str, Any] = {}
+        for name, dep in manifest.get("inputs", {}).items():
+            try:
+                inputs[name] = self.lineage(dep)
+            except MissingArtifactError:
+                inputs[name] = {"id": dep, "missing": True}
+            except ArtifactError as exc:
+                inputs[name] = {"id": dep, "unreadable": str(exc)}
+        return {"id": artifact, "stage": manifest.get("stage"), "inputs": inputs}
 
-    def closure(self, roots: set[str]) -> set[str]:
-        """``roots`` plus every artifact they were built from."""
+    def closure(self, roots: set[str], *, unreadable: dict[str, str] | None = None) -> set[str]:
+        """``roots`` plus every artifact they were built from. A manifest that cannot be read is skipped
+        with a warning (its reason goes into ``unreadable`` when given) and every id mentioned in its file
+        counts as an input, so gc never deletes what it may have been built from."""
         seen: set[str] = set()
         todo = list(roots)
         while todo:
             artifact = todo.pop()
-            if artifact in seen or not self.exists(artifact):
+            if artifact in seen or not ID_PATTERN.match(artifact) or not self.exists(artifact):
                 continue
             seen.add(artifact)
-            todo += list(self.manifest(artifact).get("inputs", {}).values())
+            try:
+                todo += list(self.manifest(artifact).get("inputs", {}).values())
+            except ArtifactError as exc:
+                _log.warning("skipping %s: %s", artifact, exc)
+                if unreadable is not None:
+                    unreadable[artifact] = str(exc)
+                todo += sorted(ids_mentioned(self.path(artifact) / MANIFEST))
         return seen
 
     def _trash(self, directory: Path) -> Path:
@@ -622,11 +745,19 @@ class ArtifactStore:
         """
         if not dry_run:
             self.require_writable()
-        referenced = self.closure(set(keep) | set(self.pins()))
-        used = self.in_use()
         report = GcReport()
+        referenced = self.closure(set(keep) | set(self.pins()), unreadable=report.unreadable)
+        used = self.in_use()
         for artifact in self.ids():
             if artifact in referenced:
+                continue
+            try:
+                self.manifest(artifact)
+            except ArtifactError as exc:  # an unreadable manifest protects its artifact (and what it names)
+                report.unreadable[artifact] = str(exc)
+                referenced |= self.closure(ids_mentioned(self.path(artifact) / MANIFEST))
+        for artifact in self.ids():
+            if artifact in referenced or artifact in report.unreadable:
                 continue
             if artifact in used:
                 report.in_use[artifact] = used[artifact]
@@ -664,9 +795,13 @@ class ArtifactStore:
             report.bytes += size
         trash_root = self.root / ".trash"
         for leftover in sorted(trash_root.iterdir()) if trash_root.is_dir() else []:
-            report.trash_bytes += _disk_usage(leftover)
+            folder = leftover.is_dir() and not leftover.is_symlink()
+            report.trash_bytes += _disk_usage(leftover) if folder else leftover.lstat().st_size
             if not dry_run:
-                shutil.rmtree(leftover, ignore_errors=True)
+                if folder:
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:  # a link or a file: rmtree refuses it, and would leave it to be reported again
+                    leftover.unlink(missing_ok=True)
         report.bytes += report.trash_bytes
         return report
 
@@ -679,6 +814,7 @@ class GcReport:
     sizes: dict[str, int] = field(default_factory=dict)  # bytes on disk of each of them
     staging: list[str] = field(default_factory=list)  # ids of stale staging folders
     in_use: dict[str, str] = field(default_factory=dict)  # unreferenced but kept: id -> the lock using it
+    unreadable: dict[str, str] = field(default_factory=dict)  # kept because its manifest cannot be read: id -> why
     trash_bytes: int = 0  # leftovers of an earlier, interrupted gc or publish
     bytes: int = 0  # everything freed (or that would be), trash included
 

@@ -28,7 +28,7 @@ from click.shell_completion import CompletionItem  # noqa: E402
 from pipeline import executor, planner, registry, runner  # noqa: E402
 from pipeline.artifacts import ArtifactStore  # noqa: E402
 from pipeline.config import load_config, parse_override, to_yaml  # noqa: E402
-from pipeline.errors import ConfigError, StegopipeError, did_you_mean  # noqa: E402
+from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
 from pipeline.experiments import Experiment, experiment_names, experiment_path  # noqa: E402
 
 EXTRA_COMMANDS: list[click.Command] = []
@@ -344,7 +344,11 @@ def ls_cmd(stage: str | None, as_json: bool) -> None:
     pinned = set(store.pins())
     rows = []
     for artifact in store.ids(stage):
-        manifest = store.manifest(artifact)
+        try:
+            manifest = store.manifest(artifact)
+        except ArtifactError as exc:
+            click.echo(f"warning: skipping {artifact}: {exc}", err=True)
+            continue
         rows.append({"id": artifact, "stage": manifest.get("stage"), "created": manifest.get("created"),
                      "wall_s": manifest.get("wall_time_s"), "bytes": store.size(artifact),
                      "pinned": artifact in pinned, "params": manifest.get("params", {}),
@@ -476,6 +480,8 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
         click.echo(f"{verb} staging folder {artifact} (its run is gone)")
     for artifact, holder in report.in_use.items():
         click.echo(f"kept {artifact}: in use by the running stage of {holder}", err=True)
+    for artifact, reason in report.unreadable.items():
+        click.echo(f"warning: kept {artifact} and every artifact its manifest names: {reason}", err=True)
     click.echo(f"{len(report.artifacts)} unreferenced artifacts, {len(report.staging)} stale staging folders, "
                f"{report.bytes / 1e6:.1f} MB {'freed' if yes else 'to free (dry run; --yes to delete)'}", err=True)
 

@@ -35,7 +35,7 @@ def _publish(store: ArtifactStore, name: str = "demo", inputs: dict[str, str] | 
     (staging.dir / "sub").mkdir()
     (staging.dir / "sub" / "data.bin").write_bytes(bytes(range(256)))
     (staging.dir / "out.json").write_text(json.dumps({"value": 1}))
-    store.publish(artifact, staging, {"stage": "toy", "inputs": inputs or {}})
+    store.publish(artifact, staging, {"stage": "toy", "version": "1", "params": {"name": name}, "inputs": inputs or {}})
     return artifact
 
 

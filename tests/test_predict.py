@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from pipeline.artifacts import ArtifactStore
+from pipeline.artifacts import ArtifactStore, seal_manifest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -173,7 +173,7 @@ def test_imported_head_backbone_from_the_checkpoint_record(tmp_path: Path) -> No
     folder = tmp_path / "train-head" / head_id
     folder.mkdir(parents=True)
     manifest = {"inputs": {}, "backbone": {"model_type": "vit_base", "patch": 8}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     record = backbone_record(ArtifactStore(tmp_path), head_id)
     assert record == BackboneRecord("vit_base_patch8_224.dino", None, "dino", None)
     assert (record.patch, record.embed_dim) == (8, 768)

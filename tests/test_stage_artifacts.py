@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import MANIFEST, ArtifactStore, ArtifactView
+from pipeline.artifacts import MANIFEST, ArtifactStore, ArtifactView, seal_manifest
 from pipeline.errors import ArtifactError, MissingArtifactError
 from stages.artifacts import EvalArtifact, HeadArtifact, KnnArtifact, ProbesArtifact, ReduceArtifact
 from stages.store import TokensArtifact
@@ -16,7 +16,7 @@ from stages.store import TokensArtifact
 def _publish(store: ArtifactStore, artifact: str, manifest: dict, files: dict[str, object] | None = None) -> Path:
     path = store.path(artifact)
     path.mkdir(parents=True)
-    (path / MANIFEST).write_text(json.dumps({"stage": artifact.rsplit("-", 1)[0], **manifest}))
+    (path / MANIFEST).write_text(json.dumps(seal_manifest({"stage": artifact.rsplit("-", 1)[0], **manifest})))
     for name, data in (files or {}).items():
         (path / name).write_text(data if isinstance(data, str) else json.dumps(data))
     return path
@@ -52,12 +52,12 @@ def test_eval_metrics_checked_and_named(tmp_path: Path) -> None:
 
 def test_kind_files(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
-    _publish(store, "reduce-00000000000000b1", {"inputs": {"tokens": "extract-1"}}, {ReduceArtifact.EVR: {"evr": [0.5]}})
+    _publish(store, "reduce-00000000000000b1", {"inputs": {"tokens": "extract-0000000000000001"}}, {ReduceArtifact.EVR: {"evr": [0.5]}})
     _publish(store, "reduce-00000000000000b2", {})
     assert ReduceArtifact.of(store, "reduce-00000000000000b1").evr == {"evr": [0.5]}
     assert ReduceArtifact.of(store, "reduce-00000000000000b2").evr is None
-    _publish(store, "probe-00000000000000c1", {"params": {"seed": 3}, "inputs": {"projection": "train-head-1"}})
+    _publish(store, "probe-00000000000000c1", {"params": {"seed": 3}, "inputs": {"projection": "train-head-0000000000000001"}})
     probes = ProbesArtifact.of(store, "probe-00000000000000c1")
-    assert (probes.probes_dir, probes.projection_id, probes.params["seed"]) == (probes.path, "train-head-1", 3)
+    assert (probes.probes_dir, probes.projection_id, probes.params["seed"]) == (probes.path, "train-head-0000000000000001", 3)
     _publish(store, "train-head-00000000000000d1", {})
     assert HeadArtifact.of(store, "train-head-00000000000000d1").probes_dir.name == HeadArtifact.PROBES

@@ -10,6 +10,7 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline.artifacts import seal_manifest
 from pipeline.errors import InputError, MissingArtifactError
 from stages.store import fastpath, reader, writer
 from stages.store import (
@@ -294,7 +295,7 @@ def _publish_fake_tokens_artifact(root: Path, artifact: str) -> Path:
     folder = root / "extract" / artifact
     _create(folder / "tokens.zarr", n=N)
     _write_all(folder / "tokens.zarr", _data())
-    (folder / "manifest.json").write_text(json.dumps({"id": artifact, "stage": "extract"}))
+    (folder / "manifest.json").write_text(json.dumps(seal_manifest({"id": artifact, "stage": "extract"})))
     return folder
 
 
