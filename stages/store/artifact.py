@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.artifacts import ArtifactView
 from pipeline.errors import InputError
+from pipeline.paths import is_url
 from stages.store.reader import TokenStore
 
 TOKENS_STORE = "tokens.zarr"
@@ -33,10 +34,15 @@ def open_tokens(ref: str | os.PathLike[str], root: str | os.PathLike[str] | None
 
     ``ref`` is an artifact id, an unambiguous id prefix (``"extract-3f2a"``), an artifact folder or a
     ``tokens.zarr`` path. Ids are looked up under ``root`` (default: ``$STEGOPIPE_ROOT``, else
-    ``./artifacts``). InputError / MissingArtifactError name what was not found.
+    ``./artifacts``). InputError / MissingArtifactError name what was not found. A URL (``s3://...``, any
+    fsspec URL) opens a token store exported there (:mod:`stages.store.remote`).
     """
     from pipeline.artifacts import ArtifactStore
 
+    if is_url(str(ref)):
+        from stages.store.remote import open_remote_tokens
+
+        return open_remote_tokens(str(ref))
     path = Path(ref).expanduser()
     if not path.exists():
         store = ArtifactStore(root if root is not None else os.environ.get("STEGOPIPE_ROOT", "artifacts"))

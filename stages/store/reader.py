@@ -39,14 +39,17 @@ class TokenStore:
     array and the sample (or the samples / shard read).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], group: zarr.Group | None = None) -> None:
+        """``path``: a local store folder; or, with ``group`` (a store opened elsewhere, e.g. at a URL by
+        :mod:`stages.store.remote`), the label that names it in messages."""
         self.path = str(path)
-        if not Path(self.path).exists():
-            raise InputError(f"token store {self.path}: path does not exist (run the extract stage first)")
-        try:
-            group = zarr.open_group(self.path, mode="r")
-        except Exception as exc:  # zarr raises several types for "not a group"
-            raise InputError(f"token store {self.path}: not a Zarr v3 group ({exc})") from exc
+        if group is None:
+            if not Path(self.path).exists():
+                raise InputError(f"token store {self.path}: path does not exist (run the extract stage first)")
+            try:
+                group = zarr.open_group(self.path, mode="r")
+            except Exception as exc:  # zarr raises several types for "not a group"
+                raise InputError(f"token store {self.path}: not a Zarr v3 group ({exc})") from exc
         self._group = group
         self._meta, self._opened = _check_layout(group, self.path)
         self._n = int(self._opened["tokens"].shape[0])
