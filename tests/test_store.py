@@ -93,7 +93,7 @@ def test_roundtrip_random_access(tmp_path):
 
 
 def test_random_access_reads_only_requested_chunks(tmp_path):
-    """A missing (never written) shard does not matter to reads of other shards' samples."""
+    """A missing (never written) shard does not matter to reads of other shards' samples; reading it is an error."""
     path = tmp_path / "t.zarr"
     d = _data()
     create_token_store(path, n=N, grid=GRID, dim=DIM, label_hw=LHW, shard_size=SHARD, with_rgb=False,
@@ -101,7 +101,9 @@ def test_random_access_reads_only_requested_chunks(tmp_path):
     write_shard(path, 1, tokens=d["tokens"][3:6], labels=d["labels"][3:6], ids=["a", "b", "c"])
     s = open_token_store(path)
     np.testing.assert_array_equal(s.get_tokens([4]), d["tokens"][[4]].astype(np.float16).astype(np.float32))
-    assert (s.get_labels([0]) == -1).all()  # unwritten = fill value
+    with pytest.raises(InputError, match=r"array 'labels' is incomplete \(sample 0, file .*labels/c/0/0/0: shard file "
+                                         "missing\\)"):
+        s.get_labels([0])  # unwritten: an error, never fill values
     assert not (path / "tokens" / "c" / "0").exists()
 
 

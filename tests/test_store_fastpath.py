@@ -131,19 +131,6 @@ def test_both_readers_agree_bit_for_bit(tmp_path: Path) -> None:
     assert s.ids == list(d["ids"]) == list(group["ids"][:])
 
 
-def test_zarr_default_skipped_fill_chunks_read_as_fill_value(tmp_path: Path) -> None:
-    """A store zarr-python wrote with its default (fill-value chunks not stored: empty index entries)."""
-    d = _data()
-    path = tmp_path / "t.zarr"
-    _create(path)
-    _write_with_zarr(path, d)
-    index = _index(path / "tokens" / "c" / "0" / "0" / "0" / "0")
-    assert index[1, 0] == 2**64 - 1 and index[0, 0] != 2**64 - 1
-    s = open_token_store(path)
-    for name in ARRAYS[:-1]:
-        np.testing.assert_array_equal(s.get(name, range(N)), d[name])
-
-
 def test_index_cache_follows_a_rewritten_shard(tmp_path: Path) -> None:
     d = _data()
     path = tmp_path / "t.zarr"

@@ -23,7 +23,10 @@ temporary file renamed into place (atomic: a killed write leaves the old file or
 exactly zarr-python's with ``write_empty_chunks=True``: every sample has a stored, checksummed chunk,
 an all-zero sample too (zarr's default would store none and read the fill value); zarr-python stays
 the reference reader and the fallback for any other codec chain or store (:func:`fast_path_unsupported_reason`).
-An empty index entry (a chunk zarr-python skipped as equal to the fill value) reads as the fill value.
+Reads never return data other than what was written: a missing shard or chunk file, or an empty index entry
+(a chunk zarr-python's default skips as equal to the fill value), is an error naming the sample and the file,
+never fill values; shard indexes are checked (bounds, overlaps, lengths) and decodes are capped at the
+sample's size (:mod:`~stages.store.fastpath`), and metadata claiming absurd sizes is refused at open.
 
 Modules: :mod:`~stages.store.layout` (format, codecs, layout check), :mod:`~stages.store.fastpath` (direct
 shard I/O), :mod:`~stages.store.writer` (create, write, the writer cache), :mod:`~stages.store.reader`

@@ -104,6 +104,78 @@ def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
         dst[...] = src
 
 
+def max_encoded_length(nbytes: int, compressed: bool) -> int:
+    """The longest stored chunk (codec output + crc32c) of a ``nbytes`` sample: exactly ``nbytes + 4`` raw;
+    compressed, at most blosc's and zstd's worst-case expansion (< 1/128 + 1 KiB) over ``nbytes``."""
+    return nbytes + (nbytes // 128 + 1024 if compressed else 0) + 4
+
+
+def shard_index_problem(index: np.ndarray, data_start: int, data_end: int,
+                        lengths: tuple[int, int]) -> tuple[int, str] | None:
+    """The first entry of a shard index (``[k, 2]`` uint64 offsets and lengths) that is neither empty (both
+    ``2**64 - 1``) nor a chunk inside the data bytes ``[data_start, data_end)`` whose length lies in
+    ``lengths`` (inclusive), or that overlaps another chunk: ``(entry, what is wrong)``; None when sound.
+    Exact integer arithmetic: an offset + length beyond ``2**64`` is out of bounds, never wrapped."""
+    offsets, sizes = index[:, 0], index[:, 1]
+    used = np.flatnonzero(~((offsets == _EMPTY) & (sizes == _EMPTY)))
+    start, end = np.uint64(data_start), np.uint64(data_end)
+    lo, hi = (np.uint64(v) for v in lengths)
+    for j in used[(offsets[used] < start) | (offsets[used] > end)]:
+        return int(j), f"chunk offset {int(offsets[j])} lies outside the data bytes [{data_start}, {data_end})"
+    off, size = offsets[used], sizes[used]
+    for j in used[(size > end - off) | (size < lo) | (size > hi)]:
+        size_j, off_j = int(sizes[j]), int(offsets[j])
+        if size_j > data_end - off_j:
+            return int(j), f"chunk [{off_j}, {off_j} + {size_j}) runs past the data bytes (end {data_end})"
+        return int(j), f"chunk length {size_j} is not in [{lengths[0]}, {lengths[1]}]"
+    order = np.argsort(off, kind="stable")
+    overlaps = np.flatnonzero(off[order][1:] < off[order][:-1] + size[order][:-1])
+    if overlaps.size:
+        first, second = used[order[overlaps[0]]], used[order[overlaps[0] + 1]]
+        return int(second), f"chunk overlaps the chunk of entry {int(first)} (aliased samples)"
+    return None
+
+
+def _zstd_content_size(frame: Any) -> int | None:
+    """The decoded size a zstd frame header declares (RFC 8878 §3.1.1.1), None when it declares none."""
+    head = bytes(frame[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    single_segment = descriptor >> 5 & 1
+    pos = 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    width = (single_segment, 2, 4, 8)[descriptor >> 6]
+    if not width or len(head) < pos + width:
+        return None
+    value = int.from_bytes(head[pos:pos + width], "little")
+    return value + 256 if width == 2 else value
+
+
+def declared_size(codec: Any, payload: Any) -> int | None:
+    """The decoded size the header of a blosc or zstd ``payload`` declares (None: none, or blosc's header
+    claims another compressed length than the payload has), read before anything is decoded."""
+    if isinstance(codec, numcodecs.Blosc):
+        head = bytes(payload[:16])
+        if len(head) < 16 or int.from_bytes(head[12:16], "little") != len(payload):
+            return None
+        return int.from_bytes(head[4:8], "little")
+    return _zstd_content_size(payload)
+
+
+def decode_capped(codec: Any, payload: Any, out: np.ndarray) -> str | None:
+    """Decode ``payload`` (blosc or zstd) into the bytes of ``out`` (C-contiguous), which must be exactly
+    what its header declares; never allocates beyond ``out``. None when done, else what is wrong."""
+    size = declared_size(codec, payload)
+    if size != out.nbytes:
+        return (f"{codec.codec_id} header declares {'no decoded size' if size is None else f'{size} bytes'}, "
+                f"expected {out.nbytes}")
+    try:
+        codec.decode(payload, out=out.reshape(-1).view(np.uint8))
+    except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad input
+        return f"{codec.codec_id} decode failed ({exc})"
+    return None
+
+
 def _crc(data: Any) -> bytes:
     """crc32c of a contiguous buffer, as the 4 little-endian bytes zarr's ``crc32c`` codec appends."""
     return int(google_crc32c.value(np.frombuffer(data, dtype=np.uint8))).to_bytes(4, "little")
@@ -165,8 +237,11 @@ class _ShardFile:
     """Direct reader/writer of one sharded per-sample array (see :func:`fast_path_unsupported_reason`).
 
     Shard files are read with ``pread``/``preadv`` at the offsets of their index, which is read once per
-    file version (keyed by inode, size and mtime) and checked against its crc32c; every chunk's crc32c
-    is checked on every read.
+    file version (keyed by inode, size and mtime) and checked: its crc32c, every chunk inside the data,
+    of the exact length (raw) or at most the worst-case compressed length, no two chunks overlapping.
+    Every chunk's crc32c is checked on every read, and compressed chunks decode into the sample's bytes
+    only (a header declaring another size is refused before decoding). A missing shard file or an empty
+    index entry for a sample of the array is an error: every sample is always written.
     """
 
     def __init__(self, array: zarr.Array, name: str, where: str) -> None:
@@ -177,10 +252,11 @@ class _ShardFile:
         self.sample_shape = tuple(array.shape[1:])
         self.nbytes = prod(self.sample_shape) * self.dtype.itemsize
         self.shard_size = int(array.shards[0])
-        self.fill = np.asarray(array.fill_value, dtype=self.dtype)
         inner = array.metadata.codecs[0].codecs
         self.codec = _numcodec(inner[1]) if len(inner) == 3 else None
         self.index_nbytes = 16 * self.shard_size + 4
+        self.chunk_lengths = ((self.nbytes + 4,) * 2 if self.codec is None
+                              else (5, max_encoded_length(self.nbytes, compressed=True)))
         self.run_samples = max(1, min(_RUN_BYTES // self.nbytes, _IOV_MAX // 2))
         self._indexes: dict[int, tuple[tuple[int, int, int], np.ndarray]] = {}
         self._paths: dict[int, str] = {}
@@ -194,6 +270,11 @@ class _ShardFile:
         return InputError(f"{self.where}: array {self.name!r} is corrupt ({which}, file {self.path(shard)}: "
                           f"{what}); run `stegopipe verify` and rebuild the artifact")
 
+    def _missing(self, sample: int, what: str) -> InputError:
+        return InputError(f"{self.where}: array {self.name!r} is incomplete (sample {sample}, file "
+                          f"{self.path(sample // self.shard_size)}: {what}); every sample is always written, so "
+                          "the store is damaged or partly copied: copy it again, or rebuild the artifact")
+
     def _index(self, fd: int, shard: int) -> np.ndarray:
         st = os.fstat(fd)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -206,9 +287,10 @@ class _ShardFile:
         if len(raw) != self.index_nbytes or _crc(raw[:-4]) != raw[-4:]:
             raise self._corrupt(shard, "shard index checksum mismatch")
         index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_size, 2)
-        used = index[:, 0] != _EMPTY
-        if (index[used, 0] + index[used, 1] > st.st_size - self.index_nbytes).any():
-            raise self._corrupt(shard, "shard index points beyond the chunk data")
+        problem = shard_index_problem(index, 0, st.st_size - self.index_nbytes, self.chunk_lengths)
+        if problem is not None:
+            entry, what = problem
+            raise self._corrupt(shard, f"shard index entry {entry}: {what}")
         self._indexes[shard] = (stamp, index)
         return index
 
@@ -232,19 +314,20 @@ class _ShardFile:
             path = self._paths.setdefault(shard, str(self.path(shard)))
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # a shard never written: fill values, as zarr-python reads it
-            out[rows] = self.fill
-            return
+        except FileNotFoundError:
+            raise self._missing(int(samples[0]), "shard file missing") from None
         try:
             index = self._index(fd, shard)
             local = samples - shard * self.shard_size
             offsets, lengths = index[local, 0].tolist(), index[local, 1].tolist()
+            if _EMPTY in offsets:
+                raise self._missing(int(samples[offsets.index(_EMPTY)]), "empty shard index entry: no chunk stored")
             limit = self.run_samples if self.codec is None else _IOV_MAX
             start = 0
             while start < len(samples):  # runs of chunks stored back to back
                 stop = start + 1
-                while (stop < len(samples) and stop - start < limit and offsets[stop] != _EMPTY
-                       and offsets[stop - 1] != _EMPTY and offsets[stop] == offsets[stop - 1] + lengths[stop - 1]):
+                while (stop < len(samples) and stop - start < limit
+                       and offsets[stop] == offsets[stop - 1] + lengths[stop - 1]):
                     stop += 1
                 self._read_run(fd, samples[start:stop], rows[start:stop], offsets[start:stop],
                                lengths[start:stop], out)
@@ -261,14 +344,8 @@ class _ShardFile:
 
     def _read_run(self, fd: int, samples: np.ndarray, rows: np.ndarray, offsets: list[int],
                   lengths: list[int], out: np.ndarray) -> None:
-        if offsets[0] == _EMPTY:  # a chunk zarr-python skipped as equal to the fill value
-            out[rows[0]] = self.fill
-            return
         span = offsets[-1] + lengths[-1] - offsets[0]
-        if self.codec is None:  # raw chunks: read straight into the output rows (or scratch), crcs aside
-            if any(length != self.nbytes + 4 for length in lengths):
-                bad = int(samples[[length != self.nbytes + 4 for length in lengths].index(True)])
-                raise self._corrupt(bad // self.shard_size, "chunk length does not match the sample size", bad)
+        if self.codec is None:  # raw chunks (lengths checked with the index): read straight into the output
             cast = out.dtype != self.dtype
             target = (self._scratch(len(rows) * self.nbytes).reshape(len(rows), self.nbytes) if cast
                       else out.reshape(len(out), -1).view(np.uint8))
@@ -298,16 +375,13 @@ class _ShardFile:
             if len(chunk) < 4 or _crc(chunk[:-4]) != chunk[-4:]:
                 raise self._corrupt(sample // self.shard_size, "chunk checksum mismatch"
                                     if len(chunk) == lengths[j] else "truncated chunk", sample)
-            try:
-                decoded = self.codec.decode(chunk[:-4])
-            except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad input
-                raise self._corrupt(sample // self.shard_size, f"{self.codec.codec_id} decode failed ({exc})",
-                                    sample) from exc
-            raw = np.frombuffer(decoded, dtype=np.uint8)
-            if raw.size != self.nbytes:
-                raise self._corrupt(sample // self.shard_size, f"chunk decodes to {raw.size} bytes, expected "
-                                    f"{self.nbytes}", sample)
-            out[row] = raw.view(self.dtype).reshape(self.sample_shape)
+            cast = out.dtype != self.dtype
+            target = self._scratch(self.nbytes) if cast else out[row]
+            problem = decode_capped(self.codec, chunk[:-4], target)
+            if problem is not None:
+                raise self._corrupt(sample // self.shard_size, problem, sample)
+            if cast:
+                _cast_into(out[row], target.view(self.dtype).reshape(self.sample_shape))
 
     def encode(self, data: np.ndarray, non_finite: list[int] | None = None) -> list[Any]:
         """The bytes (a list of buffers) of a shard file holding samples ``data`` (``[k, *sample_shape]``,

@@ -19,6 +19,9 @@ FORMAT_VERSION = 2
 """2: a crc32c on every chunk of labels, rgb and ids too; every sample's chunk is stored."""
 _META_KEY = "stegopipe"
 _SAMPLE_ARRAYS = ("tokens", "tokens_flip", "labels", "rgb", "ids")
+MAX_SAMPLE_BYTES = 1 << 30
+"""The largest sample a store may declare in any array (a ViT-B/8 at 448 px is 4.8 MB of tokens): metadata
+claiming more is refused at open, before anything is allocated."""
 _ARTIFACT_DIR = re.compile(r"^(?P<stage>[a-z][a-z0-9_-]*)-[0-9a-f]{16}$")
 
 StoreLike = str | os.PathLike[str] | zarr.Group
@@ -78,6 +81,10 @@ def _writable_group(store: StoreLike) -> zarr.Group:
     return group
 
 
+def _positive_ints(value: Any, count: int) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return len(items) == count and all(type(v) is int and v > 0 for v in items)
+
 
 def _check_layout(group: zarr.Group, where: str) -> tuple[dict[str, Any], dict[str, zarr.Array]]:
     """Validate a token store group's metadata and arrays; return its metadata dict and its per-sample
@@ -92,10 +99,22 @@ def _check_layout(group: zarr.Group, where: str) -> tuple[dict[str, Any], dict[s
     missing = [key for key in ("shard_size", "grid", "dim", "label_hw") if key not in meta]
     if missing:
         raise InputError(f"token store {where}: metadata {_META_KEY!r} lacks {', '.join(missing)}")
+    for key, count in (("shard_size", 1), ("grid", 2), ("dim", 1), ("label_hw", 2)):
+        if not _positive_ints(meta[key], count):
+            raise InputError(f"token store {where}: metadata {_META_KEY!r}.{key} is {meta[key]!r}, expected "
+                             + ("a positive integer" if count == 1 else f"{count} positive integers"))
     h, w = meta["grid"]
     H, W = meta["label_hw"]
     D = meta["dim"]
-    arrays = {name: node for name, node in group.arrays() if name in _SAMPLE_ARRAYS}
+    for name, nbytes in (("tokens", 2 * h * w * D), ("labels", 2 * H * W), ("rgb", 3 * H * W)):
+        if nbytes > MAX_SAMPLE_BYTES:
+            raise InputError(f"token store {where}: metadata {_META_KEY!r} gives {name} samples of {nbytes} bytes, "
+                             f"more than the {MAX_SAMPLE_BYTES >> 20} MiB a sample may have (damaged metadata?)")
+    try:
+        arrays = {name: node for name, node in group.arrays() if name in _SAMPLE_ARRAYS}
+    except Exception as exc:  # zarr raises many types (JSON, key, type, value errors) for bad array metadata
+        raise InputError(f"token store {where}: an array's zarr.json is malformed ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from exc
     arrays = {name: arrays[name] for name in _SAMPLE_ARRAYS if name in arrays}
     if "tokens" not in arrays:
         raise InputError(f"token store {where}: array 'tokens' is missing")

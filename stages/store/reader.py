@@ -12,12 +12,21 @@ from typing import Any
 import numpy as np
 import zarr
 from numpy.typing import ArrayLike, DTypeLike
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
-from stages.store.fastpath import _ShardFile, fast_path_unsupported_reason
-from stages.store.layout import _META_KEY, _check_layout, _context, shard_ranges
+from stages.store.fastpath import (
+    _EMPTY,
+    _ShardFile,
+    fast_path_unsupported_reason,
+    max_encoded_length,
+    shard_index_problem,
+)
+from stages.store.layout import _META_KEY, _check_layout, _context, _local_root, shard_ranges
+
 
 def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]:
     """Read sample runs ``[a, b)`` concurrently on zarr's event loop (faster than one blocking read
@@ -28,6 +37,95 @@ def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]
 
     return [np.asarray(part) for part in sync(gather())]
 
+
+def _chunk_lengths(sharding: ShardingCodec, nbytes: int) -> tuple[int, int]:
+    """The allowed stored lengths of an inner chunk of ``nbytes`` (see :func:`shard_index_problem`)."""
+    inner = tuple(sharding.codecs)
+    crcs = sum(isinstance(c, Crc32cCodec) for c in inner)
+    if all(isinstance(c, BytesCodec | Crc32cCodec) for c in inner):
+        return (nbytes + 4 * crcs,) * 2
+    if len(inner) - crcs == 2 and isinstance(inner[1], BloscCodec | ZstdCodec):
+        return 1, max_encoded_length(nbytes, compressed=True) - 4 + 4 * crcs
+    return 1, 2**64 - 1
+
+
+class _FallbackCheck:
+    """What zarr-python would read quietly from a local store whose arrays it reads (other codec chains):
+    a missing chunk or shard file, an empty shard index entry (both read as fill values) and a shard index
+    whose chunks lie outside the data, overlap (aliased samples) or have impossible lengths. Each file is
+    checked once, when a read first needs it. (Stores at a URL are checked by :mod:`stages.store.remote`.)"""
+
+    def __init__(self, array: zarr.Array, name: str, where: str) -> None:
+        self.array, self.name, self.where = array, name, where
+        self.root = _local_root(array)
+        codecs = tuple(array.metadata.codecs)
+        self.sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
+        self.file_samples = int((array.shards if self.sharding else array.chunks)[0])
+        self.holes: dict[int, set[int]] = {}
+        """Per file checked: its samples that have no chunk (empty index entries)."""
+
+    def key(self, part: int) -> str:
+        return self.array.metadata.encode_chunk_key((part,) + (0,) * (self.array.ndim - 1))
+
+    def _missing(self, sample: int, part: int, what: str) -> InputError:
+        return InputError(f"{self.where}: array {self.name!r} is incomplete (sample {sample}, file "
+                          f"{self.root / self.key(part)}: {what}); every sample is always written, so the store "
+                          "is damaged or partly copied: copy it again, or rebuild the artifact")
+
+    def require(self, samples: np.ndarray) -> None:
+        """Check the files holding ``samples`` (sorted, unique); InputError naming the first problem."""
+        if self.root is None:
+            return
+        parts = samples // self.file_samples
+        for part, first in zip(*np.unique(parts, return_index=True), strict=True):
+            part = int(part)
+            if part not in self.holes:
+                self.holes[part] = self._check_file(part, int(samples[first]))
+            if self.holes[part]:
+                wanted = [int(s) for s in samples[parts == part] if int(s) in self.holes[part]]
+                if wanted:
+                    raise self._missing(wanted[0], part, "empty shard index entry: no chunk stored")
+
+    def _check_file(self, part: int, wanted: int) -> set[int]:
+        """Check file ``part`` and return its samples without a chunk (``wanted``: the first sample a read
+        wants from it, named if the file is missing)."""
+        first = part * self.file_samples
+        path = self.root / self.key(part)
+        if not path.is_file():
+            raise self._missing(wanted, part, "chunk file missing" if self.sharding is None else "shard file missing")
+        if self.sharding is None:
+            return set()
+        shard_shape = tuple(self.array.shards)
+        inner = tuple(self.sharding.chunk_shape)
+        per_shard = tuple(s // c for s, c in zip(shard_shape, inner, strict=True))
+        try:
+            index = sync(self.sharding._load_shard_index_maybe(self.array.store_path / self.key(part), per_shard))
+        except Exception as exc:  # zarr raises ValueError/RuntimeError for a bad index (crc32c, size)
+            raise InputError(f"{self.where}: array {self.name!r} is corrupt (shard {part}, file {path}: shard "
+                             f"index unreadable: {exc}); run `stegopipe verify` and rebuild the artifact") from exc
+        size, index_nbytes = path.stat().st_size, self.sharding._shard_index_size(per_shard)
+        at_end = self.sharding.index_location == ShardingCodecIndexLocation.end
+        entries = index.offsets_and_lengths.reshape(-1, 2)
+        nbytes = int(np.prod(inner)) * self.array.dtype.itemsize
+        problem = shard_index_problem(entries, 0 if at_end else index_nbytes, size - index_nbytes if at_end else size,
+                                      _chunk_lengths(self.sharding, nbytes))
+        if problem is not None:
+            raise InputError(f"{self.where}: array {self.name!r} is corrupt (shard {part}, file {path}: shard index "
+                             f"entry {problem[0]}: {problem[1]}); run `stegopipe verify` and rebuild the artifact")
+        empty = (index.offsets_and_lengths[..., 0] == _EMPTY).reshape(per_shard[0], -1).any(axis=1)
+        stored = min(self.file_samples, int(self.array.shape[0]) - first)
+        return {first + int(j) for j in np.flatnonzero(np.repeat(empty, inner[0])[:stored])}
+
+    def require_all(self) -> None:
+        """Every file of the array present (listed once, so a claimed size far beyond the files fails fast)."""
+        if self.root is None:
+            return
+        parts = -(-int(self.array.shape[0]) // self.file_samples)
+        keys = {str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()}
+        for part in range(min(parts, len(keys) + 1)):
+            if self.key(part) not in keys:
+                raise self._missing(part * self.file_samples, part, "chunk file missing")
+        self.require(np.arange(0, min(parts, len(keys)) * self.file_samples, self.file_samples))
 
 
 class TokenStore:
@@ -59,6 +157,8 @@ class TokenStore:
         where = _context(self.path)
         self._direct = {name: _ShardFile(arr, name, where) for name, arr in self._opened.items()
                         if name != "ids" and self.fast_path[name] is None}
+        self._fallback = {name: _FallbackCheck(arr, name, where) for name, arr in self._opened.items()
+                          if name not in self._direct}
 
     @property
     def n(self) -> int:
@@ -109,6 +209,7 @@ class TokenStore:
     def ids(self) -> list[str]:
         """Sample ids in store order."""
         arr = self._array("ids")
+        self._fallback["ids"].require_all()
         try:
             return [str(v) for v in arr[:]]
         except (ValueError, RuntimeError, OSError):
@@ -181,6 +282,7 @@ class TokenStore:
         # selection is much slower here, and a slice of a sharded array decodes only the chunks (samples)
         # it covers. Sorted, so shard files are visited in order and neighbours merge into one run.
         uniq, inverse = np.unique(idx, return_inverse=True)
+        self._fallback[name].require(uniq)
         cuts = np.flatnonzero(np.diff(uniq) != 1) + 1
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, cuts)]
         parts = self._checked(name, lambda arr: [arr[a:b] for a, b in runs] if len(runs) == 1 else _read_runs(arr, runs),
@@ -230,7 +332,8 @@ class TokenStore:
         names = list(arrays)
         for name in names:
             self._array(name)
-        pieces = [(max(a, start), min(b, stop)) for a, b in self.shard_ranges() if b > start and a < stop]
+        first = start // self.shard_size * self.shard_size
+        pieces = ((max(a, start), min(a + self.shard_size, stop)) for a in range(first, stop, self.shard_size))
 
         def read(piece: tuple[int, int]) -> dict[str, np.ndarray]:
             a, b = piece

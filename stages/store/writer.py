@@ -101,7 +101,7 @@ def resize_token_store(store: StoreLike, n: int) -> None:
     """Change the sample count of a writable token store to ``n`` (every per-sample array).
 
     Used by writers that learn ``N`` while streaming (e.g. a Squirrel import); samples beyond the old
-    size are unwritten (fill values) until their shards are written.
+    size are unwritten (reading one is an error) until their shards are written.
     """
     group = _writable_group(store)
     if n < 0:
