@@ -3,8 +3,9 @@
 Stage plugins (``STEGOPIPE_PLUGINS``, default ``stages.plugin``) register stages, config sections and
 extra commands: :func:`register_lazy_commands` (the command's module is imported only when it runs, so
 ``--help`` and completion stay light) or :func:`register_command` (from a module the plugin imports).
-The built-in commands import plugins only when they need stages (``run``, ``plan``, ``stages``, ``gc``,
-``config``, ``ls STAGE``); ``ls``, ``show``, ``verify``, ``pin`` read the artifact store alone. Errors of
+The built-in commands import plugins only when they need stages or their label fields (``run``, ``plan``,
+``stages``, ``gc``, ``config``, ``ls``, ``show``, ``results``, ``experiments``; plugin registration is light);
+``verify`` and ``pin`` read the artifact store alone. Errors of
 the :class:`StegopipeError` family print as one line and exit with status 2 (``--debug`` shows the
 traceback).
 """
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from typing import Any
 
@@ -25,11 +27,12 @@ if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
 import click  # noqa: E402
 from click.shell_completion import CompletionItem  # noqa: E402
 
-from pipeline import executor, planner, registry, runner  # noqa: E402
-from pipeline.artifacts import ArtifactStore  # noqa: E402
+from pipeline import executor, planner, registry, results, runner  # noqa: E402
+from pipeline.artifacts import ArtifactStore, stage_of  # noqa: E402
 from pipeline.config import load_config, parse_override, to_yaml  # noqa: E402
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
-from pipeline.experiments import Experiment, experiment_names, experiment_path  # noqa: E402
+from pipeline.experiments import Experiment, experiment_names, experiment_path, sweep_values  # noqa: E402
+from pipeline.labels import COLUMNS, Labeller, chain, distinguishing, format_cell, label_text, store_lookup  # noqa: E402
 
 EXTRA_COMMANDS: list[click.Command] = []
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {}  # command name -> (module that registers it, short help)
@@ -98,6 +101,13 @@ class PluginGroup(click.Group):
             ctx.exit(2)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``scancel``, a requeue or preemption) unwinds like Ctrl-C: the running stage's lock
+    is released, its staging folder kept and SLURM worker jobs cancelled; a second SIGTERM kills."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("--quiet", is_flag=True, help="Only warnings and errors.")
@@ -112,6 +122,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def store_from() -> ArtifactStore:
@@ -190,6 +201,25 @@ def _when(created: str | None) -> str:
     return (created or "")[:16].replace("T", " ")
 
 
+def labeller(store: ArtifactStore, tasks: list[planner.Task] | tuple[()] = ()) -> Labeller:
+    """Labels from a plan's tasks, then the store's manifests (the plugins declare the label fields)."""
+    _load_plugins()
+    planned = {t.id: (t.stage, t.params, t.inputs) for t in tasks}
+    return Labeller(chain(planned.get, store_lookup(store)))
+
+
+def _label_rows(labels: Labeller, ids: list[str], stages: list[str]) -> list[tuple[str, str]]:
+    """Each artifact's label text, and the params that tell apart artifacts of one stage whose labels are
+    equal (``lr=0.001``; empty where the label is unique)."""
+    texts = [labels.text(a) for a in ids]
+    keyed = [f"{stage}|{text}" for stage, text in zip(stages, texts, strict=True)]
+    return list(zip(texts, distinguishing(keyed, [labels.params(a) for a in ids]), strict=True))
+
+
+def _with_extra(text: str, extra: str) -> str:
+    return f"{text} [{extra}]" if extra else text
+
+
 def _lock_holder(store: ArtifactStore, artifact: str) -> str | None:
     """Who is building ``artifact`` now (None when no live lock holds it)."""
     lock = store.lock(artifact)
@@ -202,9 +232,14 @@ def _lock_holder(store: ArtifactStore, artifact: str) -> str | None:
 
 
 def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cli_overrides: list[str],
-                 problems: list[str] | None) -> tuple[list[planner.Task], list[str], Any, Experiment | None]:
-    """Tasks, target ids, config and experiment (if any) of ``run TARGET`` (see :func:`planner.plan`)."""
+                 problems: list[str] | None, *, multirun: bool = False,
+                 report: str | None = None) -> tuple[list[planner.Task], list[str], Any, Experiment | None]:
+    """Tasks, target ids, config and experiment (if any) of ``run TARGET`` (see :func:`planner.plan`); with
+    ``multirun``, a stage TARGET swept over the comma lists in ``overrides`` as one experiment (one DAG)."""
     _load_plugins()
+    if report and not multirun:
+        raise ConfigError("--report NAME writes a report of a multirun: add -m (an experiment file names its "
+                          "report with `collect: report`)")
     if target in registry.STAGES:
         stage = registry.get_stage(target)
         args = {}
@@ -212,12 +247,30 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
         for text in overrides:
             key, value = parse_override(text)
             if key in stage.args:
+                if multirun and sweep_values(text) is not None:
+                    raise ConfigError(f"{text}: a stage argument cannot be swept; sweep config keys "
+                                      f"(e.g. projection.dim=4,16)")
                 args[key] = value
             else:
                 config_overrides.append(text)
-        cfg = load_config(preset, config_overrides + cli_overrides)
+        if multirun:
+            experiment = Experiment.sweep(target, config_overrides, preset=preset, report=report, args=args)
+            cfg = load_config(preset, [t for t in config_overrides if sweep_values(t) is None] + cli_overrides)
+            tasks, targets = experiment.plan(cli_overrides, problems)
+            return tasks, targets, cfg, experiment
+        try:
+            cfg = load_config(preset, config_overrides + cli_overrides)
+        except ConfigError as exc:
+            swept = [t for t in config_overrides if sweep_values(t) is not None]
+            if swept:
+                raise ConfigError(f"{exc} (to sweep over comma-separated values, add -m: "
+                                  f"stegopipe run -m {target} {' '.join(overrides)})") from None
+            raise
         tasks, targets = planner.plan([planner.Request(target, cfg, args)], problems)
         return tasks, targets, cfg, None
+    if multirun:
+        raise ConfigError(f"-m sweeps a stage ({', '.join(sorted(registry.STAGES))}); '{target}' is not one "
+                          "(an experiment file holds its own matrix)")
     if experiment_path(target):
         experiment = Experiment.load(target)
         cfg = load_config(experiment.spec.get("preset") or preset,
@@ -227,6 +280,11 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
     names = sorted(registry.STAGES) + experiment_names()
     raise ConfigError(f"'{target}' is neither a stage ({', '.join(sorted(registry.STAGES))}) "
                       f"nor an experiment ({', '.join(experiment_names())}){did_you_mean(target, names)}")
+
+
+_MULTIRUN = click.option("--multirun", "-m", is_flag=True,
+                         help="Sweep: every key=a,b,c override is an axis; all points are planned as one DAG.")
+_REPORT = click.option("--report", metavar="NAME", help="With -m: also a report of every point (reports/NAME).")
 
 
 @main.command("run")
@@ -239,23 +297,33 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
 @click.option("--scheduler", help="Address of an existing Dask scheduler (tcp://host:port).")
 @click.option("--cluster", type=click.Choice(["local", "slurm"]), help="Dask cluster to start.")
 @click.option("--workers", type=int, help="Dask LocalCluster workers (default: one per core).")
+@_MULTIRUN
+@_REPORT
 def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_stages: tuple[str, ...],
             no_upstream: bool, executor: str | None, scheduler: str | None, cluster: str | None,
-            workers: int | None) -> None:
+            workers: int | None, multirun: bool, report: str | None) -> None:
     """Build TARGET (a stage or an experiment) and everything it needs that is not cached.
 
     OVERRIDES are dotted config keys (head.dim=90 dataset.root=/data/coco) and stage arguments
     (split=val). Every config problem and every missing data root or weights file is reported at once,
-    before any work starts (`stegopipe plan TARGET` shows them without running).
+    before any work starts (`stegopipe plan TARGET` shows them without running). With -m, comma lists
+    sweep (`run -m evaluate projection.method=pca,rp projection.dim=4,16 seed=0,1`). An experiment or a
+    multirun ends with its results table (mean ± std over seeds).
     """
     cli_overrides = [f"run.{k}={v}" for k, v in (("executor", executor), ("scheduler", scheduler),
                                                    ("cluster", cluster), ("workers", workers)) if v is not None]
-    tasks, targets, cfg, experiment = _plan_target(target, overrides, preset, cli_overrides, None)
+    tasks, targets, cfg, experiment = _plan_target(target, overrides, preset, cli_overrides, None,
+                                                   multirun=multirun, report=report)
     only = set(targets) if no_upstream else None
-    results = runner.run_tasks(tasks, cfg.run, force_stages=force_stages, only=only)
-    ran = sum(r.status == "ran" for r in results)
-    click.echo(f"{len(results)} artifacts ({ran} built, {len(results) - ran} cached) under {cfg.run.root}", err=True)
-    by_id = {r.id: r for r in results}
+    done = runner.run_tasks(tasks, cfg.run, force_stages=force_stages, only=only)
+    ran = sum(r.status == "ran" for r in done)
+    click.echo(f"{len(done)} artifacts ({ran} built, {len(done) - ran} cached) under {cfg.run.root}", err=True)
+    if experiment:
+        store = ArtifactStore(cfg.run.root)
+        table, _ = _result_table(store, tasks, labeller(store, tasks))
+        if table:
+            click.echo(table)
+    by_id = {r.id: r for r in done}
     for target_id in dict.fromkeys(targets):
         if target_id in by_id:
             click.echo(str(by_id[target_id].path))
@@ -265,52 +333,85 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
         click.echo(f"copied {targets[-1]} to {copy_to}/", err=True)
 
 
+def _estimate(task: planner.Task, store: ArtifactStore) -> dict[str, float | None]:
+    """What ``plan`` says a missing artifact will cost: ``bytes`` (a stage's registered estimate) and
+    ``seconds`` (None: no estimate)."""
+    size = registry.ESTIMATES[task.stage](task, store) if task.stage in registry.ESTIMATES else None
+    return {"bytes": size, "seconds": None}
+
+
+def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str, Any]]:
+    """One row per task: number, stage, id, status (cached / running / missing), size or estimate, input
+    numbers, label (with what tells equal labels of a stage apart), params and the lock holder."""
+    number = {task.id: n for n, task in enumerate(tasks, 1)}
+    labels = labeller(store, tasks)
+    texts = [_with_extra(*pair) for pair in _label_rows(labels, [t.id for t in tasks], [t.stage for t in tasks])]
+    rows = []
+    for n, (task, text) in enumerate(zip(tasks, texts, strict=True), 1):
+        holder = _lock_holder(store, task.id)
+        cached = executor.is_cached(store, task.id)
+        rows.append({"n": n, "stage": task.stage, "id": task.id,
+                     "status": "cached" if cached else "running" if holder else "missing",
+                     "bytes": store.size(task.id) if cached else None,
+                     "estimate": None if cached else _estimate(task, store),
+                     "inputs": [number[d] for d in task.inputs.values() if d in number],
+                     "label": text, "label_fields": labels.fields(task.id), "params": task.params,
+                     "holder": holder})
+    return rows
+
+
 @main.command("plan")
 @click.argument("target", shell_complete=_complete_targets)
 @click.argument("overrides", nargs=-1)
 @click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
-def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: rows, needs, problems, targets.")
+@click.option("--wide", is_flag=True, help="Also every param of each artifact (not cut).")
+@_MULTIRUN
+@_REPORT
+def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_json: bool, wide: bool,
+             multirun: bool, report: str | None) -> None:
     """Show what `run TARGET` would do, without running anything (alias: status).
 
-    Every artifact of the DAG in dependency order (inputs as [n]), cached, missing or running (with the
-    lock holder), the size of what exists and an estimate of what is missing, the data roots and weights
-    it reads, and every problem at once. Exit status 1 when something blocks the run.
+    Every artifact of the DAG in dependency order (inputs as [n]) with its label, cached, missing or
+    running (with the lock holder), the size of what exists and an estimate of what is missing, the data
+    roots and weights it reads, and every problem at once. Exit status 1 when something blocks the run.
     """
     problems: list[str] = []
-    tasks, targets, cfg, _ = _plan_target(target, overrides, preset, [], problems)
+    tasks, targets, cfg, _ = _plan_target(target, overrides, preset, [], problems, multirun=multirun, report=report)
     store = ArtifactStore(cfg.run.root)
-    number = {task.id: n for n, task in enumerate(tasks, 1)}
+    rows = plan_rows(tasks, store)
+    needs = {(need.what, need.path): need for task in tasks for need in task.needs}
+    blocking = list(dict.fromkeys(problems + [need.problem() for need in needs.values() if not need.ok]))
+    if as_json:
+        click.echo(json.dumps({"target": target, "root": str(store.root), "rows": rows,
+                               "needs": [{"what": n.what, "path": n.path, "ok": n.ok, "setting": n.setting}
+                                         for n in needs.values()],
+                               "problems": blocking, "targets": list(dict.fromkeys(targets))}, indent=2, default=str))
+        sys.exit(1 if blocking else 0)
     click.echo(f"plan of {target}: {len(tasks)} artifacts under {store.root}")
-    click.echo(f"{'':4} {'STAGE':<11} {'ID':<30} {'STATUS':<8} {'SIZE':>9}  {'INPUTS':<12} PARAMS")
-    cached_bytes, missing_bytes, unknown, counts = 0, 0, 0, {"cached": 0, "missing": 0, "running": 0}
-    for n, task in enumerate(tasks, 1):
-        holder = _lock_holder(store, task.id)
-        if executor.is_cached(store, task.id):
-            state, size = "cached", store.size(task.id)
-            cached_bytes += size
-            size_text = human_bytes(size)
+    click.echo(f"{'':4} {'STAGE':<11} {'ID':<30} {'STATUS':<8} {'SIZE':>9}  {'INPUTS':<12} LABEL")
+    cached_bytes, missing_bytes, unknown = 0, 0, 0
+    for row in rows:
+        if row["status"] == "cached":
+            cached_bytes += row["bytes"]
+            size_text = human_bytes(row["bytes"])
         else:
-            state = "running" if holder else "missing"
-            estimate = registry.ESTIMATES[task.stage](task, store) if task.stage in registry.ESTIMATES else None
-            if estimate is None:
-                unknown += 1
-            else:
-                missing_bytes += estimate
+            estimate = row["estimate"]["bytes"]
+            unknown += estimate is None
+            missing_bytes += estimate or 0
             size_text = "" if estimate is None else f"~{human_bytes(estimate)}"
-        counts[state] += 1
-        inputs = ",".join(f"[{number[d]}]" for d in task.inputs.values() if d in number)
-        inputs = inputs if len(inputs) <= 12 else f"{len(task.inputs)} inputs"
-        click.echo(f"[{n:>2}] {task.stage:<11} {task.id:<30} {state:<8} {size_text:>9}  {inputs:<12} "
-                   f"{params_summary(task.params, 60)}")
-        if holder:
-            click.echo(f"{'':5}{holder}")
+        inputs = ",".join(f"[{d}]" for d in row["inputs"])
+        inputs = inputs if len(inputs) <= 12 else f"{len(row['inputs'])} inputs"
+        click.echo(f"[{row['n']:>2}] {row['stage']:<11} {row['id']:<30} {row['status']:<8} {size_text:>9}  "
+                   f"{inputs:<12} {row['label']}{'  ' + params_summary(row['params'], 10_000) if wide else ''}".rstrip())
+        if row["holder"]:
+            click.echo(f"{'':5}{row['holder']}")
+    counts = {state: sum(r["status"] == state for r in rows) for state in ("cached", "running", "missing")}
     click.echo(f"{counts['cached']} cached ({human_bytes(cached_bytes)}), {counts['running']} running, "
                f"{counts['missing']} missing (about {human_bytes(missing_bytes)}"
                f"{f'; {unknown} without an estimate' if unknown else ''})")
-    needs = {(need.what, need.path): need for task in tasks for need in task.needs}
     for need in needs.values():
         click.echo(f"needs {need.what}: {need.path}  {'ok' if need.ok else 'MISSING (set ' + need.setting + ')'}")
-    blocking = problems + [need.problem() for need in needs.values() if not need.ok]
     if blocking:
         click.echo(f"cannot run: {planner.problems_error(blocking)}", err=True)
         sys.exit(1)
@@ -334,14 +435,17 @@ def stages_cmd() -> None:
 
 @main.command("ls")
 @click.argument("stage", required=False, shell_complete=_complete_stages)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with params).")
-def ls_cmd(stage: str | None, as_json: bool) -> None:
-    """List published artifacts (optionally of one STAGE), oldest first, with a short params summary."""
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with label, params and inputs).")
+@click.option("--wide", is_flag=True, help="Also every param (not cut).")
+def ls_cmd(stage: str | None, as_json: bool, wide: bool) -> None:
+    """List published artifacts (optionally of one STAGE), oldest first, each with its label (dataset,
+    backbone, method, dim, seed, ... from its params and lineage); of one STAGE, one column per label field."""
+    _load_plugins()
     if stage is not None:
-        _load_plugins()
         registry.get_stage(stage)  # an unknown stage is an error (with a "did you mean")
     store = store_from()
     pinned = set(store.pins())
+    labels = labeller(store)
     rows = []
     for artifact in store.ids(stage):
         try:
@@ -351,7 +455,8 @@ def ls_cmd(stage: str | None, as_json: bool) -> None:
             continue
         rows.append({"id": artifact, "stage": manifest.get("stage"), "created": manifest.get("created"),
                      "wall_s": manifest.get("wall_time_s"), "bytes": store.size(artifact),
-                     "pinned": artifact in pinned, "params": manifest.get("params", {}),
+                     "pinned": artifact in pinned, "label": labels.text(artifact),
+                     "label_fields": labels.fields(artifact), "params": manifest.get("params", {}),
                      "inputs": manifest.get("inputs", {})})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -359,11 +464,21 @@ def ls_cmd(stage: str | None, as_json: bool) -> None:
     if not rows:
         click.echo(f"no artifacts under {store.root}", err=True)
         return
-    click.echo(f"{'ID':<32} {'CREATED':<16} {'WALL':>8} {'SIZE':>9}  PARAMS")
-    for row in rows:
+    labelled = _label_rows(labels, [r["id"] for r in rows], [r["stage"] for r in rows])
+    columns = [c for c in COLUMNS if any(c in r["label_fields"] for r in rows)] if stage else []
+    if columns:  # one stage: a column per label field, then what tells equal labels apart
+        cells = [[format_cell(c, r["label_fields"].get(c)) for c in columns] for r in rows]
+        widths = [max(len(x) for x in col) for col in zip(columns, *cells, strict=True)]
+        label_header = "  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))
+        shown = ["  ".join(x.ljust(w) for x, w in zip(cell, widths, strict=True)) + (f"  [{more}]" if more else "")
+                 for cell, (_, more) in zip(cells, labelled, strict=True)]
+    else:
+        label_header, shown = "LABEL", [_with_extra(*pair) for pair in labelled]
+    click.echo(f"{'ID':<32} {'CREATED':<16} {'WALL':>8} {'SIZE':>9}  {label_header}{'  PARAMS' if wide else ''}".rstrip())
+    for row, text in zip(rows, shown, strict=True):
+        params = f"  {params_summary(row['params'], 10_000)}" if wide else ""
         click.echo(f"{row['id']:<32} {_when(row['created']):<16} {row['wall_s'] or 0:>7.1f}s "
-                   f"{human_bytes(row['bytes']):>9}  {'[pinned] ' if row['pinned'] else ''}"
-                   f"{params_summary(row['params'])}")
+                   f"{human_bytes(row['bytes']):>9}  {'[pinned] ' if row['pinned'] else ''}{text}{params}".rstrip())
     click.echo(f"{len(rows)} artifacts, {human_bytes(sum(r['bytes'] for r in rows))} under {store.root}", err=True)
 
 
@@ -376,7 +491,9 @@ def show_cmd(artifact: str, as_json: bool) -> None:
     artifact = store.resolve(artifact)
     manifest = store.manifest(artifact)
     if as_json:
-        click.echo(json.dumps({**manifest, "path": str(store.path(artifact))}, indent=2, sort_keys=True))
+        labels = labeller(store)
+        click.echo(json.dumps({**manifest, "path": str(store.path(artifact)), "label": labels.text(artifact),
+                               "label_fields": labels.fields(artifact)}, indent=2, sort_keys=True))
         return
     status = "published" if executor.is_cached(store, artifact) else "INCOMPLETE (files missing; rebuilt on the next run)"
     if artifact in store.pins():
@@ -385,11 +502,12 @@ def show_cmd(artifact: str, as_json: bool) -> None:
     if holder:
         status += f", read by the running stage of {holder}"
     files = manifest.get("files", [])
-    lines = [("id", artifact), ("stage", f"{manifest.get('stage')} v{manifest.get('version')} "
-                                         f"({manifest.get('kind')})"),
+    labels = labeller(store)
+    lines = [("id", artifact), ("label", labels.text(artifact) or "-"),
+             ("stage", f"{manifest.get('stage')} v{manifest.get('version')} ({manifest.get('kind')})"),
              ("status", status), ("params", params_summary(manifest.get("params", {}), 100))]
     for name, dep in manifest.get("inputs", {}).items():
-        lines.append(("input", f"{name}: {dep}{'' if store.exists(dep) else ' (missing)'}"))
+        lines.append(("input", f"{name}: {dep}  {labels.text(dep) if store.exists(dep) else '(missing)'}".rstrip()))
     lines += [("size", f"{human_bytes(store.size(artifact))} in {len(files)} files"),
               ("wall time", f"{manifest.get('wall_time_s', 0):.1f}s on {manifest.get('host')} "
                             f"({manifest.get('device')}), {_when(manifest.get('created'))}")]
@@ -402,6 +520,82 @@ def show_cmd(artifact: str, as_json: bool) -> None:
         lines.append(("log", str(store.path(artifact) / executor.LOG_FILE)))
     for key, value in lines:
         click.echo(f"{key:<10} {value}")
+
+
+def _result_table(store: ArtifactStore, tasks: list[planner.Task], labels: Labeller, *, pool: bool = True,
+                  fmt: str = "table", conditions: tuple[str, ...] = (),
+                  sort_by: str | None = None) -> tuple[str | None, str]:
+    """The results of a plan's artifacts that record a summary (pooled over seeds unless ``pool`` is
+    False) rendered as ``fmt`` (None when there are none), and a note of how many of them exist."""
+    rows = results.artifact_rows(store, [t.id for t in tasks], labels)
+    stages = {stage_of(r.ids[0]) for r in rows}
+    planned = sum(t.stage in stages for t in tasks)
+    note = f"{len(rows)} of {planned} planned {'/'.join(sorted(stages))} artifacts exist" if len(rows) < planned else ""
+    if pool:
+        rows = results.aggregate(rows, labels)
+    else:
+        results.distinguish(rows, labels)
+    rows = results.sort(results.where(rows, conditions), sort_by)
+    return (results.render(rows, fmt, per_artifact=not pool) if rows else None), note
+
+
+@main.command("results")
+@click.argument("targets", nargs=-1, shell_complete=_complete_targets)
+@click.option("--where", "conditions", multiple=True, metavar="KEY=VALUE",
+              help="Only rows whose label has this value (repeatable), e.g. method=pca, dim=16, crf=true.")
+@click.option("--sort", "sort_by", metavar="KEY", help="A metric (best first, e.g. cluster_crf_miou) or a column.")
+@click.option("--format", "fmt", type=click.Choice(results.FORMATS), default="table", show_default=True)
+@click.option("--each", is_flag=True, help="One row per artifact, also for an experiment (no pooling over seeds).")
+def results_cmd(targets: tuple[str, ...], conditions: tuple[str, ...], sort_by: str | None, fmt: str,
+                each: bool) -> None:
+    """Compare results across runs: one row per evaluation (every one under the root, or the given ids /
+    prefixes), or for an EXPERIMENT one row per configuration, mean ± std over its seeds (n = seeds).
+
+    Columns: the label fields (dataset, backbone, method, dim, seed, CRF, ...) and the headline metrics
+    (linear/cluster mIoU and accuracy, with and without CRF). Reads manifests only.
+    """
+    store = store_from()
+    labels = labeller(store)
+    experiments = [t for t in targets if t not in store.ids() and experiment_path(t)]
+    ids = [store.resolve(t) for t in targets if t not in experiments]
+    if experiments:
+        tasks: list[planner.Task] = []
+        for name in experiments:
+            tasks += Experiment.load(name).plan()[0]
+        tasks += [planner.Task(stage_of(a), a, {}, {}, {}, {}) for a in ids]
+    else:
+        tasks = [planner.Task(stage_of(a), a, {}, {}, {}, {}) for a in ids or store.ids()]
+    text, note = _result_table(store, tasks, labels, pool=bool(experiments) and not each, fmt=fmt,
+                               conditions=conditions, sort_by=sort_by)
+    if text is None:
+        click.echo(f"no results{' of ' + ', '.join(targets) if targets else ''}"
+                   f"{' matching ' + ' '.join(conditions) if conditions else ''} under {store.root}", err=True)
+    else:
+        click.echo(text)
+    if note:
+        click.echo(note, err=True)
+
+
+@main.command("experiments")
+def experiments_cmd() -> None:
+    """List the experiments: artifacts planned, how many are cached and their size (or why one cannot be
+    planned here)."""
+    _load_plugins()
+    store = store_from()
+    click.echo(f"{'EXPERIMENT':<14} {'ARTIFACTS':>9} {'CACHED':>7} {'SIZE':>9}  DESCRIPTION")
+    for name in experiment_names():
+        experiment = Experiment.load(name)
+        problems: list[str] = []
+        tasks, _ = experiment.plan(problems=problems)
+        description = " ".join(str(experiment.spec.get("description") or "").split())
+        description = description if len(description) <= 60 else description[:59] + "…"
+        if problems:
+            click.echo(f"{name:<14} {'?':>9} {'':>7} {'':>9}  {description}")
+            click.echo(f"{'':<14} cannot be planned here: {problems[0]}")
+            continue
+        cached = [t.id for t in tasks if executor.is_cached(store, t.id)]
+        click.echo(f"{name:<14} {len(tasks):>9} {len(cached):>7} {human_bytes(sum(map(store.size, cached))):>9}  "
+                   f"{description}")
 
 
 @main.command("verify")

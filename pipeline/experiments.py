@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PRESET_DIRS, load_config, load_yaml
+from pipeline.config import PRESET_DIRS, load_config, load_yaml, parse_override
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.planner import Request, Task, plan, problems_error
 from pipeline.registry import get_stage
@@ -50,11 +50,42 @@ def experiment_path(name: str) -> Path | None:
     return None
 
 
+def sweep_values(text: str) -> list[Any] | None:
+    """The values of a sweep override ``key=a,b,c`` (each YAML-parsed, as in an override), or None when
+    the value is one value: no top-level comma (``key=[1,2]``, ``key='a,b'`` and ``key={x: 1}`` are one)."""
+    key, sep, raw = text.partition("=")
+    raw = raw.strip()
+    if not sep or "," not in raw or raw[:1] in "[{'\"":
+        return None
+    return [parse_override(f"{key}={part}")[1] for part in raw.split(",")]
+
+
 @dataclass
 class Experiment:
     name: str
     path: Path
     spec: dict[str, Any]
+
+    @classmethod
+    def sweep(cls, stage: str, overrides: Iterable[str], *, preset: str | None = None, report: str | None = None,
+              args: Mapping[str, Any] | None = None) -> Experiment:
+        """A Hydra-style multirun as an experiment: every override whose value is a comma list
+        (``projection.dim=4,16``) is an axis of one matrix block, the others are base overrides;
+        ``stage`` (with ``args``) is the target at every point; ``report`` names a report of them all
+        (copied to ``reports/<report>``)."""
+        axes: dict[str, list[Any]] = {}
+        fixed = []
+        for text in overrides:
+            values = sweep_values(text)
+            if values is None:
+                fixed.append(text)
+            else:
+                axes[parse_override(text)[0]] = values
+        spec: dict[str, Any] = {"experiment": report or "multirun", "preset": preset, "overrides": fixed,
+                                "matrix": [axes], "targets": [{"stage": stage, "args": dict(args or {})}]}
+        if report:
+            spec.update(collect="report", copy_to=f"reports/{report}")
+        return cls(spec["experiment"], Path(f"<multirun {stage}>"), spec)
 
     @classmethod
     def load(cls, name: str) -> Experiment:

@@ -38,6 +38,7 @@ register_lazy_commands("stages.commands.tokens", {
     "export-tokens": "Write a tokens artifact to object storage (s3://, any fsspec URL).",
     "import-tokens": "Copy a tokens artifact exported at a URL into the artifact root (same id)."})
 from stages.projections import select  # noqa: F401  (the projection.* config section)
+from stages import labels  # noqa: F401,E402  (label fields of every stage, result names)
 
 # presets, experiments and storage specs: package data of ``stages`` (links to the top-level folders)
 register_preset_dir(Path(str(files("stages") / "configs")))

@@ -92,7 +92,7 @@ def test_ls_header_params_json_and_unknown_stage(root: Path) -> None:
     for seed in (0, 1):
         assert _invoke("run", "synthesize", *SMALL, f"dataset.synthetic.seed={seed}").exit_code == 0
     listing = _invoke("ls")
-    assert listing.output.splitlines()[0].split() == ["ID", "CREATED", "WALL", "SIZE", "PARAMS"]
+    assert listing.stdout.splitlines()[0].split() == ["ID", "CREATED", "WALL", "SIZE", "LABEL"]
     assert "seed=0" in listing.output and "seed=1" in listing.output
     rows = json.loads(_invoke("ls", "--json").output)
     assert sorted(r["params"]["seed"] for r in rows) == [0, 1] and all(r["bytes"] > 0 for r in rows)

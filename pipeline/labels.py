@@ -1,0 +1,244 @@
+"""Short human labels of artifacts, from their params and lineage.
+
+A stage declares its label fields with :func:`register_label`: a column name (``dataset``, ``method``,
+...) and where its value sits in the stage's params (a dotted path, or a function of the params). An
+artifact's label holds its own fields and the *inherited* fields of everything it was built from, so an
+evaluation shows the dataset of its index and the backbone of its tokens. A field a stage declares as
+``local`` (e.g. a split, a resolution) labels that artifact only. Own values win over inherited ones; two
+inputs that disagree on a field leave it out (a report over many methods has no one method).
+
+:class:`Labeller` computes labels from any source of ``(stage, params, inputs)`` by id: a plan's tasks,
+the store's manifests, or both. ``pipeline/`` knows no field names; plugins register them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Reader = Callable[[Mapping[str, Any]], Any]
+Formatter = Callable[[Any], str]
+
+
+@dataclass(frozen=True)
+class LabelField:
+    column: str
+    read: Reader
+    local: bool  # labels this artifact only (not the artifacts built from it)
+    path: str | None  # the dotted params path it reads (None: a function)
+
+
+LABEL_FIELDS: dict[str, list[LabelField]] = {}
+COLUMNS: list[str] = []  # every registered column, in registration order (the order labels show them)
+FORMATS: dict[str, Formatter] = {}
+CELLS: dict[str, Formatter] = {}
+ORDERS: dict[str, list[Any]] = {}
+REPLICATES: set[str] = set()  # columns that name a replicate of one configuration (seeds)
+
+
+def _path_reader(path: str) -> Reader:
+    def read(params: Mapping[str, Any]) -> Any:
+        node: Any = params
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    return read
+
+
+def register_label(stage: str, fields: Mapping[str, str | Reader], *, local: Iterable[str] = ()) -> None:
+    """Declare ``stage``'s label fields ``{column: dotted params path or function(params)}``; a value of
+    None means "not this artifact's" (an inherited value then shows). ``local`` columns are not inherited."""
+    local = set(local)
+    LABEL_FIELDS[stage] = [LabelField(column, _path_reader(how) if isinstance(how, str) else how, column in local,
+                                      how if isinstance(how, str) else None)
+                           for column, how in fields.items()]
+    COLUMNS.extend(c for c in fields if c not in COLUMNS)
+
+
+def register_replicate(column: str) -> None:
+    """Declare ``column`` a replicate (e.g. a seed): ``results`` pools rows that differ only in it, and its
+    params paths are left out of :meth:`Labeller.fingerprint`."""
+    REPLICATES.add(column)
+
+
+def replicate_columns() -> set[str]:
+    return set(REPLICATES)
+
+
+def register_label_format(column: str, text: Formatter | None = None, *, cell: Formatter | None = None,
+                          order: Iterable[Any] = ()) -> None:
+    """How a column's value reads in a label's ``text`` (default ``column=value``; an empty string hides
+    it) and in a table ``cell`` (default ``str``), and the ``order`` its values sort in (others after)."""
+    if text is not None:
+        FORMATS[column] = text
+    if cell is not None:
+        CELLS[column] = cell
+    if order:
+        ORDERS[column] = list(order)
+
+
+def format_cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    return CELLS[column](value) if column in CELLS else str(value)
+
+
+def sort_key(column: str, value: Any) -> tuple[int, Any]:
+    """Registered order first, then numbers, then text, then None."""
+    if value is None:
+        return (3, 0, "")
+    order = ORDERS.get(column, [])
+    if value in order:
+        return (0, order.index(value), "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def format_value(column: str, value: Any) -> str:
+    if column in FORMATS:
+        return FORMATS[column](value)
+    return f"{column}={value:g}" if isinstance(value, float) else f"{column}={value}"
+
+
+Record = tuple[str, Mapping[str, Any], Mapping[str, str]]  # stage, params, inputs (name -> id)
+_CONFLICT = object()
+
+
+class Labeller:
+    """Labels of artifacts by id. ``lookup(id)`` gives ``(stage, params, inputs)`` or None (unknown: it
+    adds nothing). Results are memoised: build one per listing."""
+
+    def __init__(self, lookup: Callable[[str], Record | None]) -> None:
+        self._lookup = lookup
+        self._own: dict[str, dict[str, Any]] = {}
+        self._inherited: dict[str, dict[str, Any]] = {}
+        self._fingerprints: dict[str, str] = {}
+
+    def params(self, artifact: str) -> Mapping[str, Any]:
+        record = self._lookup(artifact)
+        return record[1] if record else {}
+
+    def fingerprint(self, artifact: str) -> str:
+        """16 hex digits naming what ``artifact`` computed apart from its replicates: its stage, params
+        without the replicate columns' paths, and its inputs' fingerprints (an unknown id stands for itself)."""
+        if artifact not in self._fingerprints:
+            record = self._lookup(artifact)
+            if record is None:
+                self._fingerprints[artifact] = artifact
+            else:
+                stage, params, inputs = record
+                dropped = {f.path for f in LABEL_FIELDS.get(stage, ()) if f.column in REPLICATES and f.path}
+                kept = _without(params, dropped)
+                blob = json.dumps([stage, kept, {k: self.fingerprint(v) for k, v in sorted(inputs.items())}],
+                                  sort_keys=True, default=str)
+                self._fingerprints[artifact] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._fingerprints[artifact]
+
+    def _walk(self, artifact: str) -> None:
+        if artifact in self._own:
+            return
+        record = self._lookup(artifact)
+        self._own[artifact], self._inherited[artifact] = {}, {}
+        if record is None:
+            return
+        stage, params, inputs = record
+        merged: dict[str, Any] = {}
+        for dep in inputs.values():
+            self._walk(dep)
+            for column, value in self._inherited[dep].items():
+                held = merged.get(column, value)
+                merged[column] = value if held == value else _CONFLICT
+        own = {}
+        for label_field in LABEL_FIELDS.get(stage, ()):
+            value = label_field.read(params)
+            if value is not None:
+                own[label_field.column] = value
+        self._own[artifact] = own
+        passed_on = {c: v for c, v in merged.items() if v is not _CONFLICT}
+        passed_on.update({f.column: own[f.column] for f in LABEL_FIELDS.get(stage, ())
+                          if f.column in own and not f.local})
+        self._inherited[artifact] = passed_on
+
+    def fields(self, artifact: str) -> dict[str, Any]:
+        """``{column: value}`` in :data:`COLUMNS` order: own fields over inherited ones."""
+        self._walk(artifact)
+        found = {**self._inherited[artifact], **self._own[artifact]}
+        return {c: found[c] for c in COLUMNS if c in found}
+
+    def text(self, artifact: str) -> str:
+        """The label as one short line, e.g. ``synthetic ViT-S/8 PCA d=16 seed=1 CRF``."""
+        return label_text(self.fields(artifact))
+
+
+def label_text(fields: Mapping[str, Any]) -> str:
+    return " ".join(text for column, value in fields.items() if (text := format_value(column, value)))
+
+
+def store_lookup(store: Any) -> Callable[[str], Record | None]:
+    """A lookup over an :class:`~pipeline.artifacts.ArtifactStore`'s manifests (each read once)."""
+    cache: dict[str, Record | None] = {}
+
+    def lookup(artifact: str) -> Record | None:
+        if artifact not in cache:
+            try:
+                manifest = store.manifest(artifact)
+            except Exception:  # missing or unreadable: labels are best effort, never an error
+                cache[artifact] = None
+            else:
+                cache[artifact] = (manifest.get("stage") or "", manifest.get("params") or {},
+                                   manifest.get("inputs") or {})
+        return cache[artifact]
+
+    return lookup
+
+
+def chain(*lookups: Callable[[str], Record | None]) -> Callable[[str], Record | None]:
+    """The first lookup that knows an id answers."""
+
+    def lookup(artifact: str) -> Record | None:
+        for one in lookups:
+            found = one(artifact)
+            if found is not None:
+                return found
+        return None
+
+    return lookup
+
+
+def _without(params: Mapping[str, Any], paths: set[str], prefix: str = "") -> dict[str, Any]:
+    return {k: _without(v, paths, f"{prefix}{k}.") if isinstance(v, Mapping) else v
+            for k, v in params.items() if f"{prefix}{k}" not in paths}
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_leaves(sub, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def distinguishing(labels: Sequence[str], params: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For rows whose labels are equal, the params that tell them apart (``key=value`` of the leaves that
+    differ within each group of equal labels); empty for a row whose label is unique."""
+    groups: dict[str, list[int]] = {}
+    for n, label in enumerate(labels):
+        groups.setdefault(label, []).append(n)
+    out = [""] * len(labels)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        leaves = [_leaves(params[n]) for n in members]
+        keys = sorted({k for leaf in leaves for k in leaf})
+        varying = [k for k in keys if len({repr(leaf.get(k)) for leaf in leaves}) > 1]
+        for n, leaf in zip(members, leaves, strict=True):
+            out[n] = " ".join(f"{k}={leaf.get(k)}" for k in varying)
+    return out

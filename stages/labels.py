@@ -1,0 +1,52 @@
+"""The label fields of stegopipe's stages (see :mod:`pipeline.labels`): dataset, split, backbone,
+resolution, k, method, dim, seed, CRF, experiment, in that order; how each reads in a label's text."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pipeline.labels import register_label, register_label_format, register_replicate
+from pipeline.results import register_result_names
+from stages.report import METHOD_LABELS
+
+METHOD_ORDER = ("identity", "pca", "rp", "hnne", "stego")  # the paper's order: DINO, PCA, RP, h-NNE, STEGO
+_VIT = re.compile(r"vit_(tiny|small|base|large|giant)_patch(\d+)")
+
+
+def backbone_short(name: Any) -> str:
+    """``vit_small_patch8_224.dino`` → ``ViT-S/8`` (other names as they are, without a ``.tag``)."""
+    text = str(name)
+    found = _VIT.match(text)
+    return f"ViT-{found.group(1)[0].upper()}/{found.group(2)}" if found else text.split(".", 1)[0]
+
+
+def _backbone(params: dict[str, Any]) -> str | None:
+    if not params.get("backbone"):
+        return None
+    short = backbone_short(params["backbone"])
+    return f"{short} random" if str(params.get("weights_tag", "")).startswith("random") else short
+
+
+register_label("synthesize", {"dataset": lambda p: "synthetic", "split": lambda p: "train+val"}, local=("split",))
+register_label("prepare", {"dataset": "dataset", "split": "split"}, local=("split",))
+register_label("extract", {"backbone": _backbone, "split": "split", "res": "res"}, local=("split", "res"))
+register_label("knn", {"k": "k"}, local=("k",))
+register_label("reduce", {"method": "method", "dim": "dim", "seed": "seed"})
+register_label("train-head", {"method": lambda p: "stego", "dim": "dim", "seed": "seed"})
+register_label("probe", {"method": "projection.method", "dim": "projection.dim", "seed": "seed"})
+register_label("evaluate", {"method": "projection.method", "dim": "projection.dim", "crf": "crf"})
+register_label("report", {"experiment": "experiment"})
+
+register_label_format("dataset", str)
+register_label_format("split", str)
+register_label_format("backbone", str)
+register_label_format("res", lambda v: f"{v}px")
+register_label_format("method", lambda v: METHOD_LABELS.get(v, str(v)), cell=lambda v: METHOD_LABELS.get(v, str(v)),
+                      order=METHOD_ORDER)
+register_label_format("dim", lambda v: f"d={v}")
+register_label_format("crf", lambda v: "CRF" if v else "", cell=lambda v: "on" if v else "off", order=(False, True))
+register_label_format("experiment", str)
+register_replicate("seed")
+
+register_result_names({"linear": "linear", "cluster": "cluster", "linear_crf": "linear+CRF", "cluster_crf": "cluster+CRF"},
+                      {"miou": "mIoU", "accuracy": "acc"})
