@@ -7,6 +7,7 @@ import torch
 
 from pipeline.errors import ConfigError, InputError
 from stages.stego.knn import (
+    _topk_torch,
     descriptors_from_store,
     global_descriptors,
     load_nns_npz,
@@ -177,3 +178,19 @@ def test_descriptors_from_store(tmp_path):
     np.testing.assert_allclose(got, global_descriptors(tokens.astype(np.float16)), atol=1e-6)
     for batch_size, workers in ((4, 0), (2, 3), (100, 1)):  # batches and threads do not change the result
         np.testing.assert_array_equal(descriptors_from_store(path, batch_size=batch_size, workers=workers), got)
+
+
+@pytest.mark.parametrize("block_size", [64, 100, 4096])
+def test_cpu_chunked_selection_matches_brute_force_and_torch_path(block_size):
+    # wide enough for the vectorised 64-column chunks of both the row and the column selection (off-diagonal
+    # blocks when block_size < N), with exact duplicates and one-hot rows for ties at the k boundary
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    x[100:130] = x[0]
+    x[200:260] = np.eye(12, dtype=np.float32)[rng.integers(0, 12, 60)]
+    ref_idx, ref_sims = _brute_force(x, 40)
+    idx, sims = topk_neighbors(x, 40, block_size=block_size, return_similarities=True)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-6)
+    torch_idx, _ = _topk_torch(torch.nn.functional.normalize(torch.from_numpy(x), dim=1), 40, block_size)
+    np.testing.assert_array_equal(torch_idx.numpy(), ref_idx)

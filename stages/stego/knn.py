@@ -7,8 +7,16 @@ Ordering contract of :func:`topk_neighbors`: each row's neighbours are sorted by
 ties broken by the smaller column index, and the row itself is forced into column 0 (also when other
 rows duplicate it). Both are exact: candidates are ranked by a unique int64 key
 ``(order-preserving int of the float32 similarity) * 2**32 + (2**32 - 1 - column)``, so ``torch.topk``
-never has to break a tie (per column block a float ``topk`` preselects candidates; rows whose k-th
-value is tied with an excluded one are ranked by key over the whole block).
+never has to break a tie.
+
+Two exact implementations share that contract. On CPU (the default) the similarity matrix is computed in
+square blocks of the upper triangle only (``S[i,j]`` serves row ``i`` and row ``j``: half the sgemm work of
+the full product) by numpy's BLAS, and a compiled selection pass (numba) keeps each row's running top-k
+keys, testing every similarity against the row's current k-th key with a vectorised max over chunks, so
+selection costs a fraction of the product (benchmarks/bench_knn.py: faster than faiss ``IndexFlatIP``).
+On other torch devices (CUDA) blocks of the full product go through ``torch.topk`` (per column block a
+float ``topk`` preselects candidates; rows whose k-th value is tied with an excluded one are ranked by key
+over the whole block).
 """
 from __future__ import annotations
 
@@ -115,7 +123,7 @@ def _block_topk_keys(sims: torch.Tensor, c0: int, k: int) -> torch.Tensor:
 def topk_neighbors(
     descriptors: ArrayLike | torch.Tensor,
     k: int,
-    block_size: int = 4096,
+    block_size: int = 2048,
     device: str | torch.device | None = None,
     *,
     return_similarities: bool = False,
@@ -123,9 +131,9 @@ def topk_neighbors(
     """Cosine top-``k`` neighbours of every row among all rows (self included, in column 0).
 
     ``descriptors`` ``[N,D]`` are L2-normalised here (a no-op up to rounding for the output of
-    :func:`global_descriptors`); similarity = dot product, as STEGO. Rows are processed in blocks of
-    ``block_size`` against column blocks of ``block_size`` with a running top-k, so memory is
-    O(block_size² + block_size·k), never N×N. ``device``: torch device for the products (None = CPU).
+    :func:`global_descriptors`); similarity = dot product, as STEGO. Rows are compared in blocks of
+    ``block_size`` × ``block_size`` with a running top-k, so memory is O(block_size² + N·k), never N×N.
+    ``device``: torch device for the products (None or "cpu": the CPU path of the module docstring).
     Returns int64 ``[N,k]`` indices (see the module docstring for the ordering), and with
     ``return_similarities`` also float32 ``[N,k]`` similarities (column 0 = self-similarity).
     """
@@ -142,6 +150,41 @@ def topk_neighbors(
     if not torch.isfinite(x).all():
         raise InputError("descriptors: contain NaN or inf values")
     x = torch.nn.functional.normalize(x, dim=1)
+    if dev.type == "cpu":
+        keys = _topk_keys_cpu(x.numpy(), k, block_size)
+        cols, vals = _decode_keys(torch.from_numpy(keys))
+        vals[:, 0] = (x * x).sum(dim=1)  # column 0 is self; report its true similarity
+        nns, sims_out = cols, vals
+    else:
+        nns, sims_out = _topk_torch(x, k, block_size)
+    if return_similarities:
+        return nns.numpy(), sims_out.numpy()
+    return nns.numpy()
+
+
+def _topk_keys_cpu(x: np.ndarray, k: int, block_size: int) -> np.ndarray:
+    """Each row's top-``k`` sort keys, descending (``[N,k]`` int64), from the upper-triangle blocks of ``x xᵀ``."""
+    from stages.stego import knn_select  # numba compiles (or loads its cache) only where kNN runs
+
+    n = x.shape[0]
+    best = np.full((n, k), np.iinfo(np.int64).min, dtype=np.int64)
+    buf = np.empty(min(block_size, n) ** 2, dtype=np.float32)
+    for r0 in range(0, n, block_size):
+        rows = x[r0:r0 + block_size]
+        for c0 in range(r0, n, block_size):
+            cols = x[c0:c0 + block_size]
+            sims = buf[:len(rows) * len(cols)].reshape(len(rows), len(cols))
+            np.matmul(rows, cols.T, out=sims)
+            bits = sims.view(np.int32)
+            knn_select.select_rows(bits, r0, c0, best)
+            if c0 != r0:  # the diagonal block already holds both (i, j) and (j, i)
+                knn_select.select_columns(bits, r0, c0, best)
+    return best
+
+
+def _topk_torch(x: torch.Tensor, k: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nns, sims)`` on ``x``'s torch device: blocks of the full product, merged with ``torch.topk``."""
+    n, dev = x.shape[0], x.device
     nns = torch.empty((n, k), dtype=torch.int64)
     sims_out = torch.empty((n, k), dtype=torch.float32)
     with torch.inference_mode():
@@ -162,9 +205,7 @@ def topk_neighbors(
             vals[:, 0] = (rows * rows).sum(dim=1)  # column 0 is self; report its true similarity
             nns[r0:r1] = cols.cpu()
             sims_out[r0:r1] = vals.cpu()
-    if return_similarities:
-        return nns.numpy(), sims_out.numpy()
-    return nns.numpy()
+    return nns, sims_out
 
 
 def save_nns_npz(path: str | os.PathLike[str], nns: ArrayLike, similarities: ArrayLike | None = None) -> Path:
