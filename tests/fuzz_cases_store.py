@@ -1,0 +1,129 @@
+"""Fuzz cases (:mod:`tests.fuzzing`) for the token store readers: shard files of each codec chain, shard
+indexes alone, ids chunks and ``zarr.json`` (group and array), read through :class:`TokenStore` on the
+direct path and (a shard index at the start, which the direct path declines) through zarr-python."""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.fuzzing import FuzzCase, fuzz_case
+
+N, GRID, DIM, LHW, SHARD = 6, (2, 3), 4, (32, 32), 3
+INDEX_NBYTES = 16 * SHARD + 4
+
+
+def _build(path: Path, *, index_at_start: bool = False) -> None:
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    from stages.store import create_token_store, shard_ranges, write_shard
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(rng.integers(-1, 27, (N, 4, 1)), LHW[0] // 4, axis=1).repeat(LHW[1], axis=2)
+    group = create_token_store(path, n=N, grid=GRID, dim=DIM, label_hw=LHW, shard_size=SHARD, with_rgb=True,
+                               with_flip=False)
+    if index_at_start:  # the direct path declines it: zarr-python reads the tokens
+        del group["tokens"]
+        sharding = ShardingCodec(chunk_shape=(1, *GRID, DIM), codecs=[BytesCodec(), Crc32cCodec()],
+                                 index_location="start")
+        group.create_array("tokens", shape=(N, *GRID, DIM), dtype="float16", chunks=(SHARD, *GRID, DIM),
+                           serializer=sharding, compressors=None, fill_value=0.0)
+    for k, (a, b) in enumerate(shard_ranges(N, SHARD)):
+        write_shard(path, k, tokens=rng.standard_normal((b - a, *GRID, DIM)), labels=labels[a:b],
+                    rgb=rng.integers(0, 256, (b - a, *LHW, 3)), ids=[f"img{i}" for i in range(a, b)])
+
+
+def _read_all(path: Path) -> dict[str, Any]:
+    """Every array of every sample (float32 tokens too, the cast path), and the ids."""
+    from stages.store import open_token_store
+
+    store = open_token_store(path)
+    every = np.arange(store.n)
+    out: dict[str, Any] = {name: store.get(name, every) for name in store.arrays if name != "ids"}
+    out["tokens32"] = store.get_tokens(every[::-1])
+    out["ids"] = store.ids
+    return out
+
+
+def _max_bytes() -> int:
+    h, w = GRID
+    return N * (h * w * DIM * (2 + 4) + LHW[0] * LHW[1] * (2 + 3))
+
+
+def _store_case(workdir: Path, name: str, member: str, *, index_at_start: bool = False,
+                cut: Callable[[bytes], tuple[bytes, bytes]] | None = None) -> FuzzCase:
+    """Fuzz the file ``member`` of a small store (or, with ``cut``, the part of it ``cut`` splits off the end:
+    ``cut(file) -> (kept, fuzzed)``)."""
+    original_store = workdir / f"{name}.zarr"
+    _build(original_store, index_at_start=index_at_start)
+    whole = (original_store / member).read_bytes()
+    kept, fuzzed = cut(whole) if cut is not None else (b"", whole)
+
+    def write(folder: Path, data: bytes) -> Path:
+        store = folder / "t.zarr"
+        shutil.copytree(original_store, store)
+        (store / member).write_bytes(kept + data)
+        return store
+
+    return FuzzCase(name, fuzzed, write, _read_all, expected=_read_all(original_store), max_bytes=_max_bytes())
+
+
+def _index_at_end(data: bytes) -> tuple[bytes, bytes]:
+    return data[:-INDEX_NBYTES], data[-INDEX_NBYTES:]
+
+
+@fuzz_case("store-shard-tokens")
+def shard_tokens(workdir: Path) -> FuzzCase:
+    """A raw float16 tokens shard (chunks, crc32cs, index) read directly."""
+    return _store_case(workdir, "store-shard-tokens", "tokens/c/1/0/0/0")
+
+
+@fuzz_case("store-shard-labels")
+def shard_labels(workdir: Path) -> FuzzCase:
+    """A blosc-lz4 labels shard read directly (decodes capped at the sample's size)."""
+    return _store_case(workdir, "store-shard-labels", "labels/c/0/0/0")
+
+
+@fuzz_case("store-shard-rgb")
+def shard_rgb(workdir: Path) -> FuzzCase:
+    """A zstd rgb shard read directly (decodes capped at the sample's size)."""
+    return _store_case(workdir, "store-shard-rgb", "rgb/c/1/0/0/0")
+
+
+@fuzz_case("store-index-tokens")
+def index_tokens(workdir: Path) -> FuzzCase:
+    """The shard index alone (offsets, lengths, its crc32c) of a tokens shard: aliasing, bounds, overflow."""
+    return _store_case(workdir, "store-index-tokens", "tokens/c/0/0/0/0", cut=_index_at_end)
+
+
+@fuzz_case("store-index-rgb")
+def index_rgb(workdir: Path) -> FuzzCase:
+    """The shard index alone of a zstd rgb shard (variable chunk lengths)."""
+    return _store_case(workdir, "store-index-rgb", "rgb/c/0/0/0/0", cut=_index_at_end)
+
+
+@fuzz_case("store-shard-zarr-python")
+def shard_zarr_python(workdir: Path) -> FuzzCase:
+    """A tokens shard with its index at the start, read through zarr-python (the fallback's checks)."""
+    return _store_case(workdir, "store-shard-zarr-python", "tokens/c/1/0/0/0", index_at_start=True)
+
+
+@fuzz_case("store-ids-chunk")
+def ids_chunk(workdir: Path) -> FuzzCase:
+    """An ids chunk (vlen UTF-8 + crc32c)."""
+    return _store_case(workdir, "store-ids-chunk", "ids/c/1")
+
+
+@fuzz_case("store-zarr-json-group")
+def zarr_json_group(workdir: Path) -> FuzzCase:
+    """The group's ``zarr.json`` (the store's own metadata: format, version, shard size, grid, dim, sizes)."""
+    return _store_case(workdir, "store-zarr-json-group", "zarr.json")
+
+
+@fuzz_case("store-zarr-json-array")
+def zarr_json_array(workdir: Path) -> FuzzCase:
+    """The rgb array's ``zarr.json`` (shape, chunk and shard shapes, codecs, fill value)."""
+    return _store_case(workdir, "store-zarr-json-array", "rgb/zarr.json")
