@@ -4,6 +4,7 @@ and bytes; a flipped byte refused naming the object; a missing object refused, n
 Squirrel export/import at s3:// URLs."""
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from pipeline.artifacts import ArtifactStore, artifact_id
+from pipeline.artifacts import ArtifactStore, artifact_id, seal_manifest
 from pipeline.cli import main
 from pipeline.errors import InputError
 from stages.store import create_token_store, open_token_store, open_tokens, shard_ranges, write_shard
@@ -110,8 +111,10 @@ def test_export_open_import_round_trip(bucket: str, artifact: Path, tmp_path: Pa
     _assert_same_store(open_tokens(url), open_token_store(artifact / "tokens.zarr"))
     _assert_same_store(open_tokens(f"{url}/tokens.zarr"), open_token_store(artifact / "tokens.zarr"))  # bare store
 
-    refused = CliRunner().invoke(main, ["export-tokens", ARTIFACT, url])
-    assert refused.exit_code == 2 and "already holds objects" in refused.stderr
+    assert ARTIFACT in _invoke("export-tokens", ARTIFACT, url).stdout  # exported before: nothing to do
+    fsspec.filesystem("s3").pipe_file(f"{bucket}/other/notes.txt", b"not ours")
+    refused = CliRunner().invoke(main, ["export-tokens", ARTIFACT, f"s3://{bucket}/other"])
+    assert refused.exit_code == 2 and f"s3://{bucket}/other: holds objects but no manifest.json" in refused.stderr
 
     other = tmp_path / "elsewhere"
     monkeypatch.setenv("STEGOPIPE_ROOT", str(other))
@@ -158,6 +161,8 @@ def test_flipped_byte_is_refused_naming_the_object(bucket: str, artifact: Path, 
     assert f"object {obj} " in str(caught.value) and "\n" not in str(caught.value)
     refused = _import_elsewhere(url, tmp_path, monkeypatch)
     assert refused.exit_code == 2 and f"tokens.zarr/{obj}" in refused.stderr and "corrupt" in refused.stderr
+    assert not (tmp_path / "elsewhere" / "extract" / ARTIFACT).exists()  # nothing half-copied is published
+    assert not (tmp_path / "elsewhere" / ".staging" / ARTIFACT).exists()
 
 
 @pytest.mark.parametrize(("obj", "sample", "read"), [
@@ -189,6 +194,23 @@ def test_unfinished_export_is_not_read(bucket: str, artifact: Path, tmp_path: Pa
         open_tokens(url)
     refused = _import_elsewhere(url, tmp_path, monkeypatch)
     assert refused.exit_code == 2 and "did not finish" in refused.stderr
+
+
+def test_stray_object_and_edited_manifest_are_refused(bucket: str, artifact: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"s3://{bucket}/{ARTIFACT}"
+    _invoke("export-tokens", ARTIFACT, url)
+    fs = fsspec.filesystem("s3")
+    store = f"{bucket}/{ARTIFACT}/tokens.zarr"
+    fs.pipe_file(f"{store}/extra/zarr.json", fs.cat_file(f"{store}/ids/zarr.json"))  # an array nobody exported
+    with pytest.raises(InputError, match="object extra/zarr.json is not listed in the artifact's manifest.json"):
+        open_tokens(url)
+    manifest = json.loads(fs.cat_file(f"{bucket}/{ARTIFACT}/manifest.json"))
+    manifest["params"]["split"] = "train"  # edited, and sealed again
+    fs.pipe_file(f"{bucket}/{ARTIFACT}/manifest.json", json.dumps(seal_manifest(manifest)).encode())
+    refused = _import_elsewhere(url, tmp_path, monkeypatch)
+    assert refused.exit_code == 2 and "the manifest was edited" in refused.stderr
+    assert not (tmp_path / "elsewhere" / "extract" / ARTIFACT).exists()
 
 
 def test_squirrel_export_import_at_s3_urls(bucket: str, artifact: Path, root: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from math import prod
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -38,8 +38,10 @@ from pipeline.artifacts import (
     ID_PATTERN,
     MANIFEST,
     MANIFEST_CHECKSUM,
-    SHARD_MARKERS,
+    MAX_MANIFEST_BYTES,
     ArtifactStore,
+    confined,
+    id_from_manifest,
     manifest_checksum,
 )
 from pipeline.errors import InputError
@@ -114,6 +116,8 @@ class _CheckedStore(WrapperStore[FsspecStore]):
             if chunk or listed:
                 raise self._refuse(key, "is missing (it is never read as fill values)")
             return None  # zarr-python probing for optional metadata
+        if self.files is not None and not listed:
+            raise self._refuse(key, f"is not listed in the artifact's {MANIFEST} (a stray object)")
         data = buf.as_numpy_array().view(np.uint8).reshape(-1)
         layout = self.layouts.get(parts[0]) if chunk else None
         if layout is not None:
@@ -151,20 +155,29 @@ class _CheckedStore(WrapperStore[FsspecStore]):
 
 
 def _manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """A manifest's JSON, its own checksum and its file paths checked (every path inside the artifact)."""
+    """A tokens artifact's manifest from its bytes, checked as a local one is: sealed by its own checksum,
+    its id the one its fields give, every file entry a ``{path, size, sha256}`` inside the artifact."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise InputError(f"{where}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
-        raise InputError(f"{where}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(manifest, dict) or manifest.get(MANIFEST_CHECKSUM) != manifest_checksum(manifest):
-        raise InputError(f"{where}: content differs from its {MANIFEST_CHECKSUM} (corrupt or edited)")
-    if manifest.get("kind") != "tokens" or not ID_PATTERN.match(str(manifest.get("id"))):
+        raise InputError(f"{where}: content differs from its {MANIFEST_CHECKSUM}, or has none (corrupt or edited)")
+    artifact = str(manifest.get("id"))
+    if manifest.get("kind") != "tokens" or not ID_PATTERN.match(artifact):
         raise InputError(f"{where}: not the manifest of a tokens artifact (kind {manifest.get('kind')!r}, "
-                         f"id {manifest.get('id')!r})")
-    for entry in manifest.get("files", []):
-        path = PurePosixPath(str(entry.get("path")))
-        if path.is_absolute() or ".." in path.parts or path.parts[0] in (MANIFEST, SHARD_MARKERS):
-            raise InputError(f"{where}: file path {str(path)!r} lies outside the artifact")
+                         f"id {artifact!r})")
+    if id_from_manifest(manifest) != artifact:
+        raise InputError(f"{where}: its stage, version, params and inputs give the id {id_from_manifest(manifest)}, "
+                         f"not {artifact} (the manifest was edited)")
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(e, dict) and type(e.get("size")) is int
+                                              and isinstance(e.get("sha256"), str) for e in files):
+        raise InputError(f"{where}: 'files' must be a list of {{path, size, sha256}} entries")
+    for entry in files:
+        confined(Path(artifact), entry.get("path"), follow=False)
     return manifest
 
 
@@ -192,15 +205,23 @@ class Export:
 
 
 def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
-    """Write the tokens artifact in ``artifact_dir`` to ``url`` (a new or empty location), every file checked
-    against the manifest while it is uploaded, ``manifest.json`` (unchanged) last."""
+    """Write the tokens artifact in ``artifact_dir`` to ``url``, every file checked against the manifest while
+    it is uploaded, ``manifest.json`` (unchanged) last. ``url`` must be new or empty, or hold this very
+    export already (then nothing is written)."""
     directory, url = Path(artifact_dir), url.rstrip("/")
     raw = (directory / MANIFEST).read_bytes()
     manifest = _manifest(raw, str(directory / MANIFEST))
     fs, base = fsspec.core.url_to_fs(url)
-    if fs.exists(base) and fs.ls(base, detail=False):
-        raise InputError(f"{url}: already holds objects; export to a new or empty location")
     entries = manifest["files"]
+    done = Export(url, manifest["id"], len(entries) + 1, sum(e["size"] for e in entries) + len(raw))
+    there = _read_manifest(fs, base, url)
+    if there is not None and there[0] == raw:
+        return done  # exported before: the same manifest seals the same files
+    if there is not None:
+        raise InputError(f"{url}: holds the export of {there[1]['id']}; export to a new or empty location")
+    if fs.exists(base) and fs.ls(base, detail=False):
+        raise InputError(f"{url}: holds objects but no {MANIFEST} (an export that did not finish, or other "
+                         "data); delete them or export to a new or empty location")
 
     def upload(entry: dict[str, Any]) -> None:
         with open(directory / entry["path"], "rb") as src, fs.open(f"{base}/{entry['path']}", "wb",
@@ -211,7 +232,7 @@ def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
         for _ in uploads:
             pass
     fs.pipe_file(f"{base}/{MANIFEST}", raw)
-    return Export(url, manifest["id"], len(entries) + 1, sum(e["size"] for e in entries) + len(raw))
+    return done
 
 
 def _read_manifest(fs: Any, base: str, url: str) -> tuple[bytes, dict[str, Any]] | None:
