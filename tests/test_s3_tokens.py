@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -163,6 +164,22 @@ def test_flipped_byte_is_refused_naming_the_object(bucket: str, artifact: Path, 
     assert refused.exit_code == 2 and f"tokens.zarr/{obj}" in refused.stderr and "corrupt" in refused.stderr
     assert not (tmp_path / "elsewhere" / "extract" / ARTIFACT).exists()  # nothing half-copied is published
     assert not (tmp_path / "elsewhere" / ".staging" / ARTIFACT).exists()
+
+
+def test_crafted_shard_index_is_refused(bucket: str, artifact: Path) -> None:
+    """Sample 3's index entry pointed at sample 2's chunk, the index crc32c recomputed: both chunks pass their
+    crc32c, so only the index check keeps sample 3 from reading as sample 2."""
+    url = f"s3://{bucket}/{ARTIFACT}"
+    _invoke("export-tokens", ARTIFACT, url)
+    fs = fsspec.filesystem("s3")
+    key = f"{bucket}/{ARTIFACT}/tokens.zarr/tokens/c/1/0/0/0"
+    data = bytearray(fs.cat_file(key))
+    index = np.frombuffer(bytes(data[-(16 * SHARD + 4):-4]), dtype="<u8").reshape(SHARD, 2).copy()
+    index[1] = index[0]
+    data[-(16 * SHARD + 4):] = index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(InputError, match=r"object tokens/c/1/0/0/0 is corrupt \(shard index entry 1: .*aliased"):
+        open_tokens(url).get_tokens([3])
 
 
 @pytest.mark.parametrize(("obj", "sample", "read"), [

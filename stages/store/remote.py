@@ -47,7 +47,7 @@ from pipeline.artifacts import (
 from pipeline.errors import InputError
 from pipeline.prefetch import prefetch
 from stages.store.artifact import TOKENS_STORE
-from stages.store.fastpath import _EMPTY
+from stages.store.fastpath import _EMPTY, shard_index_problem
 from stages.store.reader import TokenStore
 
 _BLOCK = 8 << 20
@@ -121,14 +121,18 @@ class _CheckedStore(WrapperStore[FsspecStore]):
         data = buf.as_numpy_array().view(np.uint8).reshape(-1)
         layout = self.layouts.get(parts[0]) if chunk else None
         if layout is not None:
-            self._check_chunk_object(key, data, layout, int(parts[2]), byte_range)
+            size = len(data) if byte_range is None else self.files[key]["size"] if listed else None
+            self._check_chunk_object(key, data, layout, int(parts[2]), byte_range, size)
         elif listed and byte_range is None:
             entry = self.files[key]
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise self._refuse(key, "differs from the manifest (size or sha256)")
         return buf
 
-    def _check_chunk_object(self, key: str, data: np.ndarray, layout: _Layout, shard: int, byte_range: Any) -> None:
+    def _check_chunk_object(self, key: str, data: np.ndarray, layout: _Layout, shard: int, byte_range: Any,
+                            size: int | None) -> None:
+        """Check one chunk (a ranged read or an unsharded object), a shard index (a suffix read) or a whole
+        shard object; ``size``: the object's size where known (whole reads, or from the manifest)."""
         if not layout.sharded or isinstance(byte_range, RangeByteRequest):  # one whole chunk
             if layout.chunk_crc and not _crc_ok(data):
                 raise self._refuse(key, "is corrupt (chunk crc32c mismatch)"
@@ -142,13 +146,15 @@ class _CheckedStore(WrapperStore[FsspecStore]):
         if layout.index_entries == layout.shard_samples and (entries[:stored, 0] == _EMPTY).any():
             sample = shard * layout.shard_samples + int(np.flatnonzero(entries[:stored, 0] == _EMPTY)[0])
             raise self._refuse(key, f"has no chunk for sample {sample} (it is never read as fill values)")
-        if isinstance(byte_range, SuffixByteRequest):
-            return
-        body = len(data) - layout.index_nbytes  # a whole shard object: every chunk it indexes
-        for offset, length in entries[entries[:, 0] != _EMPTY].tolist():
-            if offset + length > body or (layout.chunk_crc and not _crc_ok(data[offset:offset + length])):
-                raise self._refuse(key, f"is corrupt (chunk at bytes [{offset}, {offset + length}): crc32c "
-                                   "mismatch or beyond the chunk data)")
+        body = _EMPTY if size is None else max(0, size - layout.index_nbytes)  # the chunk data: [0, body)
+        problem = shard_index_problem(entries, 0, body, (1, _EMPTY))
+        if problem is not None:
+            raise self._refuse(key, f"is corrupt (shard index entry {problem[0]}: {problem[1]})")
+        if byte_range is None:  # a whole shard object: every chunk it indexes
+            for offset, length in entries[entries[:, 0] != _EMPTY].tolist():
+                if layout.chunk_crc and not _crc_ok(data[offset:offset + length]):
+                    raise self._refuse(key, f"is corrupt (chunk at bytes [{offset}, {offset + length}): crc32c "
+                                       "mismatch)")
 
     async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Any) -> list[Buffer | None]:
         return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
