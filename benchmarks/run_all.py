@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from benchmarks.common import REPO, RESULTS_DIR, check_row, error_row, format_table, verdict, write_results
 
 BENCH_DIR = Path(__file__).resolve().parent
-EXPECTED = ("extract", "store", "knn", "pca", "train_step", "crf", "demo", "cli")
+EXPECTED = ("extract", "store", "knn", "pca", "train_step", "crf", "demo", "cli", "fuzz")
 """Benchmarks of the issues, in run order; any other ``bench_*.py`` found runs after them."""
 
 def module_names() -> list[str]:

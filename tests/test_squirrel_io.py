@@ -263,3 +263,19 @@ def test_records_must_hold_numeric_arrays(tmp_path: Path) -> None:
     _raw_shard(url, [{**_good_record(), "dino_feats": _nd("<c8", complex_feats.shape, complex_feats.tobytes())}])
     with pytest.raises(InputError, match="'dino_feats' is a complex64 array"):
         import_squirrel(str(url), tmp_path / "v.zarr")
+
+
+def test_a_record_over_the_buffer_limit_names_the_limit_and_record(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 item 6: msgpack's BufferFull carries no message; the error says what the limit is."""
+    import stages.store.squirrel as squirrel
+
+    monkeypatch.setattr(squirrel, "MAX_RECORD_BYTES", 1 << 20)
+    big = np.zeros((1, DIM, 256, 256), np.float32)  # 1.3 MB
+    url = tmp_path / "big"
+    shard = _raw_shard(url, [_good_record(), {**_good_record(), "dino_feats": _nd("<f4", big.shape, big.tobytes())}])
+    with pytest.raises(InputError) as info:
+        import_squirrel(str(url), tmp_path / "t.zarr")
+    message = str(info.value)
+    assert str(shard) in message and "record 1" in message and "larger than 1 MiB" in message
+    assert "\n" not in message

@@ -282,3 +282,29 @@ def test_omegaconf_2_1_pickled_config_passes_the_allow_list(tmp_path):
     message = str(err.value)
     assert "refused" not in message and "hyper_parameters.cfg" not in message
     assert "state_dict.linear_probe.weight" in message
+
+
+@pytest.mark.parametrize("key", ["linear_probe.weight", "net.model.pos_embed", "optimizer"])
+def test_zero_stride_tensors_are_refused_before_use(tmp_path, key):
+    """A tiny file whose tensors claim GBs through zero strides (issue 19 item 5) is refused, naming the tensor."""
+    ckpt = _checkpoint()
+    bomb = torch.zeros(1).expand(40_000, 40_000)  # 6.4 GB as float32, one element of storage
+    if key == "optimizer":
+        ckpt["optimizer_states"][0]["state"][0]["exp_avg"] = bomb
+    else:
+        ckpt["state_dict"][key] = bomb.reshape(40_000, 40_000, 1, 1) if key.endswith("weight") else bomb[None]
+    path = _save(tmp_path, ckpt)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(InputError, match="claims shape .* over a storage of 4 bytes"):
+        read_stego_checkpoint(path)
+
+
+def test_a_damaged_tensor_record_is_refused_by_its_crc(tmp_path):
+    path = _save(tmp_path, _checkpoint())
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor record
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"record {info.filename} fails its crc32"):
+        read_stego_checkpoint(path)

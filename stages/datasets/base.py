@@ -5,10 +5,13 @@ A reader lists the samples of a split as :class:`SampleRef` rows and decodes the
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -40,10 +43,27 @@ class SampleRef:
     crop: Box | None = None
 
 
-def decode_image_file(path: Path) -> np.ndarray:
-    """Fully decode an image file to uint8 RGB ``[H, W, 3]``; InputError naming the file on failure."""
+def read_checked(path: Path, sha256: str) -> BinaryIO:
+    """The bytes of ``path`` (in memory) when their sha256 is ``sha256``; InputError naming the file when it
+    is missing or its content changed (e.g. replaced after ``prepare`` with the same size and mtime)."""
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"file {path} does not exist (it was indexed by prepare)") from None
+    except OSError as e:
+        raise InputError(f"file {path} is unreadable: {e.strerror or e}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise InputError(f"file {path} changed since prepare indexed it (sha256 {digest[:16]}…, indexed "
+                         f"{sha256[:16]}…); run prepare again (a new index) or restore the file")
+    return io.BytesIO(data)
+
+
+def decode_image_file(path: Path, source: BinaryIO | None = None) -> np.ndarray:
+    """Fully decode an image file (``source``: its bytes, when already read) to uint8 RGB ``[H, W, 3]``;
+    InputError naming the file on failure."""
+    try:
+        with Image.open(source or path) as im:
             im.load()
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
@@ -52,10 +72,11 @@ def decode_image_file(path: Path) -> np.ndarray:
         raise InputError(f"image file {path} is unreadable or truncated: {e}") from e
 
 
-def decode_label_file(path: Path) -> np.ndarray:
-    """Fully decode a single-channel label image to its integer pixel values ``[H, W]``."""
+def decode_label_file(path: Path, source: BinaryIO | None = None) -> np.ndarray:
+    """Fully decode a single-channel label image (``source``: its bytes, when already read) to its integer
+    pixel values ``[H, W]``; InputError naming the file on failure."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source or path) as im:
             im.load()
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
                 raise InputError(f"label file {path} must be a single-channel image, got mode {im.mode}")
@@ -74,7 +95,7 @@ def image_file_size(path: Path) -> tuple[int, int]:
             width, height = im.size
     except FileNotFoundError:
         raise InputError(f"image file {path} does not exist") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"image file {path} is unreadable: {e}") from e
     return height, width
 
@@ -107,6 +128,9 @@ class DatasetReader(ABC):
     image, ids ``{id}_c{k}``, k = 0..4 in order tl, tr, bl, br, center) and ``jpeg_roundtrip``
     (reproduce the reference's stored five-crops: quality-75 JPEG re-encode of the cropped image
     and the ``uint8(label + 1)`` label round trip; applied to cropped samples only).
+
+    :meth:`expect_checksums` makes every later image and label read check the file's sha256 (the one
+    ``prepare`` recorded) on the bytes it decodes: a file replaced since is an InputError, never other data.
     """
 
     name: str
@@ -122,6 +146,16 @@ class DatasetReader(ABC):
             raise InputError(f"dataset root {self.root} ({self.name}) is not a directory")
         self.crop = crop
         self.jpeg_roundtrip = bool(jpeg_roundtrip)
+        self.checksums: dict[str, str] = {}
+
+    def expect_checksums(self, checksums: Mapping[str, str]) -> None:
+        """Check the files ``checksums`` names (path relative to the root → sha256) on every read from now on."""
+        self.checksums = dict(checksums)
+
+    def _source(self, rel: str) -> BinaryIO | None:
+        """The checked bytes of file ``rel`` when its sha256 is expected, else None (decode from the path)."""
+        sha256 = self.checksums.get(rel)
+        return None if sha256 is None else read_checked(self.root / rel, sha256)
 
     # -- format-specific hooks ------------------------------------------------------------------
     @abstractmethod
@@ -130,7 +164,7 @@ class DatasetReader(ABC):
 
     def _read_image(self, rel: str) -> np.ndarray:
         """Full-resolution uint8 RGB image."""
-        return decode_image_file(self.root / rel)
+        return decode_image_file(self.root / rel, self._source(rel))
 
     def _image_size(self, rel: str) -> tuple[int, int]:
         """Full-resolution (H, W), read as cheaply as the format allows."""
@@ -141,8 +175,12 @@ class DatasetReader(ABC):
         """Full-resolution remapped label, int16, -1 = ignore."""
 
     # -- public API -----------------------------------------------------------------------------
-    def list_samples(self, split: str) -> list[SampleRef]:
-        """Samples of ``split`` ("train" or "val"); five virtual crops per image when ``crop="five"``."""
+    def list_samples(self, split: str, skipped: list[tuple[str, InputError]] | None = None) -> list[SampleRef]:
+        """Samples of ``split`` ("train" or "val"); five virtual crops per image when ``crop="five"``.
+
+        Five-crop reads each image's size: an unreadable image raises its InputError, or with ``skipped``
+        given is left out and appended there as ``(id, error)``.
+        """
         if split not in SPLITS:
             raise ConfigError(f"split={split!r} is not valid for dataset {self.name}; allowed: {', '.join(SPLITS)}")
         refs = self._list_full(split)
@@ -150,7 +188,13 @@ class DatasetReader(ABC):
             return refs
         out: list[SampleRef] = []
         for ref in refs:
-            height, width = self._image_size(ref.image)
+            try:
+                height, width = self._image_size(ref.image)
+            except InputError as exc:
+                if skipped is None:
+                    raise
+                skipped.append((ref.id, exc))
+                continue
             for k, box in enumerate(five_crop_boxes(height, width, FIVE_CROP_RATIO)):
                 out.append(SampleRef(f"{ref.id}_c{k}", ref.image, ref.label, box))
         return out

@@ -39,4 +39,4 @@ class CityscapesReader(DatasetReader):
         return refs
 
     def _read_label(self, rel: str) -> np.ndarray:
-        return cityscapes_remap(decode_label_file(self.root / rel))
+        return cityscapes_remap(decode_label_file(self.root / rel, self._source(rel)))

@@ -27,4 +27,4 @@ class CocoStuff27Reader(DatasetReader):
         return [SampleRef(i, f"images/{folder}/{i}.jpg", f"annotations/{folder}/{i}.png") for i in ids]
 
     def _read_label(self, rel: str) -> np.ndarray:
-        return coco_fine_to_coarse(decode_label_file(self.root / rel))
+        return coco_fine_to_coarse(decode_label_file(self.root / rel, self._source(rel)))

@@ -1,6 +1,7 @@
 """Directory ("folder") dataset reader (method.md §8.4): ``imgs/{split}/*`` with optional ``labels/{split}/*.png``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 def _files_by_stem(folder: Path, extensions: frozenset[str]) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in sorted(folder.iterdir()):
+        try:
+            f.name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(f).decode("utf-8", "backslashreplace")
+            raise InputError(f"file {shown}: its name is not valid UTF-8; rename it") from None
         if f.is_file() and f.suffix.lower() in extensions:
             if f.stem in out:
                 raise InputError(f"folder {folder} holds two files with stem {f.stem!r}: {out[f.stem].name}, {f.name}")
@@ -75,4 +81,4 @@ class FolderReader(DatasetReader):
         ]
 
     def _read_label(self, rel: str) -> np.ndarray:
-        return folder_remap(decode_label_file(self.root / rel), self.n_classes)
+        return folder_remap(decode_label_file(self.root / rel, self._source(rel)), self.n_classes)

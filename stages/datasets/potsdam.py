@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -16,12 +17,13 @@ scipy_io = lazy_module("scipy.io")
 POTSDAM_LISTS: dict[str, str] = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
 
 
-def read_mat_array(path: Path, key: str) -> np.ndarray:
-    """Array ``key`` of a MATLAB file; InputError naming the file (and key) when missing or unreadable."""
-    if not path.is_file():
+def read_mat_array(path: Path, key: str, source: BinaryIO | None = None) -> np.ndarray:
+    """Array ``key`` of a MATLAB file (``source``: its bytes, when already read); InputError naming the file
+    (and key) when missing or unreadable."""
+    if source is None and not path.is_file():
         raise InputError(f"potsdam file {path} does not exist")
     try:
-        data = scipy_io.loadmat(path, variable_names=[key])
+        data = scipy_io.loadmat(source or path, variable_names=[key])
     except Exception as e:  # scipy raises many types for corrupt/truncated files
         raise InputError(f"potsdam file {path} is unreadable or truncated: {e}") from e
     if key not in data:
@@ -43,7 +45,7 @@ class PotsdamReader(DatasetReader):
 
     def _read_image(self, rel: str) -> np.ndarray:
         path = self.root / rel
-        img = read_mat_array(path, "img")
+        img = read_mat_array(path, "img", self._source(rel))
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] < 3:
             raise InputError(f"potsdam file {path}: key 'img' must be uint8 HxWx(>=3), got {img.dtype} {img.shape}")
         return np.ascontiguousarray(img[:, :, :3])
@@ -54,7 +56,7 @@ class PotsdamReader(DatasetReader):
 
     def _read_label(self, rel: str) -> np.ndarray:
         path = self.root / rel
-        gt = read_mat_array(path, "gt")
+        gt = read_mat_array(path, "gt", self._source(rel))
         if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer):
             raise InputError(f"potsdam file {path}: key 'gt' must be an integer HxW array, got {gt.dtype} {gt.shape}")
         return potsdam_remap(gt)

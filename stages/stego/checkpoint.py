@@ -6,12 +6,18 @@ of the omegaconf / builtin / collections types that format needs; any other glob
 ``__reduce__`` calling ``os.system``, say) stops the load with an :class:`InputError` before it is
 called. A Lightning ``ModelCheckpoint`` class used as a ``callbacks`` key by older Lightning versions is
 mapped to an inert placeholder class (never imported, never called by the loader).
+
+Before use, the zip records' crc32 are checked (a damaged file is refused, not read as other numbers),
+and every tensor must fit its storage and all storages the file: a few KB whose tensors claim GBs
+through zero or overlapping strides are refused before anything copies them.
 """
 from __future__ import annotations
 
 import collections
 import pickle
 import typing
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,9 +106,23 @@ def _refusal_detail(err: Exception) -> str:
     return " ".join(kept or lines)[:500]
 
 
+def _check_zip(path: Path) -> None:
+    """A zip checkpoint (torch >= 1.6) must pass the crc32 of every record: damage is refused, not loaded."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as err:
+        raise InputError(f"{path}: not a readable checkpoint archive ({type(err).__name__}: {err})") from None
+    if bad is not None:
+        raise InputError(f"{path}: record {bad} fails its crc32 (the file is damaged)")
+
+
 def _load(path: Path) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
+    _check_zip(path)
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -113,6 +133,34 @@ def _load(path: Path) -> Any:
         ) from None
     except Exception as err:  # torch raises many types for a file that is not a checkpoint at all
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def _check_tensors(path: Path, ckpt: Any) -> None:
+    """InputError naming the first tensor that claims more elements than its storage holds (a zero or
+    overlapping stride: copying it would materialise far more than the file), or when the storages
+    together hold more bytes than the file (a claim no data backs)."""
+    storages: dict[int, int] = {}
+    todo: list[tuple[str, Any]] = [("", ckpt)]
+    while todo:
+        where, obj = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            needed = obj.numel() * obj.element_size()
+            if needed > storage.nbytes():
+                raise InputError(f"{path}: tensor {where or 'at top level'} claims shape {list(obj.shape)} "
+                                 f"(stride {list(obj.stride())}, {needed} bytes) over a storage of "
+                                 f"{storage.nbytes()} bytes: a crafted or damaged checkpoint")
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, (DictConfig, ListConfig)):
+            continue  # holds no tensors; iterating it would resolve its interpolations
+        elif isinstance(obj, Mapping):
+            todo += [(f"{where}.{k}" if where else str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+    size = path.stat().st_size
+    if sum(storages.values()) > size:
+        raise InputError(f"{path}: its tensors claim {sum(storages.values())} bytes of storage but the file has "
+                         f"{size}: a crafted or damaged checkpoint")
 
 
 def _plain(obj: Any) -> Any:
@@ -142,6 +190,7 @@ def read_stego_checkpoint(path: str | Path) -> StegoCheckpoint:
     """
     path = Path(path)
     ckpt = _load(path)
+    _check_tensors(path, ckpt)
     if not isinstance(ckpt, Mapping):
         raise InputError(f"{path}: expected a Lightning checkpoint dict at top level, got {type(ckpt).__name__}")
 

@@ -130,6 +130,9 @@ class _UnsafeRecord(ValueError):
 
 _DTYPE = re.compile(r"^[<>|=]?[biufc][0-9]{1,2}$")
 MAX_NDIM = 32
+MAX_RECORD_BYTES = 256 << 20
+"""The largest record :func:`read_shard` decodes (msgpack's buffer limit): a ViT-B/8 sample at 320 px with
+its image and label is about 7 MB."""
 
 
 def _decode_array(obj: dict[Any, Any]) -> Any:
@@ -181,14 +184,21 @@ def read_shard(url: str, key: str) -> Iterator[Any]:
     count = 0  # records yielded so far: the index of the one being decoded
     try:
         with fs.open(path, mode="rb", compression="gzip") as handle:
-            unpacker = msgpack.Unpacker(handle, object_hook=_decode_array, use_list=False, raw=False)
+            unpacker = msgpack.Unpacker(handle, object_hook=_decode_array, use_list=False, raw=False,
+                                        max_buffer_size=MAX_RECORD_BYTES)
             for record in unpacker:
                 yield record
                 count += 1
             if unpacker.tell() != handle.tell():  # the stream ends inside a record
                 raise EOFError(f"file ends {handle.tell() - unpacker.tell()} bytes into the record (truncated)")
+    except msgpack.BufferFull:
+        raise InputError(f"squirrel store {url}, shard file {path}, record {count}: larger than "
+                         f"{MAX_RECORD_BYTES >> 20} MiB, the most a record may hold (MAX_RECORD_BYTES; msgpack's "
+                         f"buffer limit)") from None
     except (msgpack.UnpackException, ValueError, EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"squirrel store {url}, shard file {path}, record {count}: {exc}") from exc
+        reason = " ".join(str(exc).split()) or "no reason given"
+        raise InputError(f"squirrel store {url}, shard file {path}, record {count}: {type(exc).__name__}: "
+                         f"{reason}") from exc
 
 
 def _check_sample(sample: Any, where: str, first: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
