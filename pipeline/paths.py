@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
+
+import click
 
 from pipeline.errors import ConfigError
 
@@ -29,3 +32,14 @@ def local_path(value: str | os.PathLike[str], setting: str) -> str | os.PathLike
         raise ConfigError(f"{setting}={value} is a URL, but it must be a local or shared filesystem path "
                           f"(a bucket mounted as a folder works); {OBJECT_STORAGE_HINT}")
     return value
+
+
+class LocalPath(click.Path):
+    """``click.Path`` for command-line arguments and options that take a filesystem path: a URL is refused
+    with :func:`local_path`'s one line instead of becoming a local folder named ``s3:``."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            local_path(value, param.opts[0] if isinstance(param, click.Option) else
+                       param.human_readable_name if param is not None else "path")
+        return super().convert(value, param, ctx)

@@ -31,6 +31,10 @@ def test_url_artifact_root_is_one_error_line_and_creates_nothing(tmp_path: Path)
     ("run", "extract", "backbone.weights=dino", "backbone.weights_dir=https://example.org/weights"),
     ("run", "report", "report.out_dir=file:///tmp/reports"),
     ("ls",),
+    ("export-nns", "knn-0", "s3://bucket/nns"),
+    ("import-stego", "gs://bucket/stego.ckpt"),
+    ("predict", "--head", "train-head-0", "--out", "s3://bucket/preds", "image.png"),
+    ("predict", "--head", "train-head-0", "https://example.org/image.png"),
 ])
 def test_url_in_any_path_setting_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             args: tuple[str, ...]) -> None:

@@ -11,6 +11,7 @@ from pipeline.artifacts import ArtifactStore
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from pipeline.paths import LocalPath
 from stages.artifacts import KnnArtifact
 from stages.stego.knn import load_nns_npz, save_nns_npz
 
@@ -25,7 +26,7 @@ def stego_nns_name(attrs: Mapping[str, Any]) -> str:
 @register_command
 @click.command("export-nns")
 @click.argument("artifact")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=LocalPath(file_okay=False, path_type=Path))
 def export_nns_cmd(artifact: str, directory: Path) -> None:
     """Copy a knn ARTIFACT's neighbours into DIRECTORY under STEGO's nns_*.npz file name."""
     from stages.store import TokensArtifact

@@ -21,6 +21,7 @@ import torch
 from pipeline.artifacts import sha256_file
 from pipeline.cli import register_command
 from pipeline.errors import InputError
+from pipeline.paths import LocalPath
 from stages.datasets.labelmaps import CITYSCAPES27_CLASS_NAMES, COCO27_CLASS_NAMES, POTSDAM3_CLASS_NAMES
 from stages.evaluation.probes import ClusterProbe, LinearProbe
 from stages.stego.checkpoint import read_stego_checkpoint
@@ -92,7 +93,7 @@ def write_imported(path: Path, out: Path, *, expected_sha256: str | None = None,
 
 @register_command
 @click.command("import-stego")
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=LocalPath(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--preset", "-p", help="Config preset (only run.* settings matter here).")
 @click.option("--ignore-unknown-keys", is_flag=True, help="Import even if the state dict has unknown keys.")

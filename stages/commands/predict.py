@@ -45,6 +45,7 @@ from pipeline.artifacts import ArtifactStore, stage_of, write_json_atomic
 from pipeline.cli import register_command
 from pipeline.config import load_config
 from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.paths import LocalPath
 from pipeline.environment import resolve_device
 from stages.artifacts import EvalArtifact, HeadArtifact, ProbesArtifact
 from stages.backbones import BACKBONES, dino_features, load_backbone
@@ -339,12 +340,12 @@ def _stems(paths: list[Path]) -> list[str]:
 
 @register_command
 @click.command("predict")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=LocalPath(path_type=Path))
 @click.option("--head", "head_ref", required=True, help="train-head artifact (id or unique prefix).")
 @click.option("--probes", "probes_ref", help="probe artifact (trained on this head's codes) whose probes to use "
               "(default: the probes inside the head, or those of --eval).")
 @click.option("--eval", "eval_ref", help="evaluate artifact whose Hungarian assignment maps clusters to classes.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("predictions"),
+@click.option("--out", "out_dir", type=LocalPath(file_okay=False, path_type=Path), default=Path("predictions"),
               show_default=True, help="Output folder.")
 @click.option("--crf/--no-crf", default=False, show_default=True, help="Refine both predictions with the dense CRF.")
 @click.option("--res", type=int, help="Shorter side fed to the backbone (default: the head's val resolution, "
