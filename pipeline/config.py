@@ -265,7 +265,13 @@ def _merge_checked(cfg: DictConfig, other: Any, origin: str) -> DictConfig:
         raise ConfigError(
             f"{origin}: key '{key}' got {exc.value!r}, expected type {_expected_type(cfg, key)}") from None
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
+        raise ConfigError(f"{origin}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An omegaconf / YAML error as one line: its first line (omegaconf appends full_key, types, ...)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -277,7 +283,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({' '.join(str(exc).split())})") from None
     return key, value
 
 
@@ -367,7 +373,8 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"config interpolation failed: {exc}") from None
+        where = f" at {exc.full_key}" if getattr(exc, "full_key", None) else ""
+        raise ConfigError(f"config interpolation failed{where}: {_one_line(exc)}") from None
     return cfg
 
 

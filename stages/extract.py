@@ -94,6 +94,7 @@ class ExtractConfig:
     flip_val: bool = True  # store tokens_flip (tokens of the flipped image) for val
     rgb_val: bool = True  # store the cropped uint8 image for val (CRF)
     dask_shards: bool = setting(False, runtime=True)  # shards as Dask tasks inside a Dask worker or with run.scheduler
+    verify_files: bool = setting(True, runtime=True)  # check each image/label file against its sha256 in the index
 
 
 register_section("backbone", BackboneConfig)
@@ -301,6 +302,7 @@ class Settings:
     batch_size: int
     loader_workers: int
     model: ModelSettings
+    verify_files: bool = True
 
 
 class HostCopy:
@@ -374,13 +376,13 @@ def _worker_model(m: ModelSettings) -> torch.nn.Module:
 
 
 @cache
-def _worker_index(path: str) -> Index:
-    return load_index(Path(path))
+def _worker_index(path: str, verify_files: bool) -> Index:
+    return load_index(Path(path), verify_files=verify_files)
 
 
 def extract_shard_task(store_path: str, shard: int, start: int, stop: int, settings: Settings) -> int:
     """Dask task: compute and write shard ``shard`` (samples ``[start, stop)``); returns its sample count."""
-    index = _worker_index(settings.index_path)
+    index = _worker_index(settings.index_path, settings.verify_files)
     model = _worker_model(settings.model)
     refs = index.samples[start:stop]
     with prefetch(lambda ref: load_sample(index, ref, settings.res), refs, workers=settings.loader_workers,
@@ -461,7 +463,7 @@ def extract(ctx: StageContext) -> None:
     """Frozen-backbone tokens of one split into a sharded Zarr store."""
     p, backbone, runtime = ctx.params, ctx.config.backbone, ctx.runtime
     index_path = ctx.input("index").path
-    index = load_index(index_path)
+    index = load_index(index_path, verify_files=bool(runtime.extract.verify_files))
     spec = BACKBONES[p["backbone"]]
     settings = Settings(
         index_path=str(index_path), res=p["res"], flip=p["flip"], rgb=p["rgb"], amp=p["amp"],
@@ -470,6 +472,7 @@ def extract(ctx: StageContext) -> None:
                             seed=int(backbone.seed), pos_interp=p["pos_interp"],
                             trust_checkpoint=bool(runtime.backbone.trust_checkpoint), weights_tag=p["weights_tag"],
                             device=ctx.device),
+        verify_files=bool(runtime.extract.verify_files),
     )
     grid = (p["res"] // spec.patch, p["res"] // spec.patch)
     attrs = {"dataset": index.dataset, "split": index.split, "n_classes": index.n_classes,

@@ -106,7 +106,8 @@ def prepare_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
 def tree_fingerprint(root: Path) -> str | None:
     """Digest of every file's relative path, size and mtime under ``root`` (None if it is missing).
 
-    Part of the prepare params, so an edited, added or removed file gives a new index id.
+    Part of the prepare params, so an edited, added or removed file gives a new index id. A file name that
+    is not valid UTF-8 counts by its bytes; a dangling symlink or a symlink loop is an InputError naming it.
     """
     if not root.is_dir():
         return None
@@ -114,9 +115,16 @@ def tree_fingerprint(root: Path) -> str | None:
     for directory, subdirs, files in os.walk(root):
         subdirs.sort()
         for name in sorted(files):
-            stat = os.stat(os.path.join(directory, name))
-            rel = os.path.relpath(os.path.join(directory, name), root)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            path = os.path.join(directory, name)
+            try:
+                stat = os.stat(path)
+            except OSError as exc:
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                what = "a dangling symlink" if os.path.islink(path) and isinstance(exc, FileNotFoundError) else \
+                    f"unreadable ({exc.strerror or exc})"
+                raise InputError(f"dataset file {shown} is {what}; remove or fix it") from None
+            rel = os.fsencode(os.path.relpath(path, root))
+            digest.update(rel + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -136,10 +144,14 @@ class Index:
         return len(self.samples)
 
 
-def load_index(artifact_dir: Path) -> Index:
-    """Open an ``index`` artifact (and the reader it was built with)."""
+def load_index(artifact_dir: Path, *, verify_files: bool = True) -> Index:
+    """Open an ``index`` artifact (and the reader it was built with). With ``verify_files`` every image and
+    label the reader decodes is checked against the sha256 the index records (``extract.verify_files``)."""
     data = json.loads((Path(artifact_dir) / "index.json").read_text())
     reader = get_reader(data["dataset"], data["root"], **data["options"])
+    if verify_files:
+        reader.expect_checksums({**{s["image"]: s["image_sha256"] for s in data["samples"]},
+                                 **{s["label"]: s["label_sha256"] for s in data["samples"] if s["label"]}})
     samples = [SampleRef(s["id"], s["image"], s["label"], tuple(s["crop"]) if s["crop"] else None)
                for s in data["samples"]]
     return Index(data["dataset"], data["split"], data["n_classes"], data["class_names"], reader, samples,
@@ -184,10 +196,12 @@ def prepare(ctx: StageContext) -> None:
     if not root.is_dir():
         raise InputError(f"dataset root {root} does not exist or is not a directory")
     reader = get_reader(p["dataset"], root, **p["options"])
-    refs = reader.list_samples(p["split"])
-    if not refs:
+    unlisted: list[tuple[str, InputError]] = []
+    refs = reader.list_samples(p["split"], unlisted if p["on_bad_input"] == "skip" else None)
+    rows: list[dict[str, Any]] = []
+    skipped = [{"id": sample, "reason": str(exc)} for sample, exc in unlisted]
+    if not refs and not skipped:
         raise InputError(f"{root}: split '{p['split']}' of dataset {p['dataset']} lists no samples")
-    rows, skipped = [], []
     workers = int(ctx.runtime.dataset.check_workers)
 
     def checked(ref: SampleRef) -> dict[str, Any] | InputError:
