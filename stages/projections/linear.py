@@ -29,6 +29,7 @@ STANDARDIZE_MODES: tuple[str, ...] = ("fit", "none", "batch")
 MOMENT_BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "cupy", "cuml")
 
 _EPS64 = float(np.finfo(np.float64).eps)
+_UPCAST_ROWS = 8192  # rows upcast to float64 at once by PCAMoments.update (24 MiB at D = 384)
 
 torch = lazy_module("torch")
 
@@ -103,16 +104,26 @@ class PCAMoments:
         return int(self.sum.shape[0])
 
     def update(self, chunk: Any) -> "PCAMoments":
-        """Add a chunk ``[..., D]`` of any float dtype (upcast to float64 per chunk); returns ``self``."""
+        """Add a chunk ``[..., D]`` of any float dtype; returns ``self``.
+
+        Rows are upcast to float64 ``_UPCAST_ROWS`` at a time (never the whole chunk: memory stays
+        O(D·_UPCAST_ROWS) for an in-memory array of any size). A non-finite value makes its step's sum
+        non-finite, so the element-wise finiteness check runs only then (one pass fewer per step).
+        """
         rows = _rows(chunk)
         if rows.shape[1] != self.dim:
             raise InputError(f"chunk has width {rows.shape[1]}, moments have width {self.dim}")
-        x = rows.astype(np.float64)
-        if not np.isfinite(x).all():
-            raise InputError("chunk contains NaN or inf values")
-        self.count += int(x.shape[0])
-        self.sum += x.sum(axis=0)
-        self.xtx += x.T @ x
+        total, xtx = np.zeros_like(self.sum), np.zeros_like(self.xtx)
+        for start in range(0, rows.shape[0], _UPCAST_ROWS):
+            x = rows[start : start + _UPCAST_ROWS].astype(np.float64)
+            step_sum = x.sum(axis=0)
+            if not np.isfinite(step_sum).all() and not np.isfinite(x).all():
+                raise InputError("chunk contains NaN or inf values")
+            total += step_sum
+            xtx += x.T @ x
+        self.count += int(rows.shape[0])  # only now: a chunk with a bad value leaves the moments unchanged
+        self.sum += total
+        self.xtx += xtx
         return self
 
     def merge(self, other: "PCAMoments") -> "PCAMoments":
