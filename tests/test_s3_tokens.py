@@ -113,6 +113,8 @@ def test_export_open_import_round_trip(bucket: str, artifact: Path, tmp_path: Pa
     _assert_same_store(open_tokens(f"{url}/tokens.zarr"), open_token_store(artifact / "tokens.zarr"))  # bare store
 
     assert ARTIFACT in _invoke("export-tokens", ARTIFACT, url).stdout  # exported before: nothing to do
+    no_bucket = CliRunner().invoke(main, ["export-tokens", ARTIFACT, f"s3://{bucket}-missing/x"])
+    assert no_bucket.exit_code == 2 and no_bucket.stderr.count("\n") == 1 and f"{bucket}-missing" in no_bucket.stderr
     fsspec.filesystem("s3").pipe_file(f"{bucket}/other/notes.txt", b"not ours")
     refused = CliRunner().invoke(main, ["export-tokens", ARTIFACT, f"s3://{bucket}/other"])
     assert refused.exit_code == 2 and f"s3://{bucket}/other: holds objects but no manifest.json" in refused.stderr
