@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -29,6 +30,7 @@ import fsspec
 import google_crc32c
 import numpy as np
 import zarr
+from tqdm import tqdm
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
@@ -200,6 +202,15 @@ def _copy(read: Any, write: Any, entry: dict[str, Any], where: str) -> None:
                          f"{entry['size']} bytes, sha256 {entry['sha256'][:12]}... (corrupt)")
 
 
+def _copy_all(copy: Callable[[dict[str, Any]], None], entries: list[dict[str, Any]], name: str) -> None:
+    """``copy(entry)`` for every manifest entry, :data:`_COPY_WORKERS` at a time, with a progress bar in
+    bytes on a terminal; the first failure is raised (the other copies are joined)."""
+    with tqdm(total=sum(e["size"] for e in entries), unit="B", unit_scale=True, desc=name, leave=False,
+              disable=None) as bar, prefetch(copy, entries, workers=_COPY_WORKERS, name=name) as copies:
+        for entry, _ in zip(entries, copies, strict=True):
+            bar.update(entry["size"])
+
+
 @dataclass(frozen=True)
 class Export:
     """What :func:`export_tokens` wrote."""
@@ -234,9 +245,7 @@ def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
                                                                    block_size=_BLOCK) as dst:
             _copy(src, dst, entry, str(directory / entry["path"]))
 
-    with prefetch(upload, entries, workers=_COPY_WORKERS, name="export-tokens") as uploads:
-        for _ in uploads:
-            pass
+    _copy_all(upload, entries, "export-tokens")
     fs.pipe_file(f"{base}/{MANIFEST}", raw)
     return done
 
@@ -306,9 +315,7 @@ def import_tokens(url: str, root: str | os.PathLike[str]) -> tuple[Path, bool]:
                 raise InputError(f"{where}: missing (the manifest lists it)") from exc
 
         try:
-            with prefetch(download, manifest["files"], workers=_COPY_WORKERS, name="import-tokens") as downloads:
-                for _ in downloads:
-                    pass
+            _copy_all(download, manifest["files"], "import-tokens")
             (staging.dir / MANIFEST).write_bytes(raw)
             final = store.path(artifact)
             final.parent.mkdir(parents=True, exist_ok=True)
