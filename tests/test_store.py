@@ -267,3 +267,19 @@ def test_a_flipped_byte_in_a_token_chunk_fails_the_read(tmp_path: Path) -> None:
         opened.get_tokens([0])
     with pytest.raises(InputError, match="corrupt"):
         list(opened.iter_batches(2))
+
+
+def test_get_into_a_preallocated_buffer(tmp_path):
+    path = tmp_path / "t.zarr"
+    d = _build(path)
+    s = open_token_store(path)
+    buf = np.full((2, *GRID, DIM), np.nan, dtype=np.float32)
+    assert s.get("tokens", [5, 1], out=buf) is buf
+    np.testing.assert_array_equal(buf, d["tokens"][[5, 1]].astype(np.float16).astype(np.float32))
+    labels = np.empty((1, *LHW), dtype=np.int16)
+    np.testing.assert_array_equal(s.get("labels", [3], out=labels), d["labels"][[3]])
+    with pytest.raises(ConfigError, match=r"out= must be a writeable C-contiguous array of shape \(1, 2, 3, 4\)"):
+        s.get("tokens", [0], out=buf)
+    with pytest.raises(ConfigError, match="dtype=float16 but out= is float32"):
+        s.get("tokens", [0, 1], np.float16, out=buf)
+

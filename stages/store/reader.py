@@ -128,6 +128,10 @@ class _FallbackCheck:
         self.require(np.arange(0, min(parts, len(keys)) * self.file_samples, self.file_samples))
 
 
+STREAM_AHEAD_BYTES = 256 << 20
+"""How far :meth:`TokenStore.iter_batches` asks the kernel to read ahead (page cache, not process memory)."""
+
+
 class TokenStore:
     """Read-only view of a token store (open with :func:`open_token_store` or :func:`open_tokens`).
 
@@ -257,21 +261,34 @@ class TokenStore:
             raise InputError(f"{_context(self.path)}: array {name!r} is corrupt ({what}: {exc}); "
                              "run `stegopipe verify` and rebuild the artifact") from exc
 
-    def get(self, name: str, indices: ArrayLike, dtype: DTypeLike | None = None) -> np.ndarray:
+    def get(self, name: str, indices: ArrayLike, dtype: DTypeLike | None = None, *,
+            out: np.ndarray | None = None) -> np.ndarray:
         """Samples ``indices`` (any order, repeats allowed) of array ``name``, in the stored dtype or ``dtype``.
 
-        Only the chunks of the requested samples are read and decoded.
+        Only the chunks of the requested samples are read and decoded. ``out`` (C-contiguous, of shape
+        ``[k, *sample shape]``; its dtype is the one returned) receives them instead of a new array: a
+        loop reusing one buffer (or a pinned one) saves the allocation and its page faults.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self._n):
             raise InputError(
                 f"token store {self.path}: sample indices must lie in [0, {self.n}), got min {idx.min()} max {idx.max()}"
             )
+        if out is not None:
+            shape = (idx.size, *self._array(name).shape[1:])
+            if out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+                raise ConfigError(f"token store {self.path}: out= must be a writeable C-contiguous array of shape "
+                                  f"{shape}, got {out.shape}")
+            if dtype is not None and np.dtype(dtype) != out.dtype:
+                raise ConfigError(f"token store {self.path}: dtype={np.dtype(dtype)} but out= is {out.dtype}")
         direct = self._direct.get(name)
         if direct is not None:
-            return direct.read(idx, dtype)
-        out = self._get_zarr(name, idx)
-        return out if dtype is None else out.astype(dtype, copy=False)
+            return direct.read(idx, dtype, out)
+        values = self._get_zarr(name, idx)
+        if out is not None:
+            out[...] = values
+            return out
+        return values if dtype is None else values.astype(dtype, copy=False)
 
     def _get_zarr(self, name: str, idx: np.ndarray) -> np.ndarray:
         """:meth:`get` through zarr-python."""
@@ -320,9 +337,10 @@ class TokenStore:
     ) -> Iterator[dict[str, np.ndarray]]:
         """Stream samples ``[start, stop)`` in order as dicts of ``arrays`` plus ``"index"`` (int64).
 
-        Reads one shard (clipped to the range) at a time and prefetches the next one in a background
-        thread; batches span shard boundaries, the last one may be short. Token arrays are cast to
-        ``tokens_dtype`` (float32 by default).
+        Reads one shard (clipped to the range) per task, two tasks at a time in background threads (one
+        checksums and casts while the other waits on the disk), and asks the kernel to read the shard
+        files of the next :data:`STREAM_AHEAD_BYTES` ahead; batches span shard boundaries, the last one
+        may be short. Token arrays are cast to ``tokens_dtype`` (float32 by default).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: must be a positive integer")
@@ -332,11 +350,18 @@ class TokenStore:
         names = list(arrays)
         for name in names:
             self._array(name)
-        first = start // self.shard_size * self.shard_size
-        pieces = ((max(a, start), min(a + self.shard_size, stop)) for a in range(first, stop, self.shard_size))
+        size = self.shard_size
+        first = start // size
+        shards = range(first, -(-stop // size))
+        direct = [self._direct[name] for name in names if name in self._direct]
+        ahead = max(1, STREAM_AHEAD_BYTES // max(1, sum(d.nbytes for d in direct) * size)) if direct else 0
 
-        def read(piece: tuple[int, int]) -> dict[str, np.ndarray]:
-            a, b = piece
+        def read(shard: int) -> dict[str, np.ndarray]:
+            for later in range(shard + 1, shard + ahead + 1) if shard == first else (shard + ahead,):
+                if later < shards.stop:
+                    for reader in direct:
+                        reader.advise(later)
+            a, b = max(shard * size, start), min((shard + 1) * size, stop)
             out = {name: self.get(name, np.arange(a, b), tokens_dtype if name.startswith("tokens") else None)
                    for name in names}
             out["index"] = np.arange(a, b, dtype=np.int64)
@@ -344,7 +369,7 @@ class TokenStore:
 
         buffer: list[dict[str, np.ndarray]] = []
         buffered = 0
-        with prefetch(read, pieces, workers=1, name="store-stream") as chunks:
+        with prefetch(read, shards, workers=2, name="store-stream") as chunks:
             for chunk in chunks:
                 buffer.append(chunk)
                 buffered += len(chunk["index"])
