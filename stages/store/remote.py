@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -56,7 +57,8 @@ _BLOCK = 8 << 20
 """Bytes per read/write while copying a file (also the multipart part size of s3fs uploads)."""
 _COPY_WORKERS = 8
 """Files copied at once (object stores are fast in parallel, slow per stream)."""
-_METADATA = frozenset({"zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"})
+for _name in ("botocore.credentials", "aiobotocore.credentials", "botocore.configprovider"):
+    logging.getLogger(_name).setLevel(logging.WARNING)  # "Found credentials in environment variables." on every CLI call
 
 
 @dataclass(frozen=True)
