@@ -72,7 +72,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             rows.append(row(
                 f"fuzz {counts.case}: wrong reads of {counts.tried} mutations", counts.wrong, "", goal="ours == 0",
                 note=(f"refused {counts.refused}, harmless {counts.harmless}, accepted {counts.accepted}, "
-                      f"peak traced {counts.peak_bytes / 2**20:.1f} MiB"
+                      f"peak {counts.peak_bytes / 2**20:.1f} MiB"
                       + (f"; first: {counts.failures[0][:200]}" if counts.failures else ""))))
     return rows + _checked_decode_rows(3 if quick else 9)
 

@@ -12,10 +12,12 @@ and checks the property of the readers:
 - never other data, never another exception type, never a multi-line message, and never more memory
   than the case's expected decoded size plus :data:`MARGIN` (``wrong``, which must stay 0).
 
-Memory is bounded two ways: the peak of ``tracemalloc`` (Python and numpy allocations) is compared
-with the limit, and the process's address space is capped at its current size plus the limit plus
-:data:`ADDRESS_MARGIN` during the read, so a native allocation (torch, a C decoder) beyond it fails
-instead of exhausting the machine; such a failure counts as wrong.
+Memory is bounded three ways: the process's address space is capped at its current size plus the limit
+plus :data:`ADDRESS_MARGIN` during the read, so an allocation beyond it (torch, a C decoder, numpy) fails
+instead of exhausting the machine, and counts as wrong; the growth of the resident set's high-water mark
+(reset before each read through ``/proc/self/clear_refs``) must stay within the limit plus
+:data:`RSS_MARGIN`; and on every :data:`TRACE_EVERY`-th read (``tracemalloc`` makes reads ~5x slower) the
+peak of ``tracemalloc`` (Python and numpy allocations, touched or not) within the limit plus :data:`MARGIN`.
 
 A format with no integrity check of its own over the fuzzed layer (a crafted file rather than a damaged
 one: a Squirrel record's msgpack, a label PNG at ``prepare`` time) sets ``integrity=False``: a read that
@@ -47,14 +49,18 @@ from pipeline.errors import StegopipeError
 
 MARGIN = 16 << 20
 """Bytes a read may allocate (tracemalloc peak) beyond the case's ``max_bytes``."""
+RSS_MARGIN = 64 << 20
+"""Bytes the resident set's peak may grow beyond the case's ``max_bytes`` (allocator and first-use caches)."""
 ADDRESS_MARGIN = 512 << 20
 """Address space a read may add beyond ``max_bytes`` before an allocation fails (native allocators,
 arenas, imports on first use)."""
 MUTATIONS = ("flip", "overwrite", "truncate", "extend", "splice", "length")
-SHORT_RUN = 60
+SHORT_RUN = 30
 """Mutations per case in the default suite."""
-LONG_RUN = 2000
+LONG_RUN = 1000
 """Mutations per case in ``make test-faults`` (``faults_full``) and ``make bench``."""
+TRACE_EVERY = 10
+"""Every this many reads (the unmutated one included) also run under ``tracemalloc``."""
 
 _INTERESTING_BYTES = (b"\x00", b"\xff", b"\x7f", b"\x80", b"\x01")
 _INTERESTING_INTS = (0, 1, 2**7, 2**8 - 1, 2**15, 2**16 - 1, 2**31 - 1, 2**31, 2**32 - 1, 2**63 - 1, 2**63,
@@ -207,6 +213,21 @@ def _address_space() -> int:
         return int(handle.read().split()[0]) * resource.getpagesize()
 
 
+def _reset_rss_peak() -> int:
+    """Reset the resident set's high-water mark to the current resident size; returns that size (bytes)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kb("VmRSS") << 10
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 @contextmanager
 def _capped_address_space(extra: int) -> Iterator[None]:
     """Cap the address space at its current size plus ``extra`` bytes (restored afterwards)."""
@@ -221,15 +242,16 @@ def _capped_address_space(extra: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def check_read(case: FuzzCase, data: bytes, folder: Path) -> tuple[str, str, int]:
-    """Run ``case``'s reader on ``data`` written into ``folder``: (outcome, detail, tracemalloc peak).
+def check_read(case: FuzzCase, data: bytes, folder: Path, *, traced: bool = True) -> tuple[str, str, int]:
+    """Run ``case``'s reader on ``data`` written into ``folder``: (outcome, detail, peak bytes allocated).
 
     outcome is ``harmless``, ``refused``, ``accepted`` or ``wrong`` (see the module docstring).
     """
     folder.mkdir(parents=True)
     target = case.write(folder, data)
-    limit = case.max_bytes + MARGIN
-    tracemalloc.start()
+    if traced:
+        tracemalloc.start()
+    rss_before = _reset_rss_peak()
     try:
         with _capped_address_space(case.max_bytes + ADDRESS_MARGIN):
             result = case.read(target)
@@ -247,11 +269,14 @@ def check_read(case: FuzzCase, data: bytes, folder: Path) -> tuple[str, str, int
         else:
             outcome, detail = "wrong", "returned other data"
     finally:
-        peak = tracemalloc.get_traced_memory()[1]
+        rss_peak = (_status_kb("VmHWM") << 10) - rss_before
+        traced_peak = tracemalloc.get_traced_memory()[1] if traced else 0
         tracemalloc.stop()
-    if peak > limit:
-        outcome, detail = "wrong", f"allocated {peak} bytes (limit {limit}); {detail}"
-    return outcome, detail, peak
+    if traced_peak > case.max_bytes + MARGIN:
+        outcome, detail = "wrong", f"allocated {traced_peak} bytes (limit {case.max_bytes + MARGIN}); {detail}"
+    elif rss_peak > case.max_bytes + RSS_MARGIN:
+        outcome, detail = "wrong", f"resident set grew {rss_peak} bytes (limit {case.max_bytes + RSS_MARGIN}); {detail}"
+    return outcome, detail, max(traced_peak, rss_peak)
 
 
 def _judge_refusal(exc: BaseException) -> tuple[str, str]:
@@ -262,8 +287,9 @@ def _judge_refusal(exc: BaseException) -> tuple[str, str]:
 
 
 def fuzz(case: FuzzCase, n: int, *, seed: int = 0, workdir: Path | None = None,
-         kinds: Sequence[str] = MUTATIONS) -> FuzzCounts:
-    """Apply ``n`` seeded mutations to ``case`` and count the outcomes (``wrong`` must stay 0).
+         kinds: Sequence[str] = MUTATIONS, trace_every: int = TRACE_EVERY) -> FuzzCounts:
+    """Apply ``n`` seeded mutations to ``case`` and count the outcomes (``wrong`` must stay 0); every
+    ``trace_every``-th read also bounds the tracemalloc peak (see the module docstring).
 
     Also checks the unmutated file first: it must read back as ``expected`` (else the case itself is
     broken and a ``ValueError`` says so).
@@ -272,13 +298,13 @@ def fuzz(case: FuzzCase, n: int, *, seed: int = 0, workdir: Path | None = None,
     rng = random.Random(f"{case.name}:{seed}")
     base = Path(tempfile.mkdtemp(prefix=f"fuzz-{case.name}-", dir=workdir))
     try:
-        outcome, detail, _ = check_read(case, case.original, base / "original")
+        outcome, detail, _ = check_read(case, case.original, base / "original", traced=True)
         if outcome != "harmless":
             raise ValueError(f"fuzz case {case.name}: the unmutated file does not read back ({outcome}: {detail})")
         for i in range(n):
             description, data = mutate(case.original, rng, rng.choice(kinds))
             folder = base / f"m{i}"
-            outcome, detail, peak = check_read(case, data, folder)
+            outcome, detail, peak = check_read(case, data, folder, traced=(i + 1) % trace_every == 0)
             shutil.rmtree(folder, ignore_errors=True)
             counts.tried += 1
             counts.peak_bytes = max(counts.peak_bytes, peak)

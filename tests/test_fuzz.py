@@ -48,7 +48,7 @@ def test_harness_counts_a_memory_blowup_and_a_foreign_exception_as_wrong(tmp_pat
         return data
 
     counts = fuzz(FuzzCase("greedy", b"abc", write, greedy, expected=b"abc", max_bytes=16), 30, workdir=tmp_path,
-                  kinds=("extend",))
+                  kinds=("extend",), trace_every=1)
     assert counts.wrong == 30 and all("allocated" in f or "MemoryError" in f for f in counts.failures)
 
     def crashes(data: bytes) -> bytes:
