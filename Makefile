@@ -27,7 +27,7 @@ ifneq ($(WEIGHTS_DIR),)
 export STEGOPIPE_WEIGHTS_DIR := $(abspath $(WEIGHTS_DIR))
 endif
 
-.PHONY: help install test test-slow test-faults demo bench clean prepare extract knn reduce train-head probe \
+.PHONY: help install test test-slow test-faults demo bench bench-scale clean prepare extract knn reduce train-head probe \
 	evaluate report plan table2 fig3 fig4 hnne predict nightly import-stego
 
 help: ## List the targets
@@ -50,6 +50,10 @@ test-slow: install ## Run the slow tests only
 
 test-faults: install ## Run the whole fault-injection suite
 	$(PY) -m pytest -q -m "faults or faults_full"
+
+.PHONY: test-slurm
+test-slurm: install ## Run the tests on a real one-node SLURM that they start (root; apt-get installs slurm-wlm, munge)
+	$(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 demo: install ## Run the whole pipeline on the built-in synthetic dataset and write a report
 	$(STEGO) run demo $(ARGS)
@@ -105,6 +109,9 @@ nightly: install ## Cron-style nightly run of EXPERIMENT (flock, dated log in lo
 
 bench: install ## Run every benchmark and print one table (benchmarks/results/)
 	$(PY) benchmarks/run_all.py $(ARGS)
+
+bench-scale: install ## Paper-shaped rehearsal: every stage on N, 2N, 4N token stores, 4N = 1.2x RAM (ARGS="--n 256": small)
+	$(PY) benchmarks/scale.py $(ARGS)
 
 clean: ## Remove artifacts and reports (keeps .venv)
 	rm -rf artifacts reports .pytest_cache

@@ -67,6 +67,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         BackboneSpec("vit_base_patch16_224.dino", "dino", 768, 12, 12, 16, "dino_vitbase16_pretrain.pth"),
         BackboneSpec("vit_small_patch14_dinov2.lvd142m", "dinov2", 384, 12, 6, 14),
         BackboneSpec("vit_base_patch14_dinov2.lvd142m", "dinov2", 768, 12, 12, 14),
+        # Scale rehearsals only (benchmarks/scale.py): ViT-S/8's patch and position embedding and final
+        # LayerNorm, no blocks, random weights: real 28×28×384 tokens at 224 px, a fraction of the forward.
+        BackboneSpec("vit_small_patch8_embed.rehearsal", "dino", 384, 0, 6, 8),
     )
 }
 
