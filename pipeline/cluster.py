@@ -67,19 +67,10 @@ def dask_client(run_cfg: DictConfig) -> Iterator[Any]:
             yield client
         return
     if run_cfg.cluster == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError as exc:
-            raise ConfigError("run.cluster=slurm needs dask-jobqueue: pip install 'stegopipe[slurm]'") from exc
-        slurm = run_cfg.slurm
-        extra = list(slurm.job_extra_directives) + ([f"--gres=gpu:{slurm.gpus_per_job}"] if slurm.gpus_per_job else [])
-        worker_extra = ["--resources", f"GPU={slurm.gpus_per_job}"] if slurm.gpus_per_job else []
-        with SLURMCluster(queue=slurm.queue, account=slurm.account, cores=slurm.cores, memory=slurm.memory,
-                          walltime=slurm.walltime, job_extra_directives=extra, worker_extra_args=worker_extra,
-                          local_directory=slurm.local_directory) as cluster:
-            cluster.scale(jobs=slurm.jobs)
-            with Client(cluster) as client:
-                yield client
+        from pipeline.slurm import slurm_cluster
+
+        with slurm_cluster(run_cfg.slurm) as cluster, Client(cluster) as client:
+            yield client
         return
     if run_cfg.cluster != "local":
         raise ConfigError(f"run.cluster={run_cfg.cluster!r}: expected 'local' or 'slurm'")
