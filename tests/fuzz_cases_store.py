@@ -17,7 +17,7 @@ INDEX_NBYTES = 16 * SHARD + 4
 
 
 def _build(path: Path, *, index_at_start: bool = False) -> None:
-    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
     from stages.store import create_token_store, shard_ranges, write_shard
 
@@ -25,12 +25,14 @@ def _build(path: Path, *, index_at_start: bool = False) -> None:
     labels = np.repeat(rng.integers(-1, 27, (N, 4, 1)), LHW[0] // 4, axis=1).repeat(LHW[1], axis=2)
     group = create_token_store(path, n=N, grid=GRID, dim=DIM, label_hw=LHW, shard_size=SHARD, with_rgb=True,
                                with_flip=False)
-    if index_at_start:  # the direct path declines it: zarr-python reads the tokens
-        del group["tokens"]
-        sharding = ShardingCodec(chunk_shape=(1, *GRID, DIM), codecs=[BytesCodec(), Crc32cCodec()],
-                                 index_location="start")
-        group.create_array("tokens", shape=(N, *GRID, DIM), dtype="float16", chunks=(SHARD, *GRID, DIM),
-                           serializer=sharding, compressors=None, fill_value=0.0)
+    if index_at_start:  # the direct path declines them: zarr-python reads tokens and rgb
+        for name, sample, dtype, inner in (("tokens", (*GRID, DIM), "float16", []),
+                                           ("rgb", (*LHW, 3), "uint8", [ZstdCodec(level=1)])):
+            del group[name]
+            sharding = ShardingCodec(chunk_shape=(1, *sample), codecs=[BytesCodec(), *inner, Crc32cCodec()],
+                                     index_location="start")
+            group.create_array(name, shape=(N, *sample), dtype=dtype, chunks=(SHARD, *sample), serializer=sharding,
+                               compressors=None, fill_value=0)
     for k, (a, b) in enumerate(shard_ranges(N, SHARD)):
         write_shard(path, k, tokens=rng.standard_normal((b - a, *GRID, DIM)), labels=labels[a:b],
                     rgb=rng.integers(0, 256, (b - a, *LHW, 3)), ids=[f"img{i}" for i in range(a, b)])
@@ -109,6 +111,13 @@ def index_rgb(workdir: Path) -> FuzzCase:
 def shard_zarr_python(workdir: Path) -> FuzzCase:
     """A tokens shard with its index at the start, read through zarr-python (the fallback's checks)."""
     return _store_case(workdir, "store-shard-zarr-python", "tokens/c/1/0/0/0", index_at_start=True)
+
+
+@fuzz_case("store-shard-zarr-python-zstd")
+def shard_zarr_python_zstd(workdir: Path) -> FuzzCase:
+    """A zstd rgb shard with its index at the start, read through zarr-python (headers checked before it
+    decodes)."""
+    return _store_case(workdir, "store-shard-zarr-python-zstd", "rgb/c/0/0/0/0", index_at_start=True)
 
 
 @fuzz_case("store-ids-chunk")

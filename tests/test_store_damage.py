@@ -178,7 +178,7 @@ def _bomb(codec: numcodecs.abc.Codec, nbytes: int) -> bytes:
     ("rgb", numcodecs.Zstd(level=1)),
     ("labels", numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE, typesize=2)),
 ])
-def test_a_decompression_bomb_with_a_valid_crc_allocates_nothing_big(tmp_path: Path, name: str,
+def test_a_decompression_bomb_with_a_valid_crc_allocates_nothing_big(tmp_path: Path, read_path: str, name: str,
                                                                       codec: numcodecs.abc.Codec) -> None:
     """A chunk of a 512×512 sample's size declaring 64 MiB (crc32c valid): refused before decoding, without
     allocating it; a longer chunk than any encoding of a sample is refused at the shard index already."""
@@ -202,7 +202,7 @@ def test_a_decompression_bomb_with_a_valid_crc_allocates_nothing_big(tmp_path: P
     np.testing.assert_array_equal(t.get(name, [0, 2]), d[name][[0, 2]])
     junk = bytes(d[name][0].nbytes * 2)  # longer than any blosc or zstd encoding of one sample
     _write_shard_file(f, [chunks[0], junk + _crc(junk), chunks[2]])
-    with pytest.raises(InputError, match=r"shard index entry 1: chunk length \d+ is not in \[5, \d+\]"):
+    with pytest.raises(InputError, match=r"shard index entry 1: chunk length \d+ is not in \[\d+, \d+\]"):
         open_tokens(path).get(name, [0])
 
 

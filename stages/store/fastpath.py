@@ -156,12 +156,13 @@ def _zstd_content_size(frame: Any) -> int | None:
     return value + 256 if width == 2 else value
 
 
-def declared_size(codec: Any, payload: Any) -> int | None:
+def declared_size(codec: Any, payload: Any, length: int | None = None) -> int | None:
     """The decoded size the header of a blosc or zstd ``payload`` declares (None: none, or blosc's header
-    claims another compressed length than the payload has), read before anything is decoded."""
+    claims another compressed length than the payload's, ``length`` when only its head is given), read
+    before anything is decoded."""
     if isinstance(codec, numcodecs.Blosc):
         head = bytes(payload[:16])
-        if len(head) < 16 or int.from_bytes(head[12:16], "little") != len(payload):
+        if len(head) < 16 or int.from_bytes(head[12:16], "little") != (len(payload) if length is None else length):
             return None
         return int.from_bytes(head[4:8], "little")
     return _zstd_content_size(payload)

@@ -20,7 +20,9 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.prefetch import prefetch
 from stages.store.fastpath import (
     _EMPTY,
+    _numcodec,
     _ShardFile,
+    declared_size,
     fast_path_unsupported_reason,
     max_encoded_length,
     shard_index_problem,
@@ -49,11 +51,23 @@ def _chunk_lengths(sharding: ShardingCodec, nbytes: int) -> tuple[int, int]:
     return 1, 2**64 - 1
 
 
+def _sized_compressor(codecs: tuple[Any, ...]) -> tuple[Any, int] | None:
+    """For a chunk codec chain ``[bytes, blosc | zstd, crc32c...]``: the compressor's numcodecs twin (its
+    header declares the decoded size) and the bytes of checksums after it; else None."""
+    if len(codecs) < 2 or not isinstance(codecs[1], BloscCodec | ZstdCodec):
+        return None
+    if not all(isinstance(c, Crc32cCodec) for c in codecs[2:]):
+        return None
+    return _numcodec(codecs[1]), 4 * (len(codecs) - 2)
+
+
 class _FallbackCheck:
     """What zarr-python would read quietly from a local store whose arrays it reads (other codec chains):
-    a missing chunk or shard file, an empty shard index entry (both read as fill values) and a shard index
-    whose chunks lie outside the data, overlap (aliased samples) or have impossible lengths. Each file is
-    checked once, when a read first needs it. (Stores at a URL are checked by :mod:`stages.store.remote`.)"""
+    a missing chunk or shard file, an empty shard index entry (both read as fill values), a shard index
+    whose chunks lie outside the data, overlap (aliased samples) or have impossible lengths, and a blosc or
+    zstd chunk whose header declares another decoded size than a chunk has (zarr-python would allocate what
+    it declares). Each file is checked once, when a read first needs it. (Stores at a URL are checked by
+    :mod:`stages.store.remote`.)"""
 
     def __init__(self, array: zarr.Array, name: str, where: str) -> None:
         self.array, self.name, self.where = array, name, where
@@ -61,8 +75,12 @@ class _FallbackCheck:
         codecs = tuple(array.metadata.codecs)
         self.sharding = codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
         self.file_samples = int((array.shards if self.sharding else array.chunks)[0])
-        self.holes: dict[int, set[int]] = {}
-        """Per file checked: its samples that have no chunk (empty index entries)."""
+        inner = tuple(self.sharding.chunk_shape) if self.sharding else tuple(array.chunks)
+        self.chunk_nbytes = int(np.prod(inner)) * array.dtype.itemsize
+        self.compressor = _sized_compressor(tuple(self.sharding.codecs) if self.sharding else codecs)
+        self.unreadable: dict[int, dict[int, InputError]] = {}
+        """Per file checked: its samples that must not be read (no chunk, a header claiming another size)
+        and the error a read of each raises."""
 
     def key(self, part: int) -> str:
         return self.array.metadata.encode_chunk_key((part,) + (0,) * (self.array.ndim - 1))
@@ -79,22 +97,25 @@ class _FallbackCheck:
         parts = samples // self.file_samples
         for part, first in zip(*np.unique(parts, return_index=True), strict=True):
             part = int(part)
-            if part not in self.holes:
-                self.holes[part] = self._check_file(part, int(samples[first]))
-            if self.holes[part]:
-                wanted = [int(s) for s in samples[parts == part] if int(s) in self.holes[part]]
-                if wanted:
-                    raise self._missing(wanted[0], part, "empty shard index entry: no chunk stored")
+            if part not in self.unreadable:
+                self.unreadable[part] = self._check_file(part, int(samples[first]))
+            bad = self.unreadable[part]
+            for sample in samples[parts == part].tolist() if bad else ():
+                if sample in bad:
+                    raise bad[sample]
 
-    def _check_file(self, part: int, wanted: int) -> set[int]:
-        """Check file ``part`` and return its samples without a chunk (``wanted``: the first sample a read
-        wants from it, named if the file is missing)."""
+    def _check_file(self, part: int, wanted: int) -> dict[int, InputError]:
+        """Check file ``part`` (raising for the file as a whole) and return its samples that must not be
+        read, with their errors (``wanted``: the first sample a read wants from it, named if the file is
+        missing)."""
         first = part * self.file_samples
         path = self.root / self.key(part)
         if not path.is_file():
             raise self._missing(wanted, part, "chunk file missing" if self.sharding is None else "shard file missing")
         if self.sharding is None:
-            return set()
+            bad = self._check_headers(path, [(0, path.stat().st_size)], [first])
+            last = min(first + self.file_samples, int(self.array.shape[0]))
+            return {sample: error for error in bad.values() for sample in range(first, last)}
         shard_shape = tuple(self.array.shards)
         inner = tuple(self.sharding.chunk_shape)
         per_shard = tuple(s // c for s, c in zip(shard_shape, inner, strict=True))
@@ -106,15 +127,39 @@ class _FallbackCheck:
         size, index_nbytes = path.stat().st_size, self.sharding._shard_index_size(per_shard)
         at_end = self.sharding.index_location == ShardingCodecIndexLocation.end
         entries = index.offsets_and_lengths.reshape(-1, 2)
-        nbytes = int(np.prod(inner)) * self.array.dtype.itemsize
         problem = shard_index_problem(entries, 0 if at_end else index_nbytes, size - index_nbytes if at_end else size,
-                                      _chunk_lengths(self.sharding, nbytes))
+                                      _chunk_lengths(self.sharding, self.chunk_nbytes))
         if problem is not None:
             raise InputError(f"{self.where}: array {self.name!r} is corrupt (shard {part}, file {path}: shard index "
                              f"entry {problem[0]}: {problem[1]}); run `stegopipe verify` and rebuild the artifact")
+        stored = [(j, int(o), int(n)) for j, (o, n) in enumerate(entries.tolist()) if o != _EMPTY]
+        per_row = entries.shape[0] // per_shard[0]  # index entries per step of inner[0] samples
+        bad = self._check_headers(path, [(o, n) for _, o, n in stored],
+                                  [first + j // per_row * inner[0] for j, _, _ in stored])
         empty = (index.offsets_and_lengths[..., 0] == _EMPTY).reshape(per_shard[0], -1).any(axis=1)
         stored = min(self.file_samples, int(self.array.shape[0]) - first)
-        return {first + int(j) for j in np.flatnonzero(np.repeat(empty, inner[0])[:stored])}
+        for j in np.flatnonzero(np.repeat(empty, inner[0])[:stored]).tolist():
+            bad.setdefault(first + j, self._missing(first + j, part, "empty shard index entry: no chunk stored"))
+        return bad
+
+    def _check_headers(self, path: Path, spans: list[tuple[int, int]], samples: list[int]) -> dict[int, InputError]:
+        """The samples (``samples[k]``: of the chunk at ``spans[k] = (offset, length)`` in ``path``) whose
+        compressed chunk's header declares another decoded size than :attr:`chunk_nbytes`, with their errors."""
+        bad: dict[int, InputError] = {}
+        if self.compressor is None:
+            return bad
+        codec, crc_bytes = self.compressor
+        with open(path, "rb") as handle:
+            for k, (offset, length) in enumerate(spans):
+                handle.seek(offset)
+                size = declared_size(codec, handle.read(min(length - crc_bytes, 32)), length - crc_bytes)
+                if size != self.chunk_nbytes:
+                    claim = "no decoded size" if size is None else f"{size} bytes"
+                    bad[samples[k]] = InputError(
+                        f"{self.where}: array {self.name!r} is corrupt (sample {samples[k]}, file {path}: "
+                        f"{codec.codec_id} header declares {claim}, expected {self.chunk_nbytes}); run `stegopipe "
+                        "verify` and rebuild the artifact")
+        return bad
 
     def require_all(self) -> None:
         """Every file of the array present (listed once, so a claimed size far beyond the files fails fast)."""
