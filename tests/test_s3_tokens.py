@@ -241,3 +241,12 @@ def test_squirrel_export_import_at_s3_urls(bucket: str, artifact: Path, root: Pa
     np.testing.assert_array_equal(back.get_tokens(range(N)), source.get_tokens(range(N)))
     np.testing.assert_array_equal(back.get_labels(range(N)), source.get_labels(range(N)))
     np.testing.assert_array_equal(back.get_rgb(range(N)), source.get_rgb(range(N)))
+
+
+def test_any_fsspec_url(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same commands at a file:// URL (any fsspec URL works as s3:// does)."""
+    url = f"file://{tmp_path}/exports/{ARTIFACT}"
+    _invoke("export-tokens", ARTIFACT, url)
+    _assert_same_store(open_tokens(url), open_token_store(artifact / "tokens.zarr"))
+    imported = _import_elsewhere(url, tmp_path, monkeypatch)
+    assert imported.exit_code == 0 and _files(Path(imported.stdout.strip())) == _files(artifact)

@@ -31,6 +31,7 @@ import fsspec
 import google_crc32c
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.codecs import Crc32cCodec, ShardingCodec
@@ -231,6 +232,8 @@ def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
     raw = (directory / MANIFEST).read_bytes()
     manifest = _manifest(raw, str(directory / MANIFEST))
     fs, base = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):  # a folder tree: make each file's folder (object stores have none)
+        fs = LocalFileSystem(auto_mkdir=True)
     entries = manifest["files"]
     done = Export(url, manifest["id"], len(entries) + 1, sum(e["size"] for e in entries) + len(raw))
     there = _read_manifest(fs, base, url)
