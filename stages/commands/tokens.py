@@ -21,8 +21,9 @@ def _named(url: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError) as exc:
-        raise InputError(f"{url}: {type(exc).__name__}: {exc} (credentials and endpoint come from the "
-                         "environment, e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)") from exc
+        hint = (" (credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+                "or ~/.aws, AWS_ENDPOINT_URL)" if url.startswith("s3://") else "")
+        raise InputError(f"{url}: {type(exc).__name__}: {exc}{hint}") from exc
 
 
 @register_command
