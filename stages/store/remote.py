@@ -226,8 +226,8 @@ class Export:
 
 def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
     """Write the tokens artifact in ``artifact_dir`` to ``url``, every file checked against the manifest while
-    it is uploaded, ``manifest.json`` (unchanged) last. ``url`` must be new or empty, or hold this very
-    export already (then nothing is written)."""
+    it is uploaded, ``manifest.json`` (unchanged) last. ``url`` must be new or empty, hold this very export
+    (then nothing is written) or an export of it that did not finish (then every file is written again)."""
     directory, url = Path(artifact_dir), url.rstrip("/")
     raw = (directory / MANIFEST).read_bytes()
     manifest = _manifest(raw, str(directory / MANIFEST))
@@ -241,9 +241,11 @@ def export_tokens(artifact_dir: str | os.PathLike[str], url: str) -> Export:
         return done  # exported before: the same manifest seals the same files
     if there is not None:
         raise InputError(f"{url}: holds the export of {there[1]['id']}; export to a new or empty location")
-    if fs.exists(base) and fs.ls(base, detail=False):
-        raise InputError(f"{url}: holds objects but no {MANIFEST} (an export that did not finish, or other "
-                         "data); delete them or export to a new or empty location")
+    others = sorted({path[len(base) + 1:] for path in fs.find(base)} - {e["path"] for e in entries})
+    if others:  # objects of this artifact alone are an export that did not finish: written again
+        raise InputError(f"{url}: holds objects that are not part of {manifest['id']} ({others[0]}"
+                         f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); export to a new or empty "
+                         "location")
 
     def upload(entry: dict[str, Any]) -> None:
         with open(directory / entry["path"], "rb") as src, fs.open(f"{base}/{entry['path']}", "wb",
