@@ -3,6 +3,7 @@ indexes alone, ids chunks and ``zarr.json`` (group and array), read through :cla
 direct path and (a shard index at the start, which the direct path declines) through zarr-python."""
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +67,8 @@ def _store_case(workdir: Path, name: str, member: str, *, index_at_start: bool =
 
     def write(folder: Path, data: bytes) -> Path:
         store = folder / "t.zarr"
-        shutil.copytree(original_store, store)
+        shutil.copytree(original_store, store, copy_function=os.link)  # the unmutated files shared
+        (store / member).unlink()
         (store / member).write_bytes(kept + data)
         return store
 
