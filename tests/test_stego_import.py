@@ -15,12 +15,12 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.planner import Request, plan
+from pipeline.registry import get_stage, stage_code, stage_fingerprint
 from pipeline.runner import run_tasks
 from pipeline.specs import validate
 from stages.evaluation.probes import load_probes
 from stages.projections.select import open_projection
 from stages.stego.head import StegoHead
-from stages.train_head import VERSION
 
 D, DIM, N = 16, 6, 3
 
@@ -60,7 +60,9 @@ def test_import_creates_a_content_addressed_head_artifact(root: Path, tmp_path: 
     result = _invoke("import-stego", str(path))
     assert result.exit_code == 0, result.output
     artifact = result.stdout.strip().splitlines()[-1]
-    assert artifact == artifact_id("train-head", VERSION, {"imported": sha256_file(path)}, {})
+    stage = get_stage("train-head")
+    code = stage_code(stage, stage_fingerprint(stage).digest)
+    assert artifact == artifact_id("train-head", code, {"imported": sha256_file(path)}, {})
     store = ArtifactStore(root)
     out = store.path(artifact)
     validate("head", out)
@@ -126,3 +128,15 @@ def test_dino_baseline_and_missing_files_are_refused(root: Path, tmp_path: Path)
         run_tasks(tasks, cfg.run)
     with pytest.raises(InputError, match="no such checkpoint file"):
         plan([Request("train-head", load_config(None, [f"head.checkpoint={tmp_path / 'absent.ckpt'}"]))])
+
+
+def test_zero_stride_tensors_are_refused_and_nothing_is_written(root: Path, tmp_path: Path) -> None:
+    """Issue 19 item 5: tensors that claim more elements than their storage (a 2.7 KB file writing GBs)."""
+    ckpt = _checkpoint()
+    ckpt["state_dict"]["net.cluster1.0.weight"] = torch.zeros(1).expand(DIM, D, 1, 1)  # right shape, 1 stored value
+    path = _save(tmp_path, ckpt, "strided.ckpt")
+    result = CliRunner().invoke(main, ["import-stego", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "state_dict.net.cluster1.0.weight claims shape" in errors[0] and str(path) in errors[0]
+    assert not ArtifactStore(root).ids("train-head")  # nothing published
