@@ -97,22 +97,28 @@ class _CheckedStore(WrapperStore[FsspecStore]):
     """A read-only zarr store at a URL that raises :class:`InputError` naming the object instead of returning
     what zarr-python would read quietly: a missing chunk object (fill values), a chunk, shard index or whole
     shard whose crc32c does not match, an index entry missing for a stored sample, a metadata object that
-    differs from the manifest (``files``: path inside the store -> manifest entry)."""
+    differs from the manifest (``files``: path inside the store -> manifest entry). Checked shard indexes
+    are kept (an exported store never changes), so a random read costs one request per sample after the
+    first read of its shard."""
 
     def __init__(self, store: FsspecStore, *, url: str, files: dict[str, dict[str, Any]] | None,
-                 layouts: dict[str, _Layout] | None = None) -> None:
+                 layouts: dict[str, _Layout] | None = None, indexes: dict[str, Buffer] | None = None) -> None:
         super().__init__(store)
         self.url, self.files = url, files
         self.layouts = {} if layouts is None else layouts  # shared with copies; filled once the group is open
+        self.indexes = {} if indexes is None else indexes  # shared with copies: checked shard indexes by key
 
     def _with_store(self, store: FsspecStore) -> _CheckedStore:
-        return type(self)(store, url=self.url, files=self.files, layouts=self.layouts)
+        return type(self)(store, url=self.url, files=self.files, layouts=self.layouts, indexes=self.indexes)
 
     def _refuse(self, key: str, what: str) -> InputError:
         return InputError(f"token store {self.url}: object {key} {what}; export the artifact again "
                           "(`stegopipe export-tokens ID URL`)")
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: Any = None) -> Buffer | None:
+        index = isinstance(byte_range, SuffixByteRequest)
+        if index and key in self.indexes:
+            return self.indexes[key]
         buf = await self._store.get(key, prototype, byte_range)
         parts = key.split("/")
         chunk = len(parts) >= 3 and parts[1] == "c"  # <array>/c/<shard>/...
@@ -128,6 +134,8 @@ class _CheckedStore(WrapperStore[FsspecStore]):
         if layout is not None:
             size = len(data) if byte_range is None else self.files[key]["size"] if listed else None
             self._check_chunk_object(key, data, layout, int(parts[2]), byte_range, size)
+            if index:
+                self.indexes[key] = buf
         elif listed and byte_range is None:
             entry = self.files[key]
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
