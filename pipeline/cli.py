@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
@@ -29,10 +30,12 @@ from click.shell_completion import CompletionItem  # noqa: E402
 
 from pipeline import executor, planner, registry, results, runner  # noqa: E402
 from pipeline.artifacts import ArtifactStore, stage_of  # noqa: E402
-from pipeline.config import load_config, parse_override, to_yaml  # noqa: E402
+from pipeline.config import (SECTIONS, check_section, get_path, load_config, parse_override,  # noqa: E402
+                             to_container, to_yaml)
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
 from pipeline.experiments import Experiment, experiment_names, experiment_path, sweep_values  # noqa: E402
-from pipeline.labels import COLUMNS, Labeller, chain, distinguishing, format_cell, label_text, store_lookup  # noqa: E402
+from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, manifest_reader,  # noqa: E402
+                             store_lookup)
 
 EXTRA_COMMANDS: list[click.Command] = []
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {}  # command name -> (module that registers it, short help)
@@ -201,11 +204,13 @@ def _when(created: str | None) -> str:
     return (created or "")[:16].replace("T", " ")
 
 
-def labeller(store: ArtifactStore, tasks: list[planner.Task] | tuple[()] = ()) -> Labeller:
-    """Labels from a plan's tasks, then the store's manifests (the plugins declare the label fields)."""
+def labeller(store: ArtifactStore, tasks: list[planner.Task] | tuple[()] = (),
+             manifest_of: Callable[[str], dict[str, Any] | None] | None = None) -> Labeller:
+    """Labels from a plan's tasks, then the store's manifests (read through ``manifest_of`` when given);
+    the plugins declare the label fields."""
     _load_plugins()
     planned = {t.id: (t.stage, t.params, t.inputs) for t in tasks}
-    return Labeller(chain(planned.get, store_lookup(store)))
+    return Labeller(chain(planned.get, store_lookup(store, manifest_of)))
 
 
 def _label_rows(labels: Labeller, ids: list[str], stages: list[str]) -> list[tuple[str, str]]:
@@ -299,9 +304,10 @@ _REPORT = click.option("--report", metavar="NAME", help="With -m: also a report 
 @click.option("--workers", type=int, help="Dask LocalCluster workers (default: one per core).")
 @_MULTIRUN
 @_REPORT
+@click.option("--verbose", "-v", is_flag=True, help="List the cached artifacts one by one ([hit] lines).")
 def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_stages: tuple[str, ...],
             no_upstream: bool, executor: str | None, scheduler: str | None, cluster: str | None,
-            workers: int | None, multirun: bool, report: str | None) -> None:
+            workers: int | None, multirun: bool, report: str | None, verbose: bool) -> None:
     """Build TARGET (a stage or an experiment) and everything it needs that is not cached.
 
     OVERRIDES are dotted config keys (head.dim=90 dataset.root=/data/coco) and stage arguments
@@ -315,12 +321,19 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
     tasks, targets, cfg, experiment = _plan_target(target, overrides, preset, cli_overrides, None,
                                                    multirun=multirun, report=report)
     only = set(targets) if no_upstream else None
-    done = runner.run_tasks(tasks, cfg.run, force_stages=force_stages, only=only)
+    store = ArtifactStore(cfg.run.root)
+    seconds = {t.id: _estimate(t, store)["seconds"] for t in tasks if not runner.is_cached(store, t.id)}
+    try:
+        done = runner.run_tasks(tasks, cfg.run, force_stages=force_stages, only=only, estimates=seconds,
+                                verbose=verbose)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: what finished is kept (artifacts, and the shards of resumable stages); "
+                   "run the same command again to resume", err=True)
+        sys.exit(130)
     ran = sum(r.status == "ran" for r in done)
     click.echo(f"{len(done)} artifacts ({ran} built, {len(done) - ran} cached) under {cfg.run.root}", err=True)
     if experiment:
-        store = ArtifactStore(cfg.run.root)
-        table, _ = _result_table(store, tasks, labeller(store, tasks))
+        table, _ = _result_table(store, [t.id for t in tasks])
         if table:
             click.echo(table)
     by_id = {r.id: r for r in done}
@@ -424,10 +437,10 @@ main.add_command(plan_cmd, "status")
 
 @main.command("stages")
 def stages_cmd() -> None:
-    """List the registered stages, their artifact kinds and make targets."""
+    """List the registered stages in pipeline order, their artifact kinds and make targets."""
     _load_plugins()
     click.echo(f"{'STAGE':<12} {'VER':<5} {'KIND':<10} {'MAKE TARGET':<22} DESCRIPTION")
-    for stage in sorted(registry.STAGES.values(), key=lambda s: s.name):
+    for stage in registry.STAGES.values():  # registration order: the plugin registers them in pipeline order
         args = ", ".join(f"{k}={v}" for k, v in stage.args.items())
         click.echo(f"{stage.name:<12} v{stage.version:<4} {stage.kind:<10} {stage.make_target:<22} "
                    f"{stage.description}{f'  [args: {args}]' if args else ''}")
@@ -522,14 +535,15 @@ def show_cmd(artifact: str, as_json: bool) -> None:
         click.echo(f"{key:<10} {value}")
 
 
-def _result_table(store: ArtifactStore, tasks: list[planner.Task], labels: Labeller, *, pool: bool = True,
-                  fmt: str = "table", conditions: tuple[str, ...] = (),
-                  sort_by: str | None = None) -> tuple[str | None, str]:
-    """The results of a plan's artifacts that record a summary (pooled over seeds unless ``pool`` is
-    False) rendered as ``fmt`` (None when there are none), and a note of how many of them exist."""
-    rows = results.artifact_rows(store, [t.id for t in tasks], labels)
+def _result_table(store: ArtifactStore, ids: list[str], *, pool: bool = True, fmt: str = "table",
+                  conditions: tuple[str, ...] = (), sort_by: str | None = None) -> tuple[str | None, str]:
+    """The results among ``ids`` (artifacts that record a summary), pooled over seeds unless ``pool`` is
+    False, rendered as ``fmt`` (None when there are none), and a note of how many of them exist."""
+    manifest_of = manifest_reader(store)
+    labels = labeller(store, (), manifest_of)
+    rows = results.artifact_rows(manifest_of, ids, labels)
     stages = {stage_of(r.ids[0]) for r in rows}
-    planned = sum(t.stage in stages for t in tasks)
+    planned = sum(stage_of(a) in stages for a in ids)
     note = f"{len(rows)} of {planned} planned {'/'.join(sorted(stages))} artifacts exist" if len(rows) < planned else ""
     if pool:
         rows = results.aggregate(rows, labels)
@@ -555,17 +569,12 @@ def results_cmd(targets: tuple[str, ...], conditions: tuple[str, ...], sort_by: 
     (linear/cluster mIoU and accuracy, with and without CRF). Reads manifests only.
     """
     store = store_from()
-    labels = labeller(store)
+    _load_plugins()
     experiments = [t for t in targets if t not in store.ids() and experiment_path(t)]
     ids = [store.resolve(t) for t in targets if t not in experiments]
-    if experiments:
-        tasks: list[planner.Task] = []
-        for name in experiments:
-            tasks += Experiment.load(name).plan()[0]
-        tasks += [planner.Task(stage_of(a), a, {}, {}, {}, {}) for a in ids]
-    else:
-        tasks = [planner.Task(stage_of(a), a, {}, {}, {}, {}) for a in ids or store.ids()]
-    text, note = _result_table(store, tasks, labels, pool=bool(experiments) and not each, fmt=fmt,
+    for name in experiments:
+        ids += [t.id for t in Experiment.load(name).plan()[0]]
+    text, note = _result_table(store, ids or store.ids(), pool=bool(experiments) and not each, fmt=fmt,
                                conditions=conditions, sort_by=sort_by)
     if text is None:
         click.echo(f"no results{' of ' + ', '.join(targets) if targets else ''}"
@@ -600,20 +609,25 @@ def experiments_cmd() -> None:
 
 @main.command("verify")
 @click.argument("artifacts", nargs=-1, shell_complete=_complete_ids)
-def verify_cmd(artifacts: tuple[str, ...]) -> None:
-    """Re-hash artifact files against their manifests (all artifacts if none given). Exit 1 on damage."""
+@click.option("--verbose", "-v", is_flag=True, help="Also one line per intact artifact.")
+def verify_cmd(artifacts: tuple[str, ...], verbose: bool) -> None:
+    """Re-hash artifact files against their manifests (all artifacts if none given): a line per damaged
+    one and a summary. Exit 1 on damage."""
     store = store_from()
     ids = [store.resolve(a) for a in artifacts] or store.ids()
     bad = 0
     for artifact in ids:
         problems = store.verify(artifact)
         bad += bool(problems)
-        click.echo(f"{'BAD ' if problems else 'ok  '} {artifact}")
+        if problems or verbose:
+            click.echo(f"{'BAD ' if problems else 'ok  '} {artifact}")
         for problem in problems:
             click.echo(f"     {problem}")
+    total = human_bytes(sum(map(store.size, ids)))
     if bad:
-        click.echo(f"{bad} of {len(ids)} artifacts are damaged", err=True)
+        click.echo(f"{bad} of {len(ids)} artifacts are damaged ({total} re-hashed)", err=True)
         sys.exit(1)
+    click.echo(f"{len(ids)} artifacts verified, all intact ({total} re-hashed)", err=True)
 
 
 @main.command("pin")
@@ -684,11 +698,22 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
 @click.argument("preset", required=False)
 @click.argument("overrides", nargs=-1)
 def config_cmd(preset: str | None, overrides: tuple[str, ...]) -> None:
-    """Print the resolved config of PRESET with OVERRIDES applied."""
+    """Print the resolved config of PRESET with OVERRIDES applied, after the checks every plan makes: the
+    declared choices and ranges of every section (`head.steps=-5` is refused), every problem at once."""
     if preset and "=" in preset:
         overrides, preset = (preset, *overrides), None
     _load_plugins()
-    click.echo(to_yaml(load_config(preset, list(overrides))), nl=False)
+    cfg = load_config(preset, list(overrides))
+    tree = to_container(cfg)
+    problems = []
+    for section in SECTIONS:
+        try:
+            check_section(section, get_path(tree, section))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise planner.problems_error(problems)
+    click.echo(to_yaml(cfg), nl=False)
 
 
 if __name__ == "__main__":  # `python -m pipeline.cli`: run the importable module, where plugins add commands

@@ -38,10 +38,6 @@ LOG_FILE = "log.txt"
 MAX_LISTED = 10
 
 
-def log_done(result: TaskResult) -> None:
-    log.info("[done] %s in %.1fs%s", result.id, result.wall_s, f": {result.headline}" if result.headline else "")
-
-
 @contextlib.contextmanager
 def _stage_log(path: Path) -> Iterator[None]:
     """Copy the log records (and Python warnings) emitted while a stage runs into ``path``."""
@@ -157,7 +153,7 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
         start = time.perf_counter()
         try:
             with _stage_log(staging.dir / LOG_FILE):
-                log.info("[run] %s", task.id)
+                log.info("[run] %s%s", task.id, f" {task.label}" if task.label else "")
                 fault_point(task.stage, "start")
                 if stage.run(ctx) is not None:
                     raise StageError(f"stage {task.stage} returned a value; a stage returns None and adds "
@@ -189,6 +185,4 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
                                 f"published, the staged work in {staging.dir} is kept for the next run") from exc
     finally:
         lock.release()
-    done = TaskResult(task.id, task.stage, "ran", path, wall, str(manifest.get("headline") or ""))
-    log_done(done)
-    return done
+    return TaskResult(task.id, task.stage, "ran", path, wall, str(manifest.get("headline") or ""))

@@ -28,7 +28,7 @@ class LabelField:
     column: str
     read: Reader
     local: bool  # labels this artifact only (not the artifacts built from it)
-    path: str | None  # the dotted params path it reads (None: a function)
+    paths: tuple[str, ...]  # the dotted params paths it reads (empty: a function)
 
 
 LABEL_FIELDS: dict[str, list[LabelField]] = {}
@@ -39,25 +39,36 @@ ORDERS: dict[str, list[Any]] = {}
 REPLICATES: set[str] = set()  # columns that name a replicate of one configuration (seeds)
 
 
-def _path_reader(path: str) -> Reader:
+def _path_reader(paths: tuple[str, ...]) -> Reader:
     def read(params: Mapping[str, Any]) -> Any:
-        node: Any = params
-        for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return None
-            node = node[part]
-        return node
+        for path in paths:  # the first that holds a value
+            if params.get(path) is not None:  # a dotted config field (``projection.dim``) as one key
+                return params[path]
+            node: Any = params
+            for part in path.split("."):
+                if not isinstance(node, Mapping) or part not in node:
+                    break
+                node = node[part]
+            else:
+                if node is not None:
+                    return node
+        return None
 
     return read
 
 
-def register_label(stage: str, fields: Mapping[str, str | Reader], *, local: Iterable[str] = ()) -> None:
-    """Declare ``stage``'s label fields ``{column: dotted params path or function(params)}``; a value of
-    None means "not this artifact's" (an inherited value then shows). ``local`` columns are not inherited."""
+def register_label(stage: str, fields: Mapping[str, str | tuple[str, ...] | Reader], *,
+                   local: Iterable[str] = ()) -> None:
+    """Declare ``stage``'s label fields ``{column: where in the params}``: a dotted path (a key of that
+    name, or a path through nested params), several paths (the first present wins: artifacts written
+    under an older params layout keep their labels) or a function of the params. A value of None means
+    "not this artifact's" (an inherited value then shows). ``local`` columns are not inherited."""
     local = set(local)
-    LABEL_FIELDS[stage] = [LabelField(column, _path_reader(how) if isinstance(how, str) else how, column in local,
-                                      how if isinstance(how, str) else None)
-                           for column, how in fields.items()]
+    LABEL_FIELDS[stage] = []
+    for column, how in fields.items():
+        paths = (how,) if isinstance(how, str) else how if isinstance(how, tuple) else None
+        read = _path_reader(paths) if paths else how
+        LABEL_FIELDS[stage].append(LabelField(column, read, column in local, paths or ()))  # type: ignore[arg-type]
     COLUMNS.extend(c for c in fields if c not in COLUMNS)
 
 
@@ -134,7 +145,7 @@ class Labeller:
                 self._fingerprints[artifact] = artifact
             else:
                 stage, params, inputs = record
-                dropped = {f.path for f in LABEL_FIELDS.get(stage, ()) if f.column in REPLICATES and f.path}
+                dropped = {p for f in LABEL_FIELDS.get(stage, ()) if f.column in REPLICATES for p in f.paths}
                 kept = _without(params, dropped)
                 blob = json.dumps([stage, kept, {k: self.fingerprint(v) for k, v in sorted(inputs.items())}],
                                   sort_keys=True, default=str)
@@ -181,20 +192,32 @@ def label_text(fields: Mapping[str, Any]) -> str:
     return " ".join(text for column, value in fields.items() if (text := format_value(column, value)))
 
 
-def store_lookup(store: Any) -> Callable[[str], Record | None]:
-    """A lookup over an :class:`~pipeline.artifacts.ArtifactStore`'s manifests (each read once)."""
-    cache: dict[str, Record | None] = {}
+def manifest_reader(store: Any) -> Callable[[str], dict[str, Any] | None]:
+    """``id -> manifest`` of an :class:`~pipeline.artifacts.ArtifactStore`, each read once (None: missing or
+    unreadable; labels and results are best effort, never an error)."""
+    cache: dict[str, dict[str, Any] | None] = {}
 
-    def lookup(artifact: str) -> Record | None:
+    def manifest_of(artifact: str) -> dict[str, Any] | None:
         if artifact not in cache:
             try:
-                manifest = store.manifest(artifact)
-            except Exception:  # missing or unreadable: labels are best effort, never an error
+                cache[artifact] = store.manifest(artifact)
+            except Exception:
                 cache[artifact] = None
-            else:
-                cache[artifact] = (manifest.get("stage") or "", manifest.get("params") or {},
-                                   manifest.get("inputs") or {})
         return cache[artifact]
+
+    return manifest_of
+
+
+def store_lookup(store: Any, manifest_of: Callable[[str], dict[str, Any] | None] | None = None
+                 ) -> Callable[[str], Record | None]:
+    """A lookup over the store's manifests (through ``manifest_of`` when given, to share its reads)."""
+    read = manifest_of or manifest_reader(store)
+
+    def lookup(artifact: str) -> Record | None:
+        manifest = read(artifact)
+        if manifest is None:
+            return None
+        return manifest.get("stage") or "", manifest.get("params") or {}, manifest.get("inputs") or {}
 
     return lookup
 

@@ -40,6 +40,7 @@ class Task:
     cfg: dict[str, Any]
     inputs: dict[str, str]
     needs: list[Need] = field(default_factory=list)
+    label: str = ""  # a short human label (pipeline.labels) for the console; never part of the id
 
 
 class _Memo:

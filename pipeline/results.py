@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,14 +61,13 @@ def metric_key(entry: str, metric: str) -> str:
     return f"{entry}_{metric}"
 
 
-def artifact_rows(store: Any, ids: Iterable[str], labeller: Labeller) -> list[Row]:
-    """One row per artifact of ``ids`` that is published and records a ``summary``."""
+def artifact_rows(manifest_of: Callable[[str], Mapping[str, Any] | None], ids: Iterable[str],
+                  labeller: Labeller) -> list[Row]:
+    """One row per artifact of ``ids`` that is published (``manifest_of`` gives its manifest, None when it
+    is gone or unreadable) and records a ``summary``."""
     rows = []
     for artifact in ids:
-        try:
-            manifest = store.manifest(artifact)
-        except Exception:  # gone or unreadable: not a result
-            continue
+        manifest = manifest_of(artifact) or {}
         summary = manifest.get("summary")
         if not isinstance(summary, Mapping):
             continue

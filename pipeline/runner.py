@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.cluster import dask_client
 from pipeline.environment import resolve_device
 from pipeline.errors import ConfigError, StageError, StegopipeError
-from pipeline.executor import TaskResult, execute, is_cached, log_done, report_skipped
+from pipeline.executor import TaskResult, execute, is_cached, report_skipped
+from pipeline.labels import Labeller, chain, store_lookup
+from pipeline.progress import RunDisplay
 from pipeline.planner import Task, missing_needs, problems_error
 from pipeline.registry import get_stage, load_plugins, plugin_names
 
@@ -67,7 +67,7 @@ def _has_parallelism(pending: list[Task]) -> bool:
 
 
 def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: set[str],
-                 results: dict[str, TaskResult]) -> None:
+                 results: dict[str, TaskResult], display: RunDisplay) -> None:
     """Submit each task once its inputs are done (so tasks are balanced over workers, not pinned to
     the worker that ran their input), and collect results as they complete."""
     from distributed import as_completed
@@ -87,41 +87,51 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                     _execute_remote, task, str(run_cfg.root), plugin_names(), task.stage in forced,
                     run_cfg.device, run_cfg.lock_timeout_s, key=f"{task.id}-{time.time_ns()}", pure=False,
                     resources=(dict(stage.resources) or None) if gpu else None))
+                display.start(task.id, announce=True)  # the worker's log lines do not reach this console
 
     submit_ready()
-    # log lines go through tqdm.write while the bar is shown, so they never land on a bar fragment
-    with logging_redirect_tqdm(), tqdm(total=len(pending), unit="stage", desc="stages", leave=False) as progress:
-        for future in completed:
-            result = future.result()
-            if isinstance(result, RemoteFailure):
-                log.debug("traceback on the Dask worker:\n%s", result.traceback)
-                raise result.error
-            results[result.id] = result
-            if result.status == "ran":  # the worker's log lines do not reach this console
-                report_skipped(result.id, ArtifactStore(run_cfg.root).manifest(result.id).get("skipped"))
-            log_done(result)
-            progress.update()
-            submit_ready()
+    for future in completed:
+        result = future.result()
+        if isinstance(result, RemoteFailure):
+            log.debug("traceback on the Dask worker:\n%s", result.traceback)
+            raise result.error
+        results[result.id] = result
+        if result.status == "ran":
+            report_skipped(result.id, ArtifactStore(run_cfg.root).manifest(result.id).get("skipped"))
+        display.done(result.id, result.wall_s, result.headline)
+        submit_ready()
 
 
 def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[str] = (),
-              only: set[str] | None = None) -> list[TaskResult]:
-    """Execute the tasks that are missing (or whose stage is forced), in dependency order.
+              only: set[str] | None = None, estimates: dict[str, float | None] | None = None,
+              verbose: bool = False) -> list[TaskResult]:
+    """Execute the tasks that are missing (or whose stage is forced), in dependency order, showing their
+    progress (:class:`~pipeline.progress.RunDisplay`: ``estimates`` are the plan's seconds per task id,
+    ``verbose`` lists the cached ones).
 
     ``only`` restricts execution to those ids (``--no-upstream``); their inputs must already exist.
     """
     forced = set(force_stages)
     store = ArtifactStore(run_cfg.root)
+    labels = Labeller(chain({t.id: (t.stage, t.params, t.inputs) for t in tasks}.get, store_lookup(store)))
+    for task in tasks:
+        task.label = labels.text(task.id)
     results: dict[str, TaskResult] = {}
     pending = []
+    hits = []
     for task in tasks:
         if only is not None and task.id not in only:
             continue
         if task.stage not in forced and is_cached(store, task.id, warn=True):
             results[task.id] = TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
-            log.info("[hit] %s", task.id)
+            hits.append(task.id)
         else:
             pending.append(task)
+    display = RunDisplay({t.id: t.stage for t in pending}, {t.id: t.label for t in tasks}, estimates,
+                         verbose=verbose)
+    for artifact in hits:
+        display.hit(artifact)
+    display.cached_summary()
     missing = missing_needs(pending)
     if missing:  # before any work: everything missing at once
         raise problems_error(missing)
@@ -133,11 +143,14 @@ def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[
     if executor == "auto":
         executor = "dask" if (run_cfg.scheduler or run_cfg.cluster == "slurm" or _has_parallelism(pending)) else "local"
     timeout = run_cfg.lock_timeout_s
-    if pending and executor == "local":
-        for task in pending:
-            results[task.id] = execute(task, str(run_cfg.root), force=task.stage in forced,
-                                       device=run_cfg.device, lock_timeout_s=timeout)
-    elif pending:
-        with dask_client(run_cfg) as client:
-            _run_on_dask(client, pending, run_cfg, forced, results)
+    with display:
+        if pending and executor == "local":
+            for task in pending:
+                display.start(task.id)
+                result = results[task.id] = execute(task, str(run_cfg.root), force=task.stage in forced,
+                                                    device=run_cfg.device, lock_timeout_s=timeout)
+                display.done(task.id, result.wall_s, result.headline)
+        elif pending:
+            with dask_client(run_cfg) as client:
+                _run_on_dask(client, pending, run_cfg, forced, results, display)
     return [results[t.id] for t in tasks if t.id in results]

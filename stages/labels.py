@@ -21,20 +21,29 @@ def backbone_short(name: Any) -> str:
 
 
 def _backbone(params: dict[str, Any]) -> str | None:
-    if not params.get("backbone"):
+    name = params.get("backbone.name", params.get("backbone"))  # the params layout before and after issue 18
+    if not name:
         return None
-    short = backbone_short(params["backbone"])
+    short = backbone_short(name)
     return f"{short} random" if str(params.get("weights_tag", "")).startswith("random") else short
 
 
+def _res(params: dict[str, Any]) -> Any:
+    return params.get("extract.train_res", params.get("extract.val_res", params.get("res")))
+
+
+# Each path first as the params name it has now, then as it was in manifests written before (kept readable)
 register_label("synthesize", {"dataset": lambda p: "synthetic", "split": lambda p: "train+val"}, local=("split",))
-register_label("prepare", {"dataset": "dataset", "split": "split"}, local=("split",))
-register_label("extract", {"backbone": _backbone, "split": "split", "res": "res"}, local=("split", "res"))
-register_label("knn", {"k": "k"}, local=("k",))
-register_label("reduce", {"method": "method", "dim": "dim", "seed": "seed"})
-register_label("train-head", {"method": lambda p: "stego", "dim": "dim", "seed": "seed"})
-register_label("probe", {"method": "projection.method", "dim": "projection.dim", "seed": "seed"})
-register_label("evaluate", {"method": "projection.method", "dim": "projection.dim", "crf": "crf"})
+register_label("prepare", {"dataset": ("dataset.name", "dataset"), "split": "split"}, local=("split",))
+register_label("extract", {"backbone": _backbone, "split": "split", "res": _res}, local=("split", "res"))
+register_label("knn", {"k": ("knn.k", "k")}, local=("k",))
+register_label("reduce", {"method": ("projection.method", "method"), "dim": ("projection.dim", "dim"),
+                          "seed": ("projection.seed", "seed")})
+register_label("train-head", {"method": lambda p: "stego", "dim": ("projection.dim", "head.dim", "dim"),
+                              "seed": ("projection.seed", "seed")})
+register_label("probe", {"method": "projection.method", "dim": "projection.dim", "seed": ("projection.seed", "seed")})
+register_label("evaluate", {"method": "projection.method", "dim": "projection.dim", "seed": "projection.seed",
+                            "crf": ("evaluate.crf", "crf")}, local=("crf",))
 register_label("report", {"experiment": "experiment"})
 
 register_label_format("dataset", str)

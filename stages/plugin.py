@@ -8,17 +8,8 @@ from pathlib import Path
 
 from pipeline.config import register_preset_dir
 from pipeline.specs import register_spec_dir
-from stages import (  # noqa: F401  (each module registers its stage and config sections)
-    evaluate,
-    extract,
-    knn,
-    prepare,
-    probe,
-    reduce,
-    report,
-    synthesize,
-    train_head,
-)
+# each module registers its stage and config sections; in pipeline order, the order `stegopipe stages` lists
+from stages import synthesize, prepare, extract, knn, reduce, train_head, probe, evaluate, report  # noqa: F401,I001
 from pipeline.cli import register_lazy_commands
 from pipeline.environment import register_packages
 

@@ -94,6 +94,10 @@ def prepare_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {"dataset": dataset.name, "split": split, "options": reader_options(dataset, split),
                               "on_bad_input": dataset.on_bad_input}
     if dataset.name != "synthetic":
+        if not dataset.root and dataset.name == "folder":
+            raise ConfigError("dataset.root is required for dataset.name=folder: your folder holding imgs/train/, "
+                              "imgs/val/ (and optionally labels/train/, labels/val/), e.g. `stegopipe run prepare "
+                              "--preset folder dataset.root=mine` or `make prepare DATASET=folder ARGS=\"dataset.root=mine\"`")
         if not dataset.root:
             raise ConfigError(f"dataset.root is required for dataset.name={dataset.name} "
                               f"(e.g. `make prepare DATASET={dataset.name} DATA_ROOT=/path/to/data`)")
@@ -174,6 +178,7 @@ def _check(reader: DatasetReader, ref: SampleRef) -> dict[str, Any]:
 
 DATA_ROOT_SETTING = ("dataset.root=PATH (the paper presets read it from DATA_ROOT=DIR for make, or the "
                      "environment variable STEGOPIPE_DATA_ROOT: the folder holding cocostuff/, cityscapes/, potsdam/)")
+FOLDER_ROOT_SETTING = "dataset.root=PATH (your folder holding imgs/train/, imgs/val/ and optionally labels/)"
 
 
 def prepare_needs(cfg: Any, args: dict[str, Any]) -> list[Need]:
@@ -181,7 +186,8 @@ def prepare_needs(cfg: Any, args: dict[str, Any]) -> list[Need]:
     if cfg.dataset.name == "synthetic" or not cfg.dataset.root:
         return []
     root = Path(cfg.dataset.root).expanduser().absolute()
-    return [Need("data root", str(root), DATA_ROOT_SETTING, root.is_dir())]
+    setting = FOLDER_ROOT_SETTING if cfg.dataset.name == "folder" else DATA_ROOT_SETTING
+    return [Need("data root", str(root), setting, root.is_dir())]
 
 
 register_needs("prepare", prepare_needs)

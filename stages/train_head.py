@@ -51,7 +51,7 @@ class HeadConfig:
     dim: int = 70  # code width (projection.dim overrides it when projection.method=stego)
     dropout: float = 0.1  # Dropout2d probability on the features
     lr: float = 5e-4  # head Adam learning rate (probes: 5e-3)
-    steps: int = 5000  # one step = one batch
+    steps: int = setting(5000, min=1)  # one step = one batch
     batch_size: int = 16
     feature_samples: int = 11  # S: S×S sample points per image
     neg_samples: int = 5

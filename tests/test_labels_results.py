@@ -13,7 +13,7 @@ import stages.plugin  # noqa: F401  (label fields and result names)
 from pipeline import results
 from pipeline.artifacts import MANIFEST, ArtifactStore, artifact_id, manifest_checksum
 from pipeline.cli import main
-from pipeline.labels import Labeller, distinguishing, label_text, store_lookup
+from pipeline.labels import Labeller, distinguishing, label_text, manifest_reader, store_lookup
 
 
 def _publish(root: Path, stage: str, params: dict[str, Any], inputs: dict[str, str],
@@ -43,17 +43,19 @@ def fake_root(root: Path, methods: tuple[str, ...] = ("identity", "pca", "rp"), 
     for dataset in datasets:
         tokens = {}
         for split, res in (("train", 64), ("val", 96)):
-            index = _publish(root, "prepare", {"dataset": dataset, "split": split}, {})
-            tokens[split] = _publish(root, "extract", {"backbone": "vit_small_patch8_224.dino", "res": res,
-                                                       "split": split, "weights_tag": "random-seed0"},
-                                     {"index": index})
+            index = _publish(root, "prepare", {"dataset.name": dataset, "split": split}, {})
+            tokens[split] = _publish(root, "extract", {"backbone.name": "vit_small_patch8_224.dino",
+                                                       f"extract.{split}_res": res, "split": split,
+                                                       "weights_tag": "random-seed0"}, {"index": index})
         for method in methods:
             for dim in ((None,) if method == "identity" else dims):
                 for seed in seeds:
-                    probe = _publish(root, "probe", {"projection": {"method": method, "dim": dim}, "seed": seed,
-                                                     "lr": 0.005}, {"tokens": tokens["train"]})
+                    probe = _publish(root, "probe", {"projection.method": method, "projection.dim": dim,
+                                                     "projection.seed": seed, "probe.lr": 0.005},
+                                     {"tokens": tokens["train"]})
                     evaluations.append(_publish(
-                        root, "evaluate", {"projection": {"method": method, "dim": dim}, "crf": True},
+                        root, "evaluate", {"projection.method": method, "projection.dim": dim, "projection.seed": seed,
+                                           "evaluate.crf": True},
                         {"probes": probe, "tokens": tokens["val"]}, _scores(10.0 * seed + (dim or 0))))
     return evaluations
 
@@ -76,8 +78,8 @@ def test_labels_inherit_from_the_lineage_and_keep_local_fields_local(tmp_path: P
 
 
 def test_inputs_that_disagree_leave_a_field_out() -> None:
-    records = {"a-1": ("prepare", {"dataset": "x", "split": "train"}, {}),
-               "b-1": ("prepare", {"dataset": "y", "split": "train"}, {}),
+    records = {"a-1": ("prepare", {"dataset.name": "x", "split": "train"}, {}),
+               "b-1": ("prepare", {"dataset.name": "y", "split": "train"}, {}),
                "c-1": ("report", {"experiment": "e"}, {"one": "a-1", "two": "b-1"})}
     labels = Labeller(records.get)
     assert labels.fields("c-1") == {"experiment": "e"}
@@ -93,7 +95,7 @@ def test_results_pool_seeds_into_mean_std_and_render_every_format(tmp_path: Path
     evaluations = fake_root(tmp_path)
     store = ArtifactStore(tmp_path)
     labels = Labeller(store_lookup(store))
-    rows = results.artifact_rows(store, evaluations, labels)
+    rows = results.artifact_rows(manifest_reader(store), evaluations, labels)
     assert len(rows) == len(evaluations) == 10
     pooled = results.sort(results.aggregate(rows, labels), "cluster_miou")
     assert [r.n for r in pooled] == [2] * 5
@@ -149,10 +151,18 @@ def test_ls_and_show_show_labels(tmp_path: Path) -> None:
 
 
 def test_ls_tells_equal_labels_apart_by_the_params_that_differ(tmp_path: Path) -> None:
-    tokens = _publish(tmp_path, "extract", {"backbone": "vit_small_patch8_224.dino", "split": "train"}, {})
+    tokens = _publish(tmp_path, "extract", {"backbone.name": "vit_small_patch8_224.dino", "split": "train"}, {})
     for lr in (0.1, 0.2):
-        _publish(tmp_path, "probe", {"projection": {"method": "pca", "dim": 4}, "seed": 0, "lr": lr},
-                 {"tokens": tokens})
+        _publish(tmp_path, "probe", {"projection.method": "pca", "projection.dim": 4, "projection.seed": 0,
+                                     "probe.lr": lr}, {"tokens": tokens})
     listing = _invoke(tmp_path, "ls", "probe").output
-    assert "[lr=0.1]" in listing and "[lr=0.2]" in listing
+    assert "[probe.lr=0.1]" in listing and "[probe.lr=0.2]" in listing
     assert label_text({"method": "pca", "crf": False}) == "PCA"
+
+
+def test_manifests_of_the_older_params_layout_keep_their_labels() -> None:
+    records = {"prepare-1": ("prepare", {"dataset": "potsdam", "split": "train"}, {}),
+               "extract-1": ("extract", {"backbone": "vit_base_patch8_224.dino", "res": 224, "split": "train",
+                                         "weights_tag": "dino:abc"}, {"index": "prepare-1"}),
+               "reduce-1": ("reduce", {"method": "rp", "dim": 8, "seed": 3}, {"tokens": "extract-1"})}
+    assert Labeller(records.get).text("reduce-1") == "potsdam ViT-B/8 RP d=8 seed=3"
