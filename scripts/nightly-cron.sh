@@ -27,7 +27,7 @@ find "$LOG_DIR" -maxdepth 1 -name 'nightly-*.log' -mtime "+${STEGOPIPE_LOG_DAYS:
 cd "$REPO" || exit 1
 {
   echo "== $(date -Is) stegopipe run $EXPERIMENT $*"
-  "$STEGO" run "$EXPERIMENT" "$@"
+  "$STEGO" run -v "$EXPERIMENT" "$@"
   status=$?
   echo "== $(date -Is) run exited with status $status; unreferenced artifacts (gc dry run):"
   "$STEGO" gc
