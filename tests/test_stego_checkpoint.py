@@ -306,5 +306,21 @@ def test_a_damaged_tensor_record_is_refused_by_its_crc(tmp_path):
     data = bytearray(path.read_bytes())
     data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(InputError, match=f"record {info.filename} fails its crc32"):
+    with pytest.raises(InputError, match=f"record '{info.filename}' fails its crc32"):
+        read_stego_checkpoint(path)
+
+
+def test_a_record_marked_as_a_folder_is_refused(tmp_path):
+    """Found by the fuzzer: torch's zip reader reads a record whose central directory entry carries the
+    MS-DOS folder bit as no bytes, so its tensor silently became zeros."""
+    path = _save(tmp_path, _checkpoint())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(i.filename for i in archive.infolist() if "/data/" in i.filename)
+    entry = data.index(b"PK\x01\x02")  # the first central directory entry
+    while data[entry + 46: entry + 46 + len(name)] != name.encode():
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 38] |= 0x10  # external attributes: MS-DOS folder
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"record '{name}' is marked as a folder"):
         read_stego_checkpoint(path)

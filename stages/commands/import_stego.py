@@ -4,7 +4,7 @@ The checkpoint is read with :func:`stages.stego.checkpoint.read_stego_checkpoint
 unpickler). The artifact holds the head weights, the head as a projection, the trained probes and the
 checkpoint's stored STEGO config (``stego_cfg.json``, also recorded in the manifest). Its params are only
 the file's sha256 and it has no inputs, so its id is
-``artifact_id("train-head", VERSION, {"imported": sha256}, {})``: the same file gives the same artifact
+``artifact_id("train-head", <its code>, {"imported": sha256}, {})``: the same file gives the same artifact
 whether it comes from ``stegopipe import-stego FILE`` or from ``head.checkpoint=FILE`` in a config.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ def write_imported(path: Path, out: Path, *, expected_sha256: str | None = None,
                          f"planned {expected_sha256[:16]}…); run again")
     ckpt = read_stego_checkpoint(path)
     if ckpt.unknown_keys and not ignore_unknown:
-        raise InputError(f"{path}: unknown state-dict key(s) {', '.join(ckpt.unknown_keys)}; this is not the "
+        keys = ", ".join(map(repr, ckpt.unknown_keys))  # repr: a key from the file may hold any character
+        raise InputError(f"{path}: unknown state-dict key(s) {keys}; this is not the "
                          f"STEGO layout the importer knows (use --ignore-unknown-keys / "
                          f"head.checkpoint_ignore_unknown=true to import the known parts anyway)")
     if ckpt.head_state is None or ckpt.projection is None:

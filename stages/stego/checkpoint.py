@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import struct
 import typing
 import zipfile
 import zlib
@@ -106,17 +107,27 @@ def _refusal_detail(err: Exception) -> str:
     return " ".join(kept or lines)[:500]
 
 
+_DOS_DIR = 0x10
+"""The MS-DOS "directory" bit of a zip entry's external attributes."""
+
+
 def _check_zip(path: Path) -> None:
     """A zip checkpoint (torch >= 1.6) must pass the crc32 of every record: damage is refused, not loaded."""
     if not zipfile.is_zipfile(path):
         return
     try:
         with zipfile.ZipFile(path) as archive:
+            folders = [info.filename for info in archive.infolist()
+                       if info.filename.endswith("/") or info.external_attr & _DOS_DIR]
             bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as err:
-        raise InputError(f"{path}: not a readable checkpoint archive ({type(err).__name__}: {err})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            zlib.error, struct.error, IndexError, KeyError, OverflowError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise InputError(f"{path}: not a readable checkpoint archive ({type(err).__name__}: {detail})") from None
+    if folders:  # torch's zip reader returns no bytes for such a record: its tensor would read as zeros
+        raise InputError(f"{path}: record {folders[0]!r} is marked as a folder (the file is damaged)")
     if bad is not None:
-        raise InputError(f"{path}: record {bad} fails its crc32 (the file is damaged)")
+        raise InputError(f"{path}: record {bad!r} fails its crc32 (the file is damaged)")
 
 
 def _load(path: Path) -> Any:
@@ -132,7 +143,8 @@ def _load(path: Path) -> Any:
             f"builtin types ({_refusal_detail(err)}); only STEGO Lightning checkpoints are accepted"
         ) from None
     except Exception as err:  # torch raises many types for a file that is not a checkpoint at all
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+        detail = " ".join(str(err).split())[:500]
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {detail})") from None
 
 
 def _check_tensors(path: Path, ckpt: Any) -> None:
