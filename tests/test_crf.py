@@ -248,3 +248,19 @@ def test_pool_equals_serial_and_survives_hang_crash_and_error():
     for i in (0, 1, 5):
         assert res[i].ok
         np.testing.assert_array_equal(res[i].marginals, dense_crf(*_item(i)))
+
+
+def _first_hangs_load(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test hook: item 0 hangs (the worker holding it also holds item 1 queued behind it)."""
+    if i == 0:
+        time.sleep(60)
+    return _item(i)
+
+
+@pytest.mark.faults
+def test_item_queued_behind_a_hung_one_is_requeued_not_failed():
+    res = crf_map(_first_hangs_load, n_items=5, workers=2, timeout_s=1.5, progress=False)
+    assert "timed out" in res[0].error
+    for i in range(1, 5):
+        assert res[i].ok, res[i].error
+        np.testing.assert_array_equal(res[i].marginals, dense_crf(*_item(i)))

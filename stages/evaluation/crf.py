@@ -187,8 +187,8 @@ class _Worker:
         child.close()
         self.started = time.monotonic()
         self.ready = False
-        self.index: int | None = None  # item in progress
-        self.deadline = 0.0
+        self.queue: deque[int] = deque()  # items sent, in order; the first is in progress
+        self.deadline = 0.0  # of the item in progress
 
     def kill(self) -> None:
         self.proc.kill()
@@ -209,21 +209,36 @@ class _Worker:
 
 def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, Any], workers: int,
               timeout_s: float, startup_timeout_s: float, emit: Callable[[CrfResult], None]) -> set[int]:
-    """Process items in spawned workers; returns the indices it could not start (pool failure)."""
+    """Process items in spawned workers; returns the indices it could not start (pool failure).
+
+    With a loader a worker holds two items (the next one waits in its pipe, so it starts the moment the
+    previous result is sent); an item's timeout runs from when it starts. Pairs sent by value go one at a
+    time (a large send would block this loop until the worker reads it)."""
     ctx = mp.get_context("spawn")
+    depth = 2 if loader is not None else 1
     pending = deque(range(n))
     pool: list[_Worker] = []
+
+    def lost(w: _Worker, error: str, seconds: float = 0.0) -> None:
+        """Drop worker ``w``: its item in progress fails with ``error``, the ones queued behind it go back."""
+        pool.remove(w)
+        if w.queue:
+            emit(CrfResult(w.queue.popleft(), None, error, seconds))
+            pending.extendleft(reversed(w.queue))
+
     try:
         pool = [_Worker(ctx, loader, params) for _ in range(min(workers, n))]
-        while pending or any(w.index is not None for w in pool):
-            now = time.monotonic()
+        while pending or any(w.queue for w in pool):
             for w in pool:
-                if w.ready and w.index is None and pending:
+                while w.ready and len(w.queue) < depth and pending:
                     index = pending.popleft()
                     w.conn.send((index, None if loader is not None else items[index]))
-                    w.index, w.deadline = index, time.monotonic() + timeout_s
+                    if not w.queue:
+                        w.deadline = time.monotonic() + timeout_s
+                    w.queue.append(index)
+            now = time.monotonic()
             deadlines = [w.started + startup_timeout_s if not w.ready else w.deadline
-                         for w in pool if not w.ready or w.index is not None]
+                         for w in pool if not w.ready or w.queue]
             readable = wait([w.conn for w in pool],
                             timeout=max(0.0, min(deadlines) - now) if deadlines else None)
             for w in list(pool):
@@ -232,25 +247,22 @@ def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, A
                         msg = w.conn.recv()
                     except (EOFError, OSError):
                         w.kill()  # reaps it: exitcode is then the worker's own status
-                        code = w.proc.exitcode
-                        pool.remove(w)
-                        if w.index is not None:
-                            emit(CrfResult(w.index, None, f"worker died (exit code {code})"))
-                        if not w.ready:  # a worker that cannot start: do not respawn blindly
-                            continue
-                        pool.append(_Worker(ctx, loader, params))
+                        lost(w, f"worker died (exit code {w.proc.exitcode})")
+                        if w.ready:  # a worker that cannot start: do not respawn blindly
+                            pool.append(_Worker(ctx, loader, params))
                         continue
                     if msg == "ready":
                         w.ready = True
                     else:
-                        w.index = None
+                        w.queue.popleft()
+                        if w.queue:
+                            w.deadline = time.monotonic() + timeout_s  # the next item starts now
                         emit(msg)
             now = time.monotonic()
             for w in list(pool):
-                if w.ready and w.index is not None and now > w.deadline:
+                if w.ready and w.queue and now > w.deadline:
                     w.kill()
-                    pool.remove(w)
-                    emit(CrfResult(w.index, None, f"timed out after {timeout_s:g} s", timeout_s))
+                    lost(w, f"timed out after {timeout_s:g} s", timeout_s)
                     pool.append(_Worker(ctx, loader, params))
                 elif not w.ready and now > w.started + startup_timeout_s:
                     w.kill()
@@ -262,7 +274,7 @@ def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, A
         return set()
     finally:
         for w in pool:
-            if w.index is None and w.ready:
+            if not w.queue and w.ready:
                 w.stop()
             else:
                 w.kill()

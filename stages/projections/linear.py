@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
-from stages.projections.base import BaseProjection
+from stages.projections.base import BaseProjection, check_tokens
 
 Standardize = Literal["fit", "none", "batch"]
 STANDARDIZE_MODES: tuple[str, ...] = ("fit", "none", "batch")
@@ -292,6 +292,26 @@ class _LinearProjection(BaseProjection):
 
             self._cache[key] = (conv(bias), conv(matrix))
         return self._cache[key]
+
+    def transform(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """As :meth:`BaseProjection.transform`. A numpy batch (fitted standardisation) is projected by numpy's
+        BLAS into a float32 (float64 for float64 input) result, and its finiteness is checked on the narrower
+        output: a NaN or inf token value makes every output of its row non-finite, so the input is
+        checked (the same error) only when an output is not finite."""
+        if isinstance(tokens, torch.Tensor) or self.standardize == "batch":
+            return super().transform(tokens)
+        x = np.asarray(tokens)
+        if x.ndim != 2 or x.shape[1] != self.in_dim or not np.issubdtype(x.dtype, np.floating):
+            return super().transform(tokens)  # raises the one-line error of check_tokens
+        dtype = np.float64 if x.dtype == np.float64 else np.float32
+        bias, matrix = (t.numpy() if t is not None else None for t in self._tensors(
+            torch.empty(0, dtype=torch.float64 if dtype == np.float64 else torch.float32)))
+        out = np.matmul(x.astype(dtype, copy=False), matrix)
+        if bias is not None:
+            out += bias
+        if not np.isfinite(out).all():
+            check_tokens(x, self.in_dim)  # a non-finite input raises here; else finite tokens overflowed
+        return out.astype(np.float32, copy=False)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         bias, matrix = self._tensors(x)
