@@ -1,4 +1,7 @@
-"""Scheduled cluster runs on a real one-node SLURM (``make test-slurm``; marker ``slurm``, not in ``make test``).
+"""pipeline/slurm.py and scheduled cluster runs on a real one-node SLURM.
+
+The tests marked ``slurm`` (``make test-slurm``, not in ``make test``) need the cluster; the sizing rule and
+the replacement of lost worker jobs are also checked without one, in the default suite.
 
 The cluster (:mod:`tests.slurm_cluster`) runs ``scripts/nightly.sbatch`` as a user submits it, with a tiny
 experiment (synthetic data, tokens, the DINO baseline's probe and evaluation, a report: 8 artifacts). The
@@ -23,11 +26,11 @@ import pytest
 
 from pipeline.artifacts import MANIFEST, ArtifactStore
 from pipeline.experiments import Experiment
+from pipeline.config import SlurmConfig
 from pipeline.faults import FAULT_ENV, FAULT_ONCE_ENV
+from pipeline.slurm import Driver, Node, _replace_lost_jobs, driver_allocation, fit_problem
 from tests.faults_util import REPO, TINY
 from tests.slurm_cluster import PARTITION, Slurm, Unavailable, one_node_slurm
-
-pytestmark = pytest.mark.slurm
 
 SBATCH = REPO / "scripts" / "nightly.sbatch"
 FREEZE = "probe:start:1:STOP"  # the worker stops itself as probe begins (its lock held, tokens published)
@@ -128,6 +131,7 @@ def assert_finished_cleanly(night: Night, log: str) -> None:
     assert not night.slurm.jobs()
 
 
+@pytest.mark.slurm
 def test_nightly_script_runs_an_experiment_on_worker_jobs(slurm: Slurm, tmp_path: Path) -> None:
     """sbatch nightly.sbatch: the driver submits a worker job, every stage runs there, the report id is the
     one a local run builds, and the worker job is gone afterwards."""
@@ -141,6 +145,7 @@ def test_nightly_script_runs_an_experiment_on_worker_jobs(slurm: Slurm, tmp_path
     assert len(workers) == 1 and "Starting Worker" in workers[0].read_text(), night.logs()
 
 
+@pytest.mark.slurm
 def test_a_requeued_driver_resumes_from_the_cache(slurm: Slurm, tmp_path: Path) -> None:
     """The driver job is requeued twice while the worker is inside probe: first by ``scontrol requeue``
     (SLURM sends TERM to the job; stegopipe unwinds and cancels its worker job), then by the script's own
@@ -172,6 +177,7 @@ def test_a_requeued_driver_resumes_from_the_cache(slurm: Slurm, tmp_path: Path) 
     assert f"({ARTIFACTS - len(before)} built, {len(before)} cached)" in third
 
 
+@pytest.mark.slurm
 def test_a_cancelled_worker_job_is_replaced(slurm: Slurm, tmp_path: Path) -> None:
     """``scancel`` of the worker job while its stage runs: the driver names the lost job, submits a new one,
     and the night finishes with the same report; no lock and no job left."""
@@ -186,6 +192,7 @@ def test_a_cancelled_worker_job_is_replaced(slurm: Slurm, tmp_path: Path) -> Non
     assert len(list((night.dir / "logs").glob("worker-*.log"))) == 2
 
 
+@pytest.mark.slurm
 def test_a_worker_that_cannot_fit_next_to_the_driver_is_refused_before_submitting(slurm: Slurm,
                                                                                   tmp_path: Path) -> None:
     """A driver holding every CPU of the one node, and a worker job that needs one more: one error line
@@ -198,3 +205,57 @@ def test_a_worker_that_cannot_fit_next_to_the_driver_is_refused_before_submittin
     [line] = [line for line in log.splitlines() if line.startswith("error:")]
     assert f"fits on no node of partition '{PARTITION}'" in line and f"driver job {night.job} holds {cpus} CPUs" in line
     assert not list((night.dir / "logs").glob("worker-*.log"))
+
+
+def test_a_worker_job_must_fit_next_to_the_driver() -> None:
+    node = Node("n1", cpus=2, memory_mb=24000, gpus=0)
+    worker = SlurmConfig(queue="debug", cores=1, memory="3GB")
+    assert fit_problem(worker, [node], Driver("7", "n1", cpus=1, memory_mb=3072)) is None
+    assert fit_problem(worker, [node], None) is None
+    problem = fit_problem(worker, [node], Driver("7", "n1", cpus=2, memory_mb=3072))
+    assert problem and "fits on no node of partition 'debug'" in problem and "driver job 7 holds 2 CPUs" in problem
+    assert fit_problem(worker, [node, Node("n2", 2, 24000, 0)], Driver("7", "n1", 2, 3072)) is None  # room on n2
+    assert fit_problem(SlurmConfig(cores=1, memory="30GB"), [node], None)  # memory
+    assert fit_problem(SlurmConfig(cores=1, memory="30GB"), [Node("n1", 2, 1, 0)], None) is None  # memory untracked
+    assert fit_problem(SlurmConfig(cores=1, memory="3GB", gpus_per_job=1), [node], None)  # no GPU
+    assert fit_problem(worker, [], None) == "run.slurm.queue: partition 'debug' has no nodes"
+
+
+def test_the_driver_allocation_comes_from_the_job_environment() -> None:
+    env = {"SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n1", "SLURM_CPUS_ON_NODE": "2", "SLURM_MEM_PER_CPU": "1000"}
+    assert driver_allocation(env) == Driver("12", "n1", 2, 2000)
+    assert driver_allocation({**env, "SLURM_MEM_PER_NODE": "3072"}) == Driver("12", "n1", 2, 3072)
+    assert driver_allocation({}) is None
+
+
+class _Job:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+
+class _Cluster:
+    """What _replace_lost_jobs reads of a dask-jobqueue cluster: the planned workers and their live jobs."""
+
+    def __init__(self) -> None:
+        self.worker_spec = {"w0": {}, "w1": {}}
+        self.workers = {"w0": _Job("41"), "w1": _Job("42")}
+        self.scaled: list[int] = []
+
+    def scale(self, jobs: int) -> None:
+        self.scaled.append(jobs)
+
+
+def test_a_lost_worker_job_is_named_and_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    cluster, seen = _Cluster(), {}
+    _replace_lost_jobs(cluster, 2, seen)
+    assert cluster.scaled == [] and not caplog.records
+    del cluster.workers["w1"]  # dask-jobqueue dropped job 42 (cancelled)
+    _replace_lost_jobs(cluster, 2, seen)
+    assert cluster.scaled == [2]
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker job 42 ended before the run did (cancelled, failed or out of time); submitting a new one"]
+    _replace_lost_jobs(cluster, 2, seen)  # once: the replacement is being submitted
+    assert cluster.scaled == [2] and len(caplog.records) == 1
+    cluster.workers["w1"] = _Job("43")
+    _replace_lost_jobs(cluster, 2, seen)
+    assert cluster.scaled == [2] and seen == {"w0": "41", "w1": "43"}
