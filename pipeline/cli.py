@@ -354,13 +354,20 @@ def _estimate(task: planner.Task, store: ArtifactStore) -> dict[str, float | Non
 
 
 def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str, Any]]:
-    """One row per task: number, stage, id, status (cached / running / missing), size or estimate, input
-    numbers, label (with what tells equal labels of a stage apart), params and the lock holder."""
+    """One row per task: number, stage, id, status (cached / running / missing, or blocked: a placeholder
+    whose id waits for something missing, with ``waits``), size or estimate, input numbers, label (with what
+    tells equal labels of a stage apart), params and the lock holder."""
     number = {task.id: n for n, task in enumerate(tasks, 1)}
     labels = labeller(store, tasks)
     texts = [_with_extra(*pair) for pair in _label_rows(labels, [t.id for t in tasks], [t.stage for t in tasks])]
     rows = []
     for n, (task, text) in enumerate(zip(tasks, texts, strict=True), 1):
+        if task.waits:  # a placeholder: its id waits for something missing (planner.PLACEHOLDER)
+            rows.append({"n": n, "stage": task.stage, "id": task.id, "status": "blocked", "bytes": None,
+                         "estimate": None, "inputs": [number[d] for d in task.inputs.values() if d in number],
+                         "label": text, "label_fields": labels.fields(task.id), "params": task.params,
+                         "holder": None, "waits": task.waits})
+            continue
         holder = _lock_holder(store, task.id)
         cached = executor.is_cached(store, task.id)
         rows.append({"n": n, "stage": task.stage, "id": task.id,
@@ -408,6 +415,8 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
         if row["status"] == "cached":
             cached_bytes += row["bytes"]
             size_text = human_bytes(row["bytes"])
+        elif row["status"] == "blocked":
+            size_text = ""
         else:
             estimate = row["estimate"]["bytes"]
             unknown += estimate is None
@@ -419,10 +428,14 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
                    f"{inputs:<12} {row['label']}{'  ' + params_summary(row['params'], 10_000) if wide else ''}".rstrip())
         if row["holder"]:
             click.echo(f"{'':5}{row['holder']}")
-    counts = {state: sum(r["status"] == state for r in rows) for state in ("cached", "running", "missing")}
+        if row["status"] == "blocked":
+            wait = row["waits"][0]
+            click.echo(f"{'':5}waits for: {wait if len(wait) <= 110 else wait[:109] + '…'}")
+    counts = {state: sum(r["status"] == state for r in rows) for state in ("cached", "running", "missing", "blocked")}
     click.echo(f"{counts['cached']} cached ({human_bytes(cached_bytes)}), {counts['running']} running, "
                f"{counts['missing']} missing (about {human_bytes(missing_bytes)}"
-               f"{f'; {unknown} without an estimate' if unknown else ''})")
+               f"{f'; {unknown} without an estimate' if unknown else ''})"
+               + (f", {counts['blocked']} blocked (their ids wait for what is missing below)" if counts["blocked"] else ""))
     for need in needs.values():
         click.echo(f"needs {need.what}: {need.path}  {'ok' if need.ok else 'MISSING (set ' + need.setting + ')'}")
     if blocking:

@@ -3,6 +3,7 @@ list of :class:`Task` s whose ids are content addresses (:func:`pipeline.artifac
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Task:
     inputs: dict[str, str]
     needs: list[Need] = field(default_factory=list)
     label: str = ""  # a short human label (pipeline.labels) for the console; never part of the id
+    waits: list[str] = field(default_factory=list)  # a placeholder (id not computable yet): what it waits for
 
 
 class _Memo:
@@ -90,18 +92,42 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
         return None
     inputs = {name: req if isinstance(req, str) else _resolve(req, tasks, order, problems, memo)
               for name, req in upstream.items()}
+    waits: list[str] = []
     try:
         params = memo.id_params(stage, request.cfg, args)
         needs = NEEDS[stage.name](request.cfg, args) if stage.name in NEEDS else []
     except ConfigError as exc:
         problems.append(str(exc))
-        return None
+        waits.append(str(exc))
     if None in inputs.values():
         return None
+    waits += [f"its input '{name}' ({dep.split(PLACEHOLDER)[0]}, which waits too)" for name, dep in inputs.items()
+              if PLACEHOLDER in dep]
+    if waits:
+        return _placeholder(stage, request, args, inputs, waits, tasks, order, memo)
     task_id = artifact_id(stage.name, stage.version, params, inputs)
     if task_id not in tasks:
         tasks[task_id] = Task(stage.name, task_id, params, args, copy.deepcopy(memo.tree(request.cfg)), inputs,
                               needs)
+        order.append(task_id)
+    return task_id
+
+
+PLACEHOLDER = "-?"
+"""In a placeholder id (``extract-?3f2a…``): a task whose id cannot be computed yet."""
+
+
+def _placeholder(stage: Stage, request: Request, args: dict[str, Any], inputs: dict[str, str], waits: list[str],
+                 tasks: dict[str, Task], order: list[str], memo: _Memo) -> str:
+    """Plan a task whose id cannot be computed yet (its params, or an input's, wait for something missing:
+    weights, a data root) under a placeholder id (``<stage>-?<12 hex>`` of its sections, args and inputs), so
+    that ``plan`` shows the whole DAG and what each part waits for. Never run: the problems stop a run."""
+    tree = memo.tree(request.cfg)
+    key = json.dumps([stage.name, [get_path(tree, p) for p in stage.sections], args, inputs], sort_keys=True,
+                     default=repr)
+    task_id = f"{stage.name}{PLACEHOLDER}{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if task_id not in tasks:
+        tasks[task_id] = Task(stage.name, task_id, {}, dict(args), copy.deepcopy(tree), inputs, waits=waits)
         order.append(task_id)
     return task_id
 
@@ -118,8 +144,9 @@ def plan(requests: Iterable[Request], problems: list[str] | None = None) -> tupl
     """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to.
 
     Every request is planned, and every bad config found on the way is reported at once: one
-    ConfigError listing them all; or, when a ``problems`` list is given, the messages are appended to it
-    and the requests that cannot be planned are left out of the tasks and targets.
+    ConfigError listing them all; or, when a ``problems`` list is given, the messages are appended to it,
+    and a task whose id cannot be computed because of one (or because an input's cannot) is planned as a
+    placeholder (:data:`PLACEHOLDER` in its id, ``waits`` saying what for), so the whole DAG shows.
     """
     tasks: dict[str, Task] = {}
     order: list[str] = []

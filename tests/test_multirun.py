@@ -79,3 +79,22 @@ def test_stages_are_listed_in_pipeline_order(tmp_path: Path) -> None:
     names = [line.split()[0] for line in _invoke(tmp_path, "stages").stdout.splitlines()[1:]]
     order = ["synthesize", "prepare", "extract", "knn", "reduce", "train-head", "probe", "evaluate", "report"]
     assert [name for name in names if name in order] == order  # (test plugins' toy stages may follow)
+
+
+def test_plan_shows_the_whole_dag_and_every_problem_without_weights_or_data(tmp_path: Path,
+                                                                            monkeypatch: Any) -> None:
+    monkeypatch.delenv("STEGOPIPE_WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("STEGOPIPE_DATA_ROOT", raising=False)
+    result = _invoke(tmp_path, "plan", "table2", "--json")
+    assert result.exit_code == 1
+    plan = json.loads(result.stdout)
+    stages = {row["stage"] for row in plan["rows"]}
+    assert {"prepare", "extract", "knn", "train-head", "probe", "evaluate"} <= stages  # not only the first 6
+    blocked = [row for row in plan["rows"] if row["status"] == "blocked"]
+    assert blocked and all("-?" in row["id"] and row["waits"] for row in blocked)
+    assert any("dino_vitbase8_pretrain.pth" in row["waits"][0] for row in blocked if row["stage"] == "extract")
+    problems = " ".join(plan["problems"])
+    assert "dino_vitbase8_pretrain.pth" in problems and "dino_deitsmall8_300ep_pretrain.pth" in problems
+    assert problems.count("data root") == 3  # weights AND data roots, at once
+    text = _invoke(tmp_path, "plan", "table2").stdout
+    assert "waits for: its input 'tokens' (extract, which waits too)" in text and " blocked" in text
