@@ -125,14 +125,18 @@ def shard_index_problem(index: np.ndarray, data_start: int, data_end: int,
     used = np.flatnonzero(~((offsets == _EMPTY) & (sizes == _EMPTY)))
     start, end = np.uint64(data_start), np.uint64(data_end)
     lo, hi = (np.uint64(v) for v in lengths)
-    for j in used[(offsets[used] < start) | (offsets[used] > end)]:
-        return int(j), f"chunk offset {int(offsets[j])} lies outside the data bytes [{data_start}, {data_end})"
-    off, size = offsets[used], sizes[used]
-    for j in used[(size > end - off) | (size < lo) | (size > hi)]:
-        size_j, off_j = int(sizes[j]), int(offsets[j])
+    outside = used[(offsets[used] < start) | (offsets[used] > end)]
+    if outside.size:
+        j = int(outside[0])
+        return j, f"chunk offset {int(offsets[j])} lies outside the data bytes [{data_start}, {data_end})"
+    off, size = offsets[used], sizes[used]  # every offset <= end: end - off cannot wrap
+    wrong = used[(size > end - off) | (size < lo) | (size > hi)]
+    if wrong.size:
+        j = int(wrong[0])
+        off_j, size_j = int(offsets[j]), int(sizes[j])
         if size_j > data_end - off_j:
-            return int(j), f"chunk [{off_j}, {off_j} + {size_j}) runs past the data bytes (end {data_end})"
-        return int(j), f"chunk length {size_j} is not in [{lengths[0]}, {lengths[1]}]"
+            return j, f"chunk [{off_j}, {off_j} + {size_j}) runs past the data bytes (end {data_end})"
+        return j, f"chunk length {size_j} is not in [{lengths[0]}, {lengths[1]}]"
     order = np.argsort(off, kind="stable")
     overlaps = np.flatnonzero(off[order][1:] < off[order][:-1] + size[order][:-1])
     if overlaps.size:
