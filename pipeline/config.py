@@ -14,6 +14,7 @@ import json
 from functools import cache, lru_cache
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any, get_type_hints
 
 import yaml
@@ -36,13 +37,14 @@ def register_preset_dir(directory: Path) -> None:
 
 
 def setting(default: Any = MISSING, *, default_factory: Any = MISSING, runtime: bool = False,
-            choices: tuple[Any, ...] | None = None, min: float | None = None, above: float | None = None,
-            below: float | None = None, path: bool = False) -> Any:
+            choices: tuple[Any, ...] | Callable[[], Iterable[Any]] | None = None, min: float | None = None,
+            above: float | None = None, below: float | None = None, path: bool = False) -> Any:
     """A config field with its contract in metadata, for dataclass sections.
 
     ``runtime=True``: the field never changes an artifact's content (worker counts, inference batch sizes,
     devices, root paths), so it is left out of the artifact id and reaches a stage as ``ctx.runtime``;
-    every other field is part of the id of each stage that declares its section. ``choices``, ``min``
+    every other field is part of the id of each stage that declares its section. ``choices`` (a tuple, or
+    a function giving them when they are checked, e.g. the names in a registry plugins add to), ``min``
     (inclusive), ``above``/``below`` (exclusive): the allowed values, checked by :func:`check_section`
     (None always passes a range check). ``path=True``: a filesystem path, a URL there is refused
     (:func:`pipeline.paths.local_path`).
@@ -70,7 +72,7 @@ class SlurmConfig:
 
 @dataclass
 class RunConfig:
-    """How and where stages run; nothing here changes an artifact's content or id."""
+    """How and where stages run; nothing here changes an artifact's content, and only ``id_includes_packages`` its id."""
 
     root: str = "${oc.env:STEGOPIPE_ROOT,artifacts}"
     executor: str = "auto"  # auto | local | dask
@@ -81,6 +83,7 @@ class RunConfig:
     lock_timeout_s: float = 3600.0
     verify_inputs: bool = True  # check input artifacts against their manifests before a stage reads them
     verify_hash_mb: float = 64.0  # ... re-hashing the files of inputs up to this size (MiB); bigger: sizes only
+    id_includes_packages: bool = False  # put the versions of the numerics packages (torch, numpy, ...) into every id
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -168,14 +171,21 @@ def split_sections(cfg: Any, paths: tuple[str, ...]) -> tuple[dict[str, Any], di
     return ident, runtime
 
 
+def field_choices(meta: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The allowed values of a field (its metadata's ``choices``, called when it is a function)."""
+    choices = meta.get("choices")
+    return tuple(choices() if callable(choices) else choices) if choices is not None else None
+
+
 def check_section(path: str, values: Any) -> None:
     """Check a section's values against its fields' ``choices`` and ranges (see :func:`setting`); one
     :class:`ConfigError` naming the key, the value and what is allowed."""
     for key, _, meta in section_fields(section_class(path)):
         value = OmegaConf.select(values, key) if isinstance(values, DictConfig) else get_path(values, key)
         name = f"{path}.{key}"
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, meta['choices']))}")
+        choices = field_choices(meta)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name}={value!r}: expected one of {', '.join(map(str, choices))}")
         if meta.get("path") and value is not None:
             local_path(value, name)
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):

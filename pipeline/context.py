@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pipeline.config import split_sections
 from pipeline.errors import StageError
 from pipeline.faults import fault_point
 from pipeline.planner import Task
-from pipeline.registry import config_view
+from pipeline.registry import config_view, get_stage, stage_config
 
 log = logging.getLogger("stegopipe")
 
@@ -49,6 +50,8 @@ class StageContext:
     shards_computed: int = 0
     shards_reused: int = 0
     shard_executor: str = "local"  # where map_shards ran the shards: local | dask
+    sample: int | None = None  # `stegopipe adopt`: compute only this many seeded shards and the last one
+    sampled: list[str] | None = None  # ... the shards chosen (in the stage's order)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -61,8 +64,9 @@ class StageContext:
 
     @property
     def config(self) -> DictConfig:
-        """The declared sections without their runtime fields (read-only; all of it is covered by the id)."""
-        return config_view(split_sections(OmegaConf.create(self.task.cfg), self.sections)[0])
+        """The id fields of the declared sections that the stage's params did not exclude (read-only; all
+        of it is covered by the id, :mod:`pipeline.params`)."""
+        return stage_config(get_stage(self.task.stage), self.task.cfg, self.task.args)
 
     @property
     def runtime(self) -> DictConfig:
@@ -83,12 +87,24 @@ class StageContext:
         """Yield the shard keys still to compute (finished ones are skipped and counted as reused).
 
         The stage must call :meth:`shard_finished` after a yielded shard's data is durably written.
+        Under :attr:`sample` only the sampled shards are yielded.
         """
-        for key in keys:
+        for key in self._sampled(list(keys)):
             if self.staging.shard_done(key):
                 self.shards_reused += 1
                 continue
             yield key
+
+    def _sampled(self, keys: list[str]) -> list[str]:
+        """``keys`` as they are, or under :attr:`sample` those of them in the sample: ``sample`` keys drawn
+        with a generator seeded by the artifact id, and the last key (chosen on the first call)."""
+        if self.sample is None:
+            return keys
+        if self.sampled is None:
+            rng = random.Random(self.task.id)
+            chosen = set(rng.sample(keys[:-1], min(self.sample, max(len(keys) - 1, 0)))) | set(keys[-1:])
+            self.sampled = [key for key in keys if key in chosen]
+        return [key for key in keys if key in self.sampled]
 
     def shard_finished(self, key: str) -> None:
         self.staging.mark_shard_done(key)
@@ -107,6 +123,7 @@ class StageContext:
         workers share. Else in this process: ``local(keys)`` when given (the stage's own pipeline, which
         marks its shards itself), otherwise ``fn`` one shard after another.
         """
+        todo = {key: todo[key] for key in self._sampled(list(todo))}
         if not todo:
             return
         with shard_client(self.runtime.run) if dask else contextlib.nullcontext() as client:

@@ -18,8 +18,9 @@ from pipeline.context import InputArtifact, StageContext
 from pipeline.environment import code_version, package_versions, resolve_device
 from pipeline.errors import ArtifactError, MissingArtifactError, StageError, StegopipeError
 from pipeline.faults import fault_point
+from pipeline.fingerprint import Fingerprint, changed_code
 from pipeline.planner import Task
-from pipeline.registry import Stage, get_stage
+from pipeline.registry import Stage, get_stage, stage_code, stage_fingerprint
 
 log = logging.getLogger("stegopipe")
 
@@ -72,18 +73,21 @@ def execute(task: Task, root: str, *, force: bool = False, device: str = "auto",
     return _execute(task, get_stage(task.stage), root, force=force, device=device, lock_timeout_s=lock_timeout_s)
 
 
-def import_artifact(root: str, *, stage: str, kind: str, version: str, params: dict[str, Any],
+def import_artifact(root: str, *, stage: str, kind: str, format_version: str, params: dict[str, Any],
                     write: Callable[[StageContext], None], description: str = "") -> TaskResult:
     """Publish an artifact made outside the stage graph (an imported checkpoint or store).
 
-    The id is content-addressed from ``stage``/``version``/``params`` like any other; ``write(ctx)``
-    fills ``ctx.out`` (manifest fields via ``ctx.record``); the result is checked against the ``kind``
-    spec and published atomically.
+    The id is content-addressed like any other, from ``stage``, the code fingerprint of ``write``'s
+    module with ``format_version``, and ``params``; ``write(ctx)`` fills ``ctx.out`` (manifest fields
+    via ``ctx.record``); the result is checked against the ``kind`` spec and published atomically.
     """
-    task = Task(stage, artifact_id(stage, version, params, {}), params, {}, {}, {})
-    pseudo = Stage(name=stage, version=version, kind=kind, run=write, params=lambda cfg, args: params,
+    pseudo = Stage(name=stage, format_version=format_version, kind=kind, run=write, params=None,
                    inputs=lambda cfg, args: {}, args={}, resumable=False, make_target=f"stegopipe {stage}",
                    resources={}, description=description)
+    fingerprint = stage_fingerprint(pseudo)
+    code = stage_code(pseudo, fingerprint.digest)
+    task = Task(stage, artifact_id(stage, code, params, {}), params, {}, {}, {}, code=code,
+                code_files=fingerprint.hashes())
     return _execute(task, pseudo, root)
 
 
@@ -131,23 +135,43 @@ def _check_input(store: ArtifactStore, task: Task, name: str, dep: str) -> None:
             f"lists the damage; delete {store.path(dep)} and run again to rebuild it")
 
 
+def load_inputs(store: ArtifactStore, task: Task) -> dict[str, InputArtifact]:
+    """``task``'s input artifacts, each present and checked (see :func:`_check_input`)."""
+    inputs = {}
+    for name, dep in task.inputs.items():
+        if not store.exists(dep):
+            raise _missing_input(task, name, dep)
+        _check_input(store, task, name, dep)
+        inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
+    return inputs
+
+
+def _same_code(task: Task, stage: Stage) -> Fingerprint:
+    """This process's fingerprint of ``stage``; a StageError naming the host and the differing files when
+    it is not the one ``task`` was planned with (stale code on a cluster node, or files edited since
+    the plan), so that no result of other code is published under the task's id."""
+    fingerprint = stage_fingerprint(stage)
+    if fingerprint.digest != task.code.get("fingerprint"):
+        differing = changed_code(task.code_files, fingerprint.hashes()) or ["(the fingerprint rules)"]
+        raise StageError(
+            f"{socket.gethostname()} refuses {task.id}: its code of stage {task.stage} differs from the planner's "
+            f"in {', '.join(differing)}; give it the same code (update the checkout, restart its workers) or plan again")
+    return fingerprint
+
+
 def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device: str = "auto",
              lock_timeout_s: float | None = None) -> TaskResult:
     store = ArtifactStore(root)
     if not force and is_cached(store, task.id):
         return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
     store.require_writable()
+    fingerprint = _same_code(task, stage)
     lock = store.lock(task.id, info={"inputs": sorted(set(task.inputs.values()))})  # gc keeps these
     lock.acquire(timeout_s=lock_timeout_s)
     try:
         if not force and is_cached(store, task.id):  # another process finished it while we waited
             return TaskResult(task.id, task.stage, "hit", store.path(task.id), 0.0)
-        inputs = {}
-        for name, dep in task.inputs.items():
-            if not store.exists(dep):
-                raise _missing_input(task, name, dep)
-            _check_input(store, task, name, dep)
-            inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
+        inputs = load_inputs(store, task)
         staging = store.staging(task.id, fresh=not stage.resumable or force)
         ctx = StageContext(task, store, staging, inputs, resolve_device(device), stage.sections)
         start = time.perf_counter()
@@ -170,7 +194,8 @@ def _execute(task: Task, stage: Stage, root: str, *, force: bool = False, device
         wall = time.perf_counter() - start
         specs.validate(stage.kind, staging.dir)
         manifest = {
-            "stage": task.stage, "kind": stage.kind, "version": stage.version, "params": task.params,
+            "stage": task.stage, "kind": stage.kind, "version": task.code, "fingerprint": fingerprint.record(),
+            "params": task.params,
             "args": task.args, "inputs": task.inputs, "created": utc_now(), "wall_time_s": round(wall, 3),
             "host": socket.gethostname(), "device": ctx.device, "code": code_version(),
             "packages": package_versions(),

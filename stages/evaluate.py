@@ -49,6 +49,7 @@ from pipeline.artifacts import json_safe, stage_of, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ArtifactError, InputError, StageError
 from pipeline.lazy import lazy_module
+from pipeline.params import Exclude, Params
 from pipeline.prefetch import prefetch
 from pipeline.context import StageContext
 from pipeline.planner import Request
@@ -58,7 +59,7 @@ from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
 from stages.evaluation.figures import backbone_label, class_legend, save_panels
 from stages.probe import probe_request
 from stages.projections import BaseProjection
-from stages.projections.select import open_projection, projection_params, projection_request
+from stages.projections.select import NO_DIM_WITHOUT_PROVIDER, open_projection, projection_request, reader_contexts
 
 log = logging.getLogger("stegopipe")
 
@@ -172,11 +173,10 @@ def _inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
             **projection_request(cfg)}
 
 
-def _params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    e = cfg.evaluate
-    return {"crf": bool(e.crf), "crf_pixels": str(e.crf_pixels) if e.crf else None, "flip_tta": bool(e.flip_tta),
-            "examples": int(e.examples),
-            "drop_extra_clusters": bool(e.drop_extra_clusters), "projection": projection_params(cfg)}
+EVALUATE_PARAMS = Params(
+    exclude=(Exclude(("evaluate.crf_pixels",), "evaluate.crf=false: no image goes through the CRF",
+                     when=lambda cfg, args: not cfg.evaluate.crf), NO_DIM_WITHOUT_PROVIDER),
+    contexts=lambda: (*reader_contexts(), *reader_contexts("evaluate.crf=true")[:2]))
 
 
 @dataclass
@@ -214,11 +214,11 @@ class _Eval:
 
 
 def _open(ctx: StageContext, batch_size: int) -> _Eval:
-    p = ctx.params
+    e, projection_cfg = ctx.config.evaluate, ctx.config.projection
     store = token_store.TokensArtifact(ctx.input("tokens").path).store
     probes = probes_lib.load_probes(ProbesArtifact(ctx.input("probes").path).probes_dir)
     provider = ctx.input("projection").path if "projection" in ctx.inputs else None
-    projection = open_projection(provider, store.dim, p["projection"]["dim"])
+    projection = open_projection(provider, store.dim, projection_cfg.get("dim"))
     n_classes = store.attrs.get("n_classes")
     if n_classes is not None and int(n_classes) != probes.n_classes:
         raise InputError(f"token store {store.path} has {n_classes} classes but the probes in "
@@ -227,15 +227,15 @@ def _open(ctx: StageContext, batch_size: int) -> _Eval:
     if probes.dim != projection.dim or saved.get("kind", projection.kind) != projection.kind:
         raise ArtifactError(f"probes in {ctx.input('probes').path} read {saved.get('kind')} codes of dim "
                             f"{probes.dim}, but the projection is {projection.kind} of dim {projection.dim}")
-    if p["flip_tta"] and not store.has_flip:
+    if e.flip_tta and not store.has_flip:
         raise InputError(f"token store {store.path}: evaluate.flip_tta=true needs array 'tokens_flip', "
                          "which this store lacks (extract the val split with flipped tokens)")
-    if p["crf"] and not store.has_rgb:
+    if e.crf and not store.has_rgb:
         raise InputError(f"token store {store.path}: evaluate.crf=true needs array 'rgb', which this store lacks")
     device = torch.device(ctx.device)
     probes.linear.to(device)
     probes.cluster.to(device)
-    return _Eval(store, projection, probes, device, bool(p["flip_tta"]), batch_size)
+    return _Eval(store, projection, probes, device, bool(e.flip_tta), batch_size)
 
 
 def _batches(ev: _Eval) -> Iterator[dict[str, np.ndarray]]:
@@ -404,7 +404,7 @@ def _crf_merge(ctx: StageContext, ev: _Eval, conf: dict[str, np.ndarray], shown:
     e, store = ctx.runtime.evaluate, ev.store
     n, k = ev.probes.n_classes, ev.probes.n_clusters
     start = time.perf_counter()
-    crf_images = _crf_pass(ctx, ev, int(e.crf_workers), float(e.crf_timeout_s), ctx.params["crf_pixels"])
+    crf_images = _crf_pass(ctx, ev, int(e.crf_workers), float(e.crf_timeout_s), str(ctx.config.evaluate.crf_pixels))
     crf_s = time.perf_counter() - start
     failed: list[dict[str, str]] = []
     conf["linear_crf"] = np.zeros((n, n), np.int64)
@@ -435,7 +435,7 @@ def _write_examples(ctx: StageContext, ev: _Eval, examples: list[int], shown: di
     labels = store.get_labels(examples)
     names = ev.probes.meta.get("class_names") or attrs.get("class_names")
     backbone = backbone_label(attrs.get("backbone"), attrs.get("weights_tag"))
-    caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {ctx.params['projection']['method']} "
+    caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {ctx.config.projection.method} "
                f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
     colours = palette(ev.probes.n_classes)
     for row, i in enumerate(examples):
@@ -448,38 +448,38 @@ def _write_examples(ctx: StageContext, ev: _Eval, examples: list[int], shown: di
 
 def _protocol(ctx: StageContext, ev: _Eval) -> dict[str, Any]:
     """What was evaluated and how (``metrics.json``'s ``protocol``): data, inputs, flags, projection."""
-    p, store, attrs = ctx.params, ev.store, ev.store.attrs
+    e, projection_cfg, store, attrs = ctx.config.evaluate, ctx.config.projection, ev.store, ev.store.attrs
     tokens_in, probes_in = ctx.input("tokens"), ctx.input("probes")
     return {
         "dataset": attrs.get("dataset"), "split": attrs.get("split", "val"),
         "index_id": _index_id(token_store.TokensArtifact(tokens_in.path).lineage), "tokens_id": tokens_in.id,
         "backbone": attrs.get("backbone"), "weights_tag": attrs.get("weights_tag"),
         "resolution": list(store.label_hw), "feature_grid": list(store.grid),
-        "crf": p["crf"], "crf_pixels": p["crf_pixels"], "flip_tta": p["flip_tta"],
-        "drop_extra_clusters": p["drop_extra_clusters"],
+        "crf": bool(e.crf), "crf_pixels": e.get("crf_pixels"), "flip_tta": bool(e.flip_tta),
+        "drop_extra_clusters": bool(e.drop_extra_clusters),
         "probe_id": probes_in.id, "n_classes": ev.probes.n_classes, "n_clusters": ev.probes.n_clusters,
-        "seed": ProbesArtifact(probes_in.path).params.get("seed", ev.probes.meta.get("seed")),
-        "projection": {"method": p["projection"]["method"],
+        "seed": int(projection_cfg.seed),
+        "projection": {"method": str(projection_cfg.method),
                        "id": ctx.input("projection").id if "projection" in ctx.inputs else None,
                        "kind": ev.projection.kind, "dim": ev.projection.dim,
-                       "requested_dim": p["projection"]["dim"]},
+                       "requested_dim": projection_cfg.get("dim")},
         "class_names": ev.probes.meta.get("class_names"), "n_images": store.n,
     }
 
 
-@register_stage("evaluate", version="2", kind="eval", sections=("evaluate", "projection"), params=_params, inputs=_inputs, resumable=True,
+@register_stage("evaluate", kind="eval", sections=("evaluate", "projection"), params=EVALUATE_PARAMS, inputs=_inputs, resumable=True,
                 make_target="make evaluate")
 def evaluate_stage(ctx: StageContext) -> None:
     """Score the linear and cluster probes on the val split (optionally with flip-TTA and dense CRF)."""
-    p = ctx.params
+    e = ctx.config.evaluate
     ev = _open(ctx, int(ctx.runtime.evaluate.batch_size))
-    examples = _example_indices(ev.store.n, p["examples"])
+    examples = _example_indices(ev.store.n, int(e.examples))
     conf, shown, eval_s = _score_pass(ev, examples)
     pixels = int(conf["linear"].sum())
     scored = _scored_probes(pixels > 0, ev.probes.linear_trained)
     failed: list[dict[str, str]] = []
     crf_images, crf_s = 0, 0.0
-    if p["crf"] and scored:
+    if e.crf and scored:
         failed, crf_images, crf_s = _crf_merge(ctx, ev, conf, shown, examples)
 
     results: dict[str, Any] = {}
@@ -489,7 +489,7 @@ def evaluate_stage(ctx: StageContext) -> None:
         if entry.removesuffix("_crf") in scored:
             hungarian = entry.startswith("cluster")
             results[entry], assignments[entry] = _score_entry(matrix, hungarian,
-                                                              p["drop_extra_clusters"] and hungarian)
+                                                              bool(e.drop_extra_clusters) and hungarian)
     if examples and results:
         _write_examples(ctx, ev, examples, shown, results, assignments)
     write_json_atomic(ctx.out / EvalArtifact.METRICS, {"protocol": _protocol(ctx, ev), "scores": results})

@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -44,12 +44,14 @@ from pipeline.artifacts import ArtifactStore, sha256_file
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
+from pipeline.params import Context, Derive, Exclude, Params
 from pipeline.prefetch import prefetch
 from pipeline.context import StageContext
 from pipeline.planner import Request, Task
 from pipeline.registry import Need, register_estimate, register_needs, register_stage
 from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
-from stages.datasets.base import SampleRef
+from stages.datasets.base import SPLITS, SampleRef
+from stages.datasets.index import Index, load_index
 from stages.datasets.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,7 +60,6 @@ from stages.datasets.transforms import (
     preprocess_label,
     resize_shorter_nearest,
 )
-from stages.prepare import SPLITS, Index, load_index
 
 torch = lazy_module("torch")
 token_store = lazy_module("stages.store")
@@ -151,30 +152,49 @@ def weights_tag(backbone: Any) -> str:
     return _weights_file_tag("file", path, "backbone.weights")
 
 
-def extract_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    """What changes the tokens: backbone + weights, pos-embed mode, resolution, stored extras, layout, amp."""
+def _check(cfg: Any, args: Mapping[str, Any]) -> None:
     split = args["split"]
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
-    backbone, extract = cfg.backbone, cfg.extract
-    if backbone.name not in BACKBONES:
-        raise ConfigError(f"backbone.name={backbone.name!r}: expected one of {', '.join(sorted(BACKBONES))}")
-    spec = BACKBONES[backbone.name]
-    res_key = f"extract.{split}_res"
-    res = int(extract[f"{split}_res"])
-    if res % spec.patch:
-        raise ConfigError(f"{res_key}={res}: must be a multiple of the patch size {spec.patch} of {backbone.name}")
-    return {
-        "split": split,
-        "backbone": backbone.name,
-        "weights_tag": weights_tag(backbone),
-        "pos_interp": backbone.pos_interp if spec.family == "dino" else "timm",
-        "res": res,
-        "flip": split == "val" and bool(extract.flip_val),
-        "rgb": split == "val" and bool(extract.rgb_val),
-        "shard_size": int(extract.shard_size),
-        "amp": bool(extract.amp),
-    }
+    name = cfg.backbone.name
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone.name={name!r}: expected one of {', '.join(sorted(BACKBONES))}")
+    patch, res = BACKBONES[name].patch, int(cfg.extract[f"{split}_res"])
+    if res % patch:
+        raise ConfigError(f"extract.{split}_res={res}: must be a multiple of the patch size {patch} of {name}")
+
+
+def _split_is(split: str) -> Callable[[Any, Mapping[str, Any]], bool]:
+    return lambda cfg, args: args["split"] == split
+
+
+EXTRACT_PARAMS = Params(
+    exclude=(
+        Exclude(("extract.val_res", "extract.flip_val", "extract.rgb_val"), "the train split reads train_res "
+                "and stores neither flipped tokens nor images", when=_split_is("train")),
+        Exclude(("extract.train_res",), "the val split reads val_res", when=_split_is("val")),
+        Exclude(("backbone.pos_interp",), "DINOv2 / timm models interpolate position embeddings their own way",
+                when=lambda cfg, args: BACKBONES[cfg.backbone.name].family != "dino"
+                if cfg.backbone.name in BACKBONES else False),
+        Exclude(("backbone.seed",), "only backbone.weights=random reads the seed",
+                when=lambda cfg, args: cfg.backbone.weights != "random"),
+        Exclude(("backbone.weights_dir",), "only backbone.weights=dino reads the folder",
+                when=lambda cfg, args: cfg.backbone.weights != "dino"),
+    ),
+    derive=(Derive("weights_tag", lambda cfg, args: weights_tag(cfg.backbone),
+                   replaces=("backbone.weights", "backbone.weights_dir", "backbone.seed"), uses=("backbone.name",)),),
+    check=_check,
+    contexts=(Context(args={"split": "train"}), Context(args={"split": "val"}),
+              Context(("backbone.weights=dino", "backbone.weights_dir={weights}"), {"split": "train"}),
+              Context(("backbone.name=vit_small_patch14_dinov2.lvd142m", "extract.val_res=322"), {"split": "val"})))
+
+
+def settings_of(cfg: Any, split: str) -> dict[str, Any]:
+    """What shapes the tokens of ``split`` under the extract config view ``cfg``: res, flip, rgb,
+    position-embedding mode."""
+    return {"res": int(cfg.extract[f"{split}_res"]), "flip": split == "val" and bool(cfg.extract.flip_val),
+            "rgb": split == "val" and bool(cfg.extract.rgb_val),
+            "pos_interp": cfg.backbone.get("pos_interp", "timm")}
 
 
 def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
@@ -184,17 +204,18 @@ def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
 def extract_estimate(task: Task, store: ArtifactStore) -> int | None:
     """Bytes of the token arrays, N × h × w × D float16 (twice with tokens_flip): N from the index when it
     exists, else from the synthetic dataset's config; None when N is not known yet."""
-    p, dataset = task.params, task.cfg["dataset"]
+    split, dataset, cfg = task.args["split"], task.cfg["dataset"], task.cfg
     index = task.inputs.get("index")
     if index and store.exists(index):
         n = store.manifest(index).get("counts", {}).get("samples")
     elif dataset["name"] == "synthetic":
-        n = dataset["synthetic"][f"n_{p['split']}"] * (5 if p["split"] == "train" and dataset["train_crop"] == "five" else 1)
+        n = dataset["synthetic"][f"n_{split}"] * (5 if split == "train" and dataset["train_crop"] == "five" else 1)
     else:
         return None
-    spec = BACKBONES[p["backbone"]]
-    grid = p["res"] // spec.patch
-    return int(n) * grid * grid * spec.embed_dim * 2 * (2 if p["flip"] else 1)
+    spec = BACKBONES[cfg["backbone"]["name"]]
+    grid = int(cfg["extract"][f"{split}_res"]) // spec.patch
+    flip = split == "val" and bool(cfg["extract"]["flip_val"])
+    return int(n) * grid * grid * spec.embed_dim * 2 * (2 if flip else 1)
 
 
 register_estimate("extract", extract_estimate)
@@ -456,34 +477,35 @@ def _run_local(ctx: StageContext, model: torch.nn.Module, store: Path, index: In
         settle(0)
 
 
-@register_stage("extract", version="2", kind="tokens", sections=("backbone", "extract"), params=extract_params, inputs=extract_inputs,
+@register_stage("extract", kind="tokens", sections=("backbone", "extract"), params=EXTRACT_PARAMS, inputs=extract_inputs,
                 args={"split": "train"}, resumable=True, make_target="make extract",
                 resources={"GPU": 1})
 def extract(ctx: StageContext) -> None:
     """Frozen-backbone tokens of one split into a sharded Zarr store."""
-    p, backbone, runtime = ctx.params, ctx.config.backbone, ctx.runtime
+    backbone, runtime, tag = ctx.config.backbone, ctx.runtime, ctx.params["weights_tag"]
+    p = settings_of(ctx.config, ctx.args["split"])
     index_path = ctx.input("index").path
     index = load_index(index_path, verify_files=bool(runtime.extract.verify_files))
-    spec = BACKBONES[p["backbone"]]
+    spec = BACKBONES[backbone.name]
     settings = Settings(
-        index_path=str(index_path), res=p["res"], flip=p["flip"], rgb=p["rgb"], amp=p["amp"],
+        index_path=str(index_path), res=p["res"], flip=p["flip"], rgb=p["rgb"], amp=bool(ctx.config.extract.amp),
         batch_size=int(runtime.extract.batch_size), loader_workers=int(runtime.extract.loader_workers),
-        model=ModelSettings(name=p["backbone"], weights=str(backbone.weights), weights_dir=backbone.weights_dir,
-                            seed=int(backbone.seed), pos_interp=p["pos_interp"],
-                            trust_checkpoint=bool(runtime.backbone.trust_checkpoint), weights_tag=p["weights_tag"],
+        model=ModelSettings(name=backbone.name, weights=str(backbone.weights), weights_dir=backbone.get("weights_dir"),
+                            seed=int(backbone.get("seed", 0)), pos_interp=p["pos_interp"],
+                            trust_checkpoint=bool(runtime.backbone.trust_checkpoint), weights_tag=tag,
                             device=ctx.device),
         verify_files=bool(runtime.extract.verify_files),
     )
     grid = (p["res"] // spec.patch, p["res"] // spec.patch)
     attrs = {"dataset": index.dataset, "split": index.split, "n_classes": index.n_classes,
-             "class_names": list(index.class_names), "backbone": p["backbone"], "weights_tag": p["weights_tag"],
+             "class_names": list(index.class_names), "backbone": backbone.name, "weights_tag": tag,
              "patch": spec.patch, "pos_interp": p["pos_interp"], "res": p["res"],
              "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                                "resize": "shorter side, nearest", "crop": "center"}}
     layout = {"n": len(index), "grid": grid, "dim": spec.embed_dim, "label_hw": (p["res"], p["res"]),
-              "shard_size": p["shard_size"], "with_rgb": p["rgb"], "with_flip": p["flip"]}
+              "shard_size": int(ctx.config.extract.shard_size), "with_rgb": p["rgb"], "with_flip": p["flip"]}
     store = _open_or_create_store(ctx.out, layout, attrs)
-    ranges = token_store.shard_ranges(len(index), p["shard_size"])
+    ranges = token_store.shard_ranges(len(index), int(ctx.config.extract.shard_size))
     keys = [f"{s:06d}" for s in range(len(ranges))]
     todo = [(int(key), key) for key in ctx.shards(keys)]
     n_todo = sum(ranges[s][1] - ranges[s][0] for s, _ in todo)
@@ -507,7 +529,7 @@ def extract(ctx: StageContext) -> None:
         throughput_img_s=round(n_todo / wall, 2) if n_todo and wall > 0 else None,
         extract_wall_s=round(wall, 3),
         executor=executor,
-        backbone={"name": p["backbone"], "weights_tag": p["weights_tag"], "patch": spec.patch,
+        backbone={"name": backbone.name, "weights_tag": tag, "patch": spec.patch,
                   "embed_dim": spec.embed_dim, "pos_interp": p["pos_interp"]},
         grid=list(grid),
         runtime={"batch_size": settings.batch_size, "loader_workers": settings.loader_workers,

@@ -31,7 +31,7 @@ def _knn_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return {"tokens": Request("extract", cfg, {"split": "train"})}
 
 
-@register_stage("knn", version="1", kind="knn", sections=("knn",), inputs=_knn_inputs, make_target="make knn")
+@register_stage("knn", kind="knn", sections=("knn",), inputs=_knn_inputs, make_target="make knn")
 def knn_stage(ctx: StageContext) -> None:
     """Cosine top-k neighbours of the pooled train tokens (STEGO's nns file)."""
     from stages.store import TokensArtifact
@@ -39,10 +39,11 @@ def knn_stage(ctx: StageContext) -> None:
     store = TokensArtifact(ctx.input("tokens").path).store
     start = time.perf_counter()
     descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size)
-    k = min(ctx.params["k"], store.n)
+    wanted = int(ctx.config.knn.k)
+    k = min(wanted, store.n)
     nns, sims = topk_neighbors(descriptors, k, block_size=ctx.runtime.knn.block_size,
                                device=ctx.device, return_similarities=True)
     save_nns_npz(ctx.out / KnnArtifact.NNS, nns, sims)
-    notes = [f"knn.k={ctx.params['k']} exceeds the {store.n} train samples; stored k={k}"] if k < ctx.params["k"] else []
+    notes = [f"knn.k={wanted} exceeds the {store.n} train samples; stored k={k}"] if k < wanted else []
     ctx.record(counts={"samples": store.n, "k": k}, notes=notes,
                throughput={"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)})

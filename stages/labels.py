@@ -7,9 +7,7 @@ from typing import Any
 
 from pipeline.labels import register_label, register_label_format, register_replicate
 from pipeline.results import register_result_names
-from stages.report import METHOD_LABELS
-
-METHOD_ORDER = ("identity", "pca", "rp", "hnne", "stego")  # the paper's order: DINO, PCA, RP, h-NNE, STEGO
+from stages.projections.methods import METHODS, method_names
 _VIT = re.compile(r"vit_(tiny|small|base|large|giant)_patch(\d+)")
 
 
@@ -50,8 +48,8 @@ register_label_format("dataset", str)
 register_label_format("split", str)
 register_label_format("backbone", str)
 register_label_format("res", lambda v: f"{v}px")
-register_label_format("method", lambda v: METHOD_LABELS.get(v, str(v)), cell=lambda v: METHOD_LABELS.get(v, str(v)),
-                      order=METHOD_ORDER)
+register_label_format("method", lambda v: METHODS[v].label if v in METHODS else str(v),
+                      cell=lambda v: METHODS[v].label if v in METHODS else str(v), order=method_names())
 register_label_format("dim", lambda v: f"d={v}")
 register_label_format("crf", lambda v: "CRF" if v else "", cell=lambda v: "on" if v else "off", order=(False, True))
 register_label_format("experiment", str)

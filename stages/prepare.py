@@ -9,7 +9,6 @@ left out and listed with reasons in the manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -22,10 +21,12 @@ from tqdm import tqdm
 from pipeline.artifacts import sha256_file, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
+from pipeline.params import Context, Derive, Exclude, Params
 from pipeline.context import StageContext
 from pipeline.planner import Request
 from pipeline.registry import Need, register_needs, register_stage
 from stages.datasets.base import SPLITS, DatasetReader, SampleRef, check_sample
+from stages.datasets.index import INDEX_FILE
 from stages.datasets.registry import dataset_names, get_reader
 
 
@@ -58,19 +59,11 @@ class DatasetConfig:
 register_section("dataset", DatasetConfig)
 
 
-def _split(args: dict[str, Any]) -> str:
-    if args["split"] not in SPLITS:
-        raise ConfigError(f"split={args['split']!r}: expected one of {', '.join(SPLITS)}")
-    return args["split"]
-
-
 def reader_options(dataset: Any, split: str) -> dict[str, Any]:
     """Reader constructor options for a split (five-crop only ever applies to train)."""
     options: dict[str, Any] = {"crop": dataset.train_crop if split == "train" else "none",
                                "jpeg_roundtrip": bool(dataset.jpeg_roundtrip)}
     if dataset.name == "folder":
-        if dataset.n_classes is None:
-            raise ConfigError("dataset.n_classes is required for dataset.name=folder")
         options["n_classes"] = int(dataset.n_classes)
         if dataset.class_names is not None:
             options["class_names"] = list(dataset.class_names)
@@ -86,25 +79,50 @@ def prepare_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
     return {"data": Request("synthesize", cfg)} if cfg.dataset.name == "synthetic" else {}
 
 
-def prepare_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
+def _check(cfg: Any, args: dict[str, Any]) -> None:
     dataset = cfg.dataset
-    split = _split(args)
+    if args["split"] not in SPLITS:
+        raise ConfigError(f"split={args['split']!r}: expected one of {', '.join(SPLITS)}")
     if dataset.name not in dataset_names():
         raise ConfigError(f"dataset.name={dataset.name!r}: expected one of {', '.join(dataset_names())}")
-    params: dict[str, Any] = {"dataset": dataset.name, "split": split, "options": reader_options(dataset, split),
-                              "on_bad_input": dataset.on_bad_input}
-    if dataset.name != "synthetic":
-        if not dataset.root and dataset.name == "folder":
-            raise ConfigError("dataset.root is required for dataset.name=folder: your folder holding imgs/train/, "
-                              "imgs/val/ (and optionally labels/train/, labels/val/), e.g. `stegopipe run prepare "
-                              "--preset folder dataset.root=mine` or `make prepare DATASET=folder ARGS=\"dataset.root=mine\"`")
-        if not dataset.root:
-            raise ConfigError(f"dataset.root is required for dataset.name={dataset.name} "
-                              f"(e.g. `make prepare DATASET={dataset.name} DATA_ROOT=/path/to/data`)")
-        root = Path(dataset.root).expanduser().resolve()
-        params["root"] = str(root)
-        params["fingerprint"] = tree_fingerprint(root)
-    return params
+    if dataset.name == "folder" and not dataset.root:
+        raise ConfigError("dataset.root is required for dataset.name=folder: your folder holding imgs/train/, "
+                          "imgs/val/ (and optionally labels/train/, labels/val/), e.g. `stegopipe run prepare "
+                          "--preset folder dataset.root=mine` or `make prepare DATASET=folder ARGS=\"dataset.root=mine\"`")
+    if dataset.name != "synthetic" and not dataset.root:
+        raise ConfigError(f"dataset.root is required for dataset.name={dataset.name} "
+                          f"(e.g. `make prepare DATASET={dataset.name} DATA_ROOT=/path/to/data`)")
+    if dataset.name == "folder" and dataset.n_classes is None:
+        raise ConfigError("dataset.n_classes is required for dataset.name=folder")
+
+
+def _on_disk(cfg: Any, args: Any) -> bool:
+    return cfg.dataset.name != "synthetic"
+
+
+def _root(cfg: Any, args: Any) -> str:
+    return str(Path(cfg.dataset.root).expanduser().resolve())
+
+
+PREPARE_PARAMS = Params(
+    exclude=(
+        Exclude(("dataset.synthetic.*",), "the synthesize stage reads them; its artifact (an input) covers them"),
+        Exclude(("dataset.root",), "dataset.name=synthetic reads the synthesize artifact, not a folder",
+                when=lambda cfg, args: not _on_disk(cfg, args)),
+        Exclude(("dataset.train_crop",), "five-crops apply to the train split only",
+                when=lambda cfg, args: args["split"] != "train"),
+        Exclude(("dataset.n_classes", "dataset.class_names"), "only the folder dataset takes its classes from "
+                "the config", when=lambda cfg, args: cfg.dataset.name != "folder"),
+    ),
+    derive=(
+        Derive("root", _root, replaces=("dataset.root",), when=_on_disk),
+        Derive("fingerprint", lambda cfg, args: tree_fingerprint(Path(_root(cfg, args))), uses=("dataset.root",),
+               when=_on_disk),
+    ),
+    check=_check,
+    contexts=(Context(args={"split": "train"}), Context(args={"split": "val"}),
+              Context(("dataset.name=folder", "dataset.root={data}", "dataset.n_classes=3"), {"split": "train"}),
+              Context(("dataset.name=folder", "dataset.root={data}", "dataset.n_classes=3"), {"split": "val"})))
 
 
 def tree_fingerprint(root: Path) -> str | None:
@@ -130,36 +148,6 @@ def tree_fingerprint(root: Path) -> str | None:
             rel = os.fsencode(os.path.relpath(path, root))
             digest.update(rel + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
-
-
-@dataclass
-class Index:
-    """A prepared split: the reader to load samples with and the sample rows."""
-
-    dataset: str
-    split: str
-    n_classes: int
-    class_names: list[str]
-    reader: DatasetReader
-    samples: list[SampleRef]
-    sizes: list[tuple[int, int]]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def load_index(artifact_dir: Path, *, verify_files: bool = True) -> Index:
-    """Open an ``index`` artifact (and the reader it was built with). With ``verify_files`` every image and
-    label the reader decodes is checked against the sha256 the index records (``extract.verify_files``)."""
-    data = json.loads((Path(artifact_dir) / "index.json").read_text())
-    reader = get_reader(data["dataset"], data["root"], **data["options"])
-    if verify_files:
-        reader.expect_checksums({**{s["image"]: s["image_sha256"] for s in data["samples"]},
-                                 **{s["label"]: s["label_sha256"] for s in data["samples"] if s["label"]}})
-    samples = [SampleRef(s["id"], s["image"], s["label"], tuple(s["crop"]) if s["crop"] else None)
-               for s in data["samples"]]
-    return Index(data["dataset"], data["split"], data["n_classes"], data["class_names"], reader, samples,
-                 [tuple(s["size"]) for s in data["samples"]])
 
 
 @cache
@@ -193,21 +181,22 @@ def prepare_needs(cfg: Any, args: dict[str, Any]) -> list[Need]:
 register_needs("prepare", prepare_needs)
 
 
-@register_stage("prepare", version="1", kind="index", sections=("dataset",), params=prepare_params, inputs=prepare_inputs,
+@register_stage("prepare", kind="index", sections=("dataset",), params=PREPARE_PARAMS, inputs=prepare_inputs,
                 args={"split": "train"}, make_target="make prepare")
 def prepare(ctx: StageContext) -> None:
     """Index and validate one split of a dataset."""
-    p = ctx.params
-    root = ctx.input("data").path if "data" in ctx.inputs else Path(p["root"])
+    dataset, split = ctx.config.dataset, ctx.args["split"]
+    options = reader_options(dataset, split)
+    root = ctx.input("data").path if "data" in ctx.inputs else Path(ctx.params["root"])
     if not root.is_dir():
         raise InputError(f"dataset root {root} does not exist or is not a directory")
-    reader = get_reader(p["dataset"], root, **p["options"])
+    reader = get_reader(dataset.name, root, **options)
     unlisted: list[tuple[str, InputError]] = []
-    refs = reader.list_samples(p["split"], unlisted if p["on_bad_input"] == "skip" else None)
+    refs = reader.list_samples(split, unlisted if dataset.on_bad_input == "skip" else None)
     rows: list[dict[str, Any]] = []
     skipped = [{"id": sample, "reason": str(exc)} for sample, exc in unlisted]
     if not refs and not skipped:
-        raise InputError(f"{root}: split '{p['split']}' of dataset {p['dataset']} lists no samples")
+        raise InputError(f"{root}: split '{split}' of dataset {dataset.name} lists no samples")
     workers = int(ctx.runtime.dataset.check_workers)
 
     def checked(ref: SampleRef) -> dict[str, Any] | InputError:
@@ -218,16 +207,16 @@ def prepare(ctx: StageContext) -> None:
 
     with ThreadPoolExecutor(workers) as pool:
         for ref, row in tqdm(zip(refs, pool.map(checked, refs)), total=len(refs), unit="img",
-                             desc=f"prepare {p['dataset']}/{p['split']}", leave=False):
+                             desc=f"prepare {dataset.name}/{split}", leave=False):
             if isinstance(row, InputError):
-                if p["on_bad_input"] == "error":
+                if dataset.on_bad_input == "error":
                     raise InputError(f"{row} (set dataset.on_bad_input=skip to leave such samples out)")
                 skipped.append({"id": ref.id, "reason": str(row)})
             else:
                 rows.append(row)
     if not rows:
-        raise InputError(f"{root}: every sample of split '{p['split']}' is bad; first: {skipped[0]['reason']}")
-    index = {"dataset": p["dataset"], "split": p["split"], "root": str(root), "options": p["options"],
+        raise InputError(f"{root}: every sample of split '{split}' is bad; first: {skipped[0]['reason']}")
+    index = {"dataset": dataset.name, "split": split, "root": str(root), "options": options,
              "n_classes": reader.n_classes, "class_names": list(reader.class_names), "samples": rows}
-    write_json_atomic(ctx.out / "index.json", index)
+    write_json_atomic(ctx.out / INDEX_FILE, index)
     ctx.record(counts={"samples": len(rows), "skipped": len(skipped)}, skipped=skipped)

@@ -14,11 +14,12 @@ from pipeline.artifacts import json_safe, write_json_atomic
 from pipeline.config import register_section, setting
 from pipeline.errors import InputError
 from pipeline.lazy import lazy_module
+from pipeline.params import Params
 from pipeline.prefetch import prefetch
 from pipeline.context import StageContext
 from pipeline.planner import Request
 from pipeline.registry import register_stage
-from stages.projections.select import open_projection, projection_params, projection_request
+from stages.projections.select import NO_DIM_WITHOUT_PROVIDER, open_projection, projection_request, reader_contexts
 from stages.stego.settings import PROBE_LR
 
 torch = lazy_module("torch")
@@ -49,11 +50,7 @@ def _probe_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return {"tokens": Request("extract", cfg, {"split": "train"}), **projection_request(cfg)}
 
 
-def _probe_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    p = cfg.probe
-    return {"steps": int(p.steps), "batch_size": int(p.batch_size), "lr": float(p.lr),
-            "extra_clusters": int(p.extra_clusters), "cluster_fit": str(p.cluster_fit),
-            "projection": projection_params(cfg), "seed": int(cfg.projection.seed)}
+PROBE_PARAMS = Params(exclude=(NO_DIM_WITHOUT_PROVIDER,), contexts=reader_contexts)
 
 
 def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -67,7 +64,7 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> list[np.nd
     return batches[:steps]
 
 
-@register_stage("probe", version="1", kind="probes", sections=("probe", "projection"), params=_probe_params, inputs=_probe_inputs,
+@register_stage("probe", kind="probes", sections=("probe", "projection"), params=PROBE_PARAMS, inputs=_probe_inputs,
                 make_target="make probe")
 def probe_stage(ctx: StageContext) -> None:
     """Train fresh linear + cluster probes on the codes of the cached train tokens.
@@ -78,7 +75,8 @@ def probe_stage(ctx: StageContext) -> None:
     concurrently with the head (§5.3); fresh ones are trained here anyway, so every projection is
     probed with the same protocol.
     """
-    p = ctx.params
+    p, projection_cfg = ctx.config.probe, ctx.config.projection
+    seed = int(projection_cfg.seed)
     store = token_store.TokensArtifact(ctx.input("tokens").path).store
     attrs = store.attrs
     for key in ("n_classes", "class_names"):
@@ -86,11 +84,11 @@ def probe_stage(ctx: StageContext) -> None:
             raise InputError(f"token store {store.path}: group attribute {key!r} is missing")
     n_classes, class_names = int(attrs["n_classes"]), list(attrs["class_names"])
     provider = ctx.input("projection").path if "projection" in ctx.inputs else None
-    projection = open_projection(provider, store.dim, p["projection"]["dim"])
+    projection = open_projection(provider, store.dim, projection_cfg.get("dim"))
     device = torch.device(ctx.device)
-    trainer = probes.ProbeTrainer(projection.dim, n_classes, n_clusters=n_classes + p["extra_clusters"], lr=p["lr"],
-                           seed=p["seed"], cluster_fit=p["cluster_fit"], device=device)
-    batches = _batch_indices(store.n, p["batch_size"], p["steps"], p["seed"])
+    trainer = probes.ProbeTrainer(projection.dim, n_classes, n_clusters=n_classes + p.extra_clusters, lr=p.lr,
+                           seed=seed, cluster_fit=p.cluster_fit, device=device)
+    batches = _batch_indices(store.n, p.batch_size, p.steps, seed)
 
     def read(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = torch.from_numpy(store.get_tokens(indices)).permute(0, 3, 1, 2)
@@ -110,17 +108,17 @@ def probe_stage(ctx: StageContext) -> None:
     trainer.cluster.eval()
     losses = {name: json_safe([h[name] for h in history]) for name in ("linear", "cluster")}
     note = ("the head artifact also holds probes trained with the head (§5.3); these are fresh probes"
-            if p["projection"]["method"] == "stego" else None)
+            if projection_cfg.method == "stego" else None)
     probes.save_probes(ctx.out, trainer.linear, trainer.cluster, class_names=class_names, projection=projection,
-                extra={"steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"],
-                       "cluster_fit": p["cluster_fit"], "extra_clusters": p["extra_clusters"], "seed": p["seed"],
-                       "projection_method": p["projection"]["method"],
+                extra={"steps": p.steps, "batch_size": p.batch_size, "lr": p.lr,
+                       "cluster_fit": p.cluster_fit, "extra_clusters": p.extra_clusters, "seed": seed,
+                       "projection_method": projection_cfg.method,
                        "final_loss": {k: v[-1] for k, v in losses.items()}})
     write_json_atomic(ctx.out / "history.json", losses)
     h, w = store.grid
     ctx.record(counts={"steps": len(history), "train_samples": store.n, "n_classes": n_classes,
                        "n_clusters": trainer.cluster.n_clusters, "dim": projection.dim},
-               seeds={"probe": p["seed"]},
+               seeds={"probe": seed},
                throughput={"steps_per_s": round(len(history) / seconds, 3),
                            "tokens_per_s": round(sum(len(b) for b in batches) * h * w / seconds, 1)},
                final_loss={k: v[-1] for k, v in losses.items()}, **({"note": note} if note else {}))

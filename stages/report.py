@@ -40,6 +40,7 @@ from pipeline.context import StageContext
 from pipeline.registry import register_stage
 from stages.artifacts import EvalArtifact, ReduceArtifact
 from stages.evaluation.figures import DPI, backbone_label
+from stages.projections.methods import METHODS, methods
 
 # Table 2 of Koenig et al. (CVPRW 2023), validation results with CRF, in %:
 # {row: {dataset: (cluster acc, cluster mIoU, linear acc, linear mIoU)}}; None = not reported.
@@ -56,20 +57,16 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float | None, ...]]] = {
 PAPER_DIMS = {"STEGO": {"cocostuff27": 90, "cityscapes": 100, "potsdam": 70},
               "DINO": {"cocostuff27": 768, "cityscapes": 768, "potsdam": 384}}
 PAPER_DATASETS = ("cocostuff27", "cityscapes", "potsdam")
-METHOD_LABELS = {"stego": "STEGO", "pca": "PCA", "rp": "RP", "hnne": "h-NNE", "identity": "DINO"}  # legend order
-METHOD_COLOURS = {"stego": "tab:red", "identity": "black", "pca": "tab:blue", "rp": "tab:green",
-                  "hnne": "tab:purple"}
 METRIC_NAMES = {"miou": "mIoU", "accuracy": "accuracy"}
-# Stages whose top-level ``seed`` param is the run seed (``projection.seed``): left out of fingerprints.
-RUN_SEED_STAGES = frozenset({"reduce", "train-head", "probe"})
+RUN_SEED = "projection.seed"  # the run seed: left out of configuration fingerprints, in every stage's params
 # Protocol flags of an evaluation; the first four describe the dataset's tokens, the rest are choices.
 DATA_FLAGS = ("backbone", "weights_tag", "resolution", "n_images")
 CHOICE_FLAGS = ("crf_pixels", "flip_tta", "drop_extra_clusters")
 FLAG_KEYS = DATA_FLAGS + CHOICE_FLAGS
 CELL_KEYS = ("dataset", "method", "dim", "probe", "crf", *FLAG_KEYS, "config")
 # evaluate params that do not change a score (examples), or not the scores without CRF (crf, crf_pixels)
-EVAL_PRESENTATION_PARAMS = ("examples",)
-EVAL_CRF_PARAMS = ("crf", "crf_pixels")
+EVAL_PRESENTATION_PARAMS = ("evaluate.examples",)
+EVAL_CRF_PARAMS = ("evaluate.crf", "evaluate.crf_pixels")
 CSV_COLUMNS = ("dataset", "method", "dim", "preset_dim", "seed", "probe", "crf", "crf_pixels", "flip_tta",
                "drop_extra_clusters", "backbone", "weights_tag", "miou", "accuracy", "resolution", "n_images",
                "config", "eval_id", "probe_id", "projection_id", "tokens_id")
@@ -84,14 +81,23 @@ class ReportConfig:
 register_section("report", ReportConfig)
 
 
-def _report_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    return {"experiment": args["experiment"]}
+def method_labels() -> dict[str, str]:
+    """The label of every registered method (:mod:`stages.projections.methods`), in legend order."""
+    return {m.name: m.label for m in methods()}
+
+
+def method_label(name: str, *, table: bool = False) -> str:
+    """A method's label (its name when unregistered); in tables, marked when it goes beyond the paper."""
+    method = METHODS.get(name)
+    if method is None:
+        return name
+    return method.label + (" (beyond the paper)" if table and not method.paper else "")
 
 
 def config_fingerprint(manifest_of: Callable[[str], Mapping[str, Any] | None], artifact: str,
                        memo: dict[str, str], ignore: Sequence[str] = ()) -> str:
     """16 hex digits naming what ``artifact`` computed, apart from the run seed: its stage, version and params
-    (without ``seed`` in :data:`RUN_SEED_STAGES`, and without the top-level params in ``ignore``) and its
+    (without the run seed :data:`RUN_SEED`, and without the params in ``ignore``) and its
     inputs' fingerprints. ``manifest_of(id)`` is None for an artifact that is gone (its id stands in).
     Two evaluations with equal fingerprints differ at most in their seeds."""
     key = artifact if not ignore else f"{artifact}|{','.join(ignore)}"
@@ -103,7 +109,7 @@ def config_fingerprint(manifest_of: Callable[[str], Mapping[str, Any] | None], a
         return artifact
     stage = manifest.get("stage")
     params = {k: v for k, v in (manifest.get("params") or {}).items()
-              if k not in ignore and not (k == "seed" and stage in RUN_SEED_STAGES)}
+              if k not in ignore and k != RUN_SEED}
     inputs = {name: config_fingerprint(manifest_of, dep, memo)
               for name, dep in sorted((manifest.get("inputs") or {}).items())}
     blob = json.dumps({"stage": stage, "version": manifest.get("version"), "params": params, "inputs": inputs},
@@ -147,12 +153,6 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=0))
 
 
-def _fmt(mean: float, std: float | None = None) -> str:
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.1f} ± {std:.1f}" if std else f"{mean:.1f}"
-
-
 @dataclass
 class Cell:
     """The rows of one configuration (:data:`CELL_KEYS`), one per seed."""
@@ -171,8 +171,28 @@ class Cell:
     def stat(self, metric: str) -> tuple[float, float]:
         return mean_std(r[metric] for r in self.rows)
 
-    def text(self, metric: str) -> str:
-        return _fmt(*self.stat(metric))
+    def text(self, metric: str, best: bool = False) -> str:
+        """Mean ± std over the seeds; one seed says ``(n=1)`` (not ``± 0.0``); bold (markdown) when ``best``."""
+        mean, std = self.stat(metric)
+        if math.isnan(mean):
+            return "-"
+        text = f"{mean:.1f} (n=1)" if len(self.rows) == 1 else f"{mean:.1f} ± {std:.1f}"
+        return f"**{text}**" if best else text
+
+
+def best_cells(items: Sequence[Cell], metric: str, group: Sequence[str]) -> set[int]:
+    """``id()`` of the cells with the highest mean ``metric`` among those that agree on ``group`` (groups of
+    one cell have no best)."""
+    groups: dict[tuple[Any, ...], list[Cell]] = defaultdict(list)
+    for c in items:
+        groups[tuple(c.key[k] for k in group)].append(c)
+    best = set()
+    for members in groups.values():
+        means = [c.stat(metric)[0] for c in members]
+        finite = [m for m in means if not math.isnan(m)]
+        if len(finite) > 1:
+            best |= {id(c) for c, m in zip(members, means, strict=True) if m == max(finite)}
+    return best
 
 
 def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -183,7 +203,17 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     for r in rows:
         groups[tuple(r[k] for k in CELL_KEYS)].setdefault(r["seed"], r)
     out = [Cell(dict(zip(CELL_KEYS, key, strict=True)), list(by_seed.values())) for key, by_seed in groups.items()]
-    return sorted(out, key=lambda c: _order(c.key[k] for k in CELL_KEYS))
+    return sorted(out, key=_cell_order)
+
+
+PAPER_ORDER = ("identity", "pca", "rp", "hnne", "stego")  # the paper's rows: DINO, PCA, RP, h-NNE, STEGO
+
+
+def _cell_order(c: Cell) -> tuple[Any, ...]:
+    """Dataset, then the paper's method order (other methods after, by name), then the other keys."""
+    method = c.key["method"]
+    rank = PAPER_ORDER.index(method) if method in PAPER_ORDER else len(PAPER_ORDER)
+    return (_order([c.key["dataset"]]), rank, _order(c.key[k] for k in CELL_KEYS if k != "dataset"))
 
 
 def _order(values: Iterable[Any]) -> tuple[tuple[int, Any], ...]:
@@ -222,12 +252,14 @@ def _dims_text(dims: Sequence[Any]) -> str:
 
 def table2_markdown(rows: list[dict[str, Any]]) -> str:
     """Table 2 shape: cluster/linear × acc/mIoU per dataset, paper rows labelled; our STEGO and DINO rows
-    with CRF when any evaluation ran it. Every cell is one configuration's mean ± std over seeds: the
-    preset's dim where it was evaluated, else one row per dim; rows split by the protocol choices that
-    vary (flip-TTA, CRF pixels, extra clusters) and, where still ambiguous, by configuration."""
+    (and those of methods beyond the paper, e.g. UMAP, marked so) with CRF when any evaluation ran it.
+    Every cell is one configuration's mean ± std over seeds: the preset's dim where it was evaluated, else
+    one row per dim; rows split by the protocol choices that vary (flip-TTA, CRF pixels, extra clusters)
+    and, where still ambiguous, by configuration. The best of our rows per column is bold."""
     all_cells = cells(rows)
     datasets = _datasets(all_cells)
     use_crf = any(c.key["crf"] for c in all_cells)
+    beyond = [m.name for m in methods() if not m.paper and any(c.key["method"] == m.name for c in all_cells)]
     header = "| method | dim | " + " | ".join(f"{d} cluster Acc | {d} cluster mIoU | {d} linear Acc | {d} linear mIoU"
                                                 for d in datasets) + " |"
     lines = [header, "|" + " --- |" * (2 + 4 * len(datasets))]
@@ -237,9 +269,10 @@ def table2_markdown(rows: list[dict[str, Any]]) -> str:
             cells_text = [("-" if v is None else f"{v:.1f}") for d in datasets for v in values.get(d, (None,) * 4)]
             lines.append(f"| {label} *(paper)* | {_dims_text([dims.get(d) for d in datasets])} | "
                          + " | ".join(cells_text) + " |")
-    chosen_all = [c for c in all_cells if c.key["method"] in ("stego", "identity") and c.key["crf"] == use_crf]
+    chosen_all = [c for c in all_cells if c.key["method"] in ("stego", "identity", *beyond) and c.key["crf"] == use_crf]
     choices = _varying(chosen_all, CHOICE_FLAGS)
-    for method in ("stego", "identity"):
+    best = {m: best_cells(chosen_all, m, ("dataset", "probe")) for m in ("miou", "accuracy")}
+    for method in ("stego", "identity", *beyond):
         chosen = [c for c in chosen_all if c.key["method"] == method]
         with_preset = {c.key["dataset"] for c in chosen if c.preset_dim}
         chosen = [c for c in chosen if c.preset_dim or c.key["dataset"] not in with_preset]
@@ -261,13 +294,14 @@ def table2_markdown(rows: list[dict[str, Any]]) -> str:
             if key and isinstance(key[-1], tuple):  # split by configuration
                 notes.append(_flag_text("config", key[-1][1]))
             notes = [n for n in notes if n]
-            label = f"{METHOD_LABELS[method]} (stegopipe{', CRF' if use_crf else ''}{''.join(', ' + n for n in notes)})"
+            label = f"{method_label(method, table=True)} (stegopipe{', CRF' if use_crf else ''}{''.join(', ' + n for n in notes)})"
             dims = [next((c.key["dim"] for (d, _), c in slots.items() if d == dataset), None) for dataset in datasets]
             cells_text = []
             for dataset in datasets:
                 for probe in ("cluster", "linear"):
                     c = slots.get((dataset, probe))
-                    cells_text += [c.text("accuracy"), c.text("miou")] if c else ["-", "-"]
+                    cells_text += [c.text("accuracy", id(c) in best["accuracy"]),
+                                   c.text("miou", id(c) in best["miou"])] if c else ["-", "-"]
             lines.append(f"| {label} | {_dims_text(dims)} | " + " | ".join(cells_text) + " |")
     return "\n".join(lines)
 
@@ -283,11 +317,13 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
              "config": "config"}
     header = ["dataset", "method", "dim", "probe", "CRF", *(names[k] for k in extra), "seeds", "mIoU", "accuracy"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    best = {m: best_cells(all_cells, m, ("dataset", "probe", "crf")) for m in ("miou", "accuracy")}
     for c in all_cells:
         k = c.key
-        values = [k["dataset"], METHOD_LABELS.get(k["method"], k["method"]), k["dim"], k["probe"],
+        values = [k["dataset"], method_label(k["method"], table=True), k["dim"], k["probe"],
                   "on" if k["crf"] else "off", *(str(k[x])[:8] if x == "config" else k[x] for x in extra),
-                  ", ".join(map(str, c.seeds)), c.text("miou"), c.text("accuracy")]
+                  ", ".join(map(str, c.seeds)), c.text("miou", id(c) in best["miou"]),
+                  c.text("accuracy", id(c) in best["accuracy"])]
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in values) + " |")
     return "\n".join(lines)
 
@@ -334,18 +370,18 @@ def plot_fig4(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
             for key, members in sorted(_series(panel, choices).items(), key=lambda kv: _order(kv[0])):
                 method, crf = key[0], key[1]
                 variant = tuple(key[2:2 + len(choices)])
-                colour = METHOD_COLOURS.get(method, "tab:gray")
+                colour = METHODS[method].colour if method in METHODS else "tab:gray"
                 style = styles[variants.index(variant) % len(styles)]
                 notes = [_flag_text(k, v) for k, v in zip(choices, variant, strict=True)]
                 if isinstance(key[-1], tuple):
                     notes.append(_flag_text("config", key[-1][1]))
                 notes = [n for n in notes if n]
-                label = METHOD_LABELS.get(method, method) + (" + CRF" if crf else "") + "".join(f", {n}" for n in notes)
+                label = method_label(method) + (" + CRF" if crf else "") + "".join(f", {n}" for n in notes)
                 members = sorted(members, key=lambda c: c.key["dim"])
                 dims = [c.key["dim"] for c in members]
                 stats = np.array([c.stat(metric) for c in members])
                 if crf:  # dodged: each method's triangles a little apart, so none hides another
-                    dodge = 2.0 ** (0.06 * (list(METHOD_LABELS).index(method) - 2) if method in METHOD_LABELS else 0)
+                    dodge = 2.0 ** (0.06 * (list(METHODS).index(method) - 2) if method in METHODS else 0)
                     ax.scatter([d * dodge for d in dims], stats[:, 0], marker="^", s=55, color=colour,
                                edgecolor="white", zorder=4)
                     handles.setdefault(label, Line2D([], [], marker="^", ls="", ms=8, color=colour))
@@ -380,7 +416,7 @@ def plot_fig4(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
         suptitle += f"\nfeatures: {next(iter(backbones.values()))}"
     fig.suptitle(suptitle, fontsize=11)
     entry_in = 0.5 + 0.075 * max((len(label) for label in handles), default=0)  # marker + text at 9 pt
-    order = list(METHOD_LABELS.values())
+    order = list(method_labels().values())
     labels = sorted(handles, key=lambda label: (order.index(label.split(" ")[0]) if label.split(" ")[0] in order
                                                 else len(order), label))
     fig.legend([handles[label] for label in labels], labels, loc="outside lower center", fontsize=9, frameon=False,
@@ -425,7 +461,7 @@ def _tokens_info(ctx: StageContext, tokens_id: str) -> tuple[str, str | None]:
 
     artifact = TokensArtifact(ctx.store.path(tokens_id))
     params, tokens = artifact.params, artifact.store
-    name = backbone_label(params.get("backbone") or tokens.attrs.get("backbone"),
+    name = backbone_label(params.get("backbone.name") or tokens.attrs.get("backbone"),
                           params.get("weights_tag") or tokens.attrs.get("weights_tag"))
     return str(tokens.attrs.get("dataset", "unknown")), name
 
@@ -440,7 +476,7 @@ FIG4_CAPTION = (
     "Features: {backbone}.")
 
 
-@register_stage("report", version="2", kind="report", sections=("report",), params=_report_params, args={"experiment": "adhoc"},
+@register_stage("report", kind="report", sections=("report",), args={"experiment": "adhoc"},
                 make_target="make report EXPERIMENT=<name>")
 def report(ctx: StageContext) -> None:
     """Tables, CSV and figures of an experiment's artifacts."""

@@ -3,25 +3,27 @@ imported (the training loop: :mod:`stages.stego.train`).
 
 ``head.checkpoint=<file.ckpt>`` makes the stage import a released STEGO checkpoint instead
 (:mod:`stages.commands.import_stego`); its params are then only the file's sha256, so the artifact is the
-one ``stegopipe import-stego <file.ckpt>`` creates.
+one ``stegopipe import-stego <file.ckpt>`` creates. It also declares the ``stego`` projection method (its
+projection module imports torch, so the declaration lives with the stage that provides it).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import json_safe, write_json_atomic
-from pipeline.config import register_section, setting
+from pipeline.config import register_section, section_fields, setting
 from pipeline.errors import InputError
+from pipeline.params import Context, Derive, Exclude, Params
 from pipeline.context import StageContext
 from pipeline.planner import Request
 from pipeline.registry import register_stage
+from stages.projections.methods import Method, register_method
 from stages.stego.settings import PROJECTIONS, SELECTIONS, TrainSettings
 
 STAGE = "train-head"
-VERSION = "1"
 
 
 @dataclass
@@ -75,24 +77,54 @@ class HeadConfig:
 register_section("head", HeadConfig)
 
 
-def settings_from_config(cfg: Any) -> TrainSettings:
-    """The :class:`TrainSettings` of a config: its fields from ``head.*``, ``projection.seed``, and
-    ``projection.dim`` as the head dim when ``projection.method == "stego"`` and it is set."""
+def _imported(cfg: Any, args: Any) -> bool:
+    return bool(cfg.head.checkpoint)
+
+
+def _stego_dim(cfg: Any) -> bool:
+    """``projection.dim`` sets the head's width (method stego with a dim)."""
+    return cfg.projection.method == "stego" and cfg.projection.dim is not None
+
+
+def _checkpoint_sha256(cfg: Any, args: Any) -> str:
+    from stages.commands.import_stego import checkpoint_sha256
+
+    return checkpoint_sha256(Path(cfg.head.checkpoint))
+
+
+TRAINED_FIELDS = tuple(f"head.{key}" for key, _, meta in section_fields(HeadConfig)
+                       if not meta.get("runtime") and key != "checkpoint")
+HEAD_PARAMS = Params(
+    exclude=(
+        Exclude((*TRAINED_FIELDS, "projection.*"), "an imported checkpoint is its own content: its sha256 "
+                "(imported) is the id", when=_imported),
+        Exclude(("projection.method",), "only projection.method=stego with a projection.dim changes the head "
+                "(its width, dim)", when=lambda cfg, args: not _stego_dim(cfg)),
+        Exclude(("projection.dim",), "head.dim gives the width unless projection.method=stego",
+                when=lambda cfg, args: cfg.projection.method != "stego"),
+        Exclude(("head.dim",), "projection.dim gives the width", when=lambda cfg, args: _stego_dim(cfg)),
+    ),
+    derive=(
+        Derive("imported", _checkpoint_sha256, replaces=("head.checkpoint",), when=_imported),
+        Derive("dim", lambda cfg, args: int(cfg.projection.dim if _stego_dim(cfg) else cfg.head.dim),
+               replaces=("head.dim", "projection.dim", "projection.method"),
+               when=lambda cfg, args: not _imported(cfg, args)),
+    ),
+    contexts=(Context(), Context(("projection.method=stego", "projection.dim=50")),
+              Context(("head.checkpoint={checkpoint}",))))
+
+register_method(Method("stego", "STEGO", "tab:red", stage=STAGE, module="stages.projections.stego", dim_required=False,
+                       legend=5, contexts=((), ("projection.dim=50",))))
+
+
+def train_settings(ctx: StageContext) -> TrainSettings:
+    """The :class:`TrainSettings` of a trained head: the ``head.*`` fields, the width (``dim``, derived)
+    and ``projection.seed``."""
+    cfg = ctx.config
     head = {k: v for k, v in dict(cfg.head).items() if k in TrainSettings.__dataclass_fields__}
     head["weights"] = {k: float(v) for k, v in dict(cfg.head.weights).items()}
     head["shifts"] = {k: float(v) for k, v in dict(cfg.head.shifts).items()}
-    if cfg.projection.method == "stego" and cfg.projection.dim is not None:
-        head["dim"] = int(cfg.projection.dim)
-    return TrainSettings(**head, seed=int(cfg.projection.seed))
-
-
-def head_params(cfg: Any, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Imported: ``{"imported": sha256 of the file}``; trained: every :class:`TrainSettings` field."""
-    if cfg.head.checkpoint:
-        from stages.commands.import_stego import checkpoint_sha256
-
-        return {"imported": checkpoint_sha256(Path(cfg.head.checkpoint))}
-    return asdict(settings_from_config(cfg))
+    return TrainSettings(**{**head, "dim": int(ctx.params["dim"])}, seed=int(cfg.projection.seed))
 
 
 def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
@@ -105,7 +137,7 @@ def head_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return inputs
 
 
-@register_stage(STAGE, version=VERSION, kind="head", sections=("head", "projection"), params=head_params, inputs=head_inputs,
+@register_stage(STAGE, kind="head", sections=("head", "projection"), params=HEAD_PARAMS, inputs=head_inputs,
                 make_target="make train-head", resources={"GPU": 1})
 def run_train_head(ctx: StageContext) -> None:
     """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
@@ -122,7 +154,7 @@ def run_train_head(ctx: StageContext) -> None:
     from stages.stego.train import plot_diagnostics, train_head
     from stages.store import TokensArtifact
 
-    settings = TrainSettings(**ctx.params)
+    settings = train_settings(ctx)
     train = TokensArtifact(ctx.input("tokens").path).store
     n_classes = train.attrs.get("n_classes")
     if not isinstance(n_classes, int) or n_classes < 1:

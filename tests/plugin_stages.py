@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.config import register_section, setting
 from pipeline.context import StageContext
+from pipeline.params import Exclude, Params
 from pipeline.planner import Request
 from pipeline.registry import register_stage
 from pipeline.specs import register_spec_dir
@@ -32,10 +33,6 @@ class ToyConfig:
 register_section("toy", ToyConfig)
 
 
-def _params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return {"value": cfg.toy.value, **args}
-
-
 def _work(ctx: StageContext, value: Any) -> None:
     start = time.time()
     if value < 0:
@@ -49,44 +46,41 @@ def _work(ctx: StageContext, value: Any) -> None:
     ctx.record(counts={"value": value})
 
 
-@register_stage("t_source", version="1", kind="toy", sections=("toy",), params=_params)
+@register_stage("t_source", kind="toy", sections=("toy",))
 def t_source(ctx: StageContext) -> None:
     """Toy source stage."""
-    _work(ctx, ctx.params["value"])
+    _work(ctx, ctx.config.toy.value)
 
 
 def _branch_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
     return {"source": Request("t_source", cfg)}
 
 
-@register_stage("t_left", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
+@register_stage("t_left", kind="toy", sections=("toy",), inputs=_branch_inputs)
 def t_left(ctx: StageContext) -> None:
     """Toy branch A."""
-    _work(ctx, ctx.params["value"] * 2)
+    _work(ctx, ctx.config.toy.value * 2)
 
 
-@register_stage("t_right", version="1", kind="toy", sections=("toy",), params=_params, inputs=_branch_inputs)
+@register_stage("t_right", kind="toy", sections=("toy",), inputs=_branch_inputs)
 def t_right(ctx: StageContext) -> None:
     """Toy branch B."""
-    _work(ctx, ctx.params["value"] * 3)
+    _work(ctx, ctx.config.toy.value * 3)
 
 
 def _join_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
     return {"left": Request("t_left", cfg), "right": Request("t_right", cfg)}
 
 
-@register_stage("t_join", version="1", kind="toy", sections=("toy",), params=lambda cfg, args: {}, inputs=_join_inputs)
+@register_stage("t_join", kind="toy", sections=("toy",), inputs=_join_inputs,
+                params=Params(exclude=(Exclude(("toy.*",), "a join only sums its inputs"),)))
 def t_join(ctx: StageContext) -> None:
     """Toy join: sums its inputs."""
     total = sum(json.loads((ctx.input(n).path / "out.json").read_text())["value"] for n in ("left", "right"))
     _work(ctx, total)
 
 
-def _shard_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return {"value": cfg.toy.value}
-
-
-@register_stage("t_shards", version="1", kind="toy", sections=("toy",), params=_shard_params, resumable=True)
+@register_stage("t_shards", kind="toy", sections=("toy",), resumable=True)
 def t_shards(ctx: StageContext) -> None:
     """Toy resumable stage: 6 shards, each sleeps then writes a file."""
     for key in ctx.shards([f"{i:03d}" for i in range(6)]):

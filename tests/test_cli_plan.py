@@ -95,7 +95,7 @@ def test_ls_header_params_json_and_unknown_stage(root: Path) -> None:
     assert listing.stdout.splitlines()[0].split() == ["ID", "CREATED", "WALL", "SIZE", "LABEL"]
     assert "seed=0" in listing.output and "seed=1" in listing.output
     rows = json.loads(_invoke("ls", "--json").output)
-    assert sorted(r["params"]["seed"] for r in rows) == [0, 1] and all(r["bytes"] > 0 for r in rows)
+    assert sorted(r["params"]["dataset.synthetic.seed"] for r in rows) == [0, 1] and all(r["bytes"] > 0 for r in rows)
     bad = _invoke("ls", "synthesise")
     assert bad.exit_code == 2 and "did you mean synthesize" in bad.stderr
 

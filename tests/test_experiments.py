@@ -27,8 +27,8 @@ def test_a_sweep_shares_tokens_and_one_pca_fit(tmp_path: Path) -> None:
     tasks, targets = Experiment.load(str(path)).plan()
     stages = Counter(t.stage for t in tasks)
     assert stages["extract"] == 2  # one tokens artifact per split, shared by all six points
-    assert sum(t.stage == "reduce" and t.params["method"] == "pca" for t in tasks) == 1  # one fit, 3 dims
-    assert sum(t.stage == "reduce" and t.params["method"] == "rp" for t in tasks) == 3  # one RP per dim
+    assert sum(t.stage == "reduce" and t.params["projection.method"] == "pca" for t in tasks) == 1  # one fit, 3 dims
+    assert sum(t.stage == "reduce" and t.params["projection.method"] == "rp" for t in tasks) == 3  # one RP per dim
     assert stages["evaluate"] == 6 and stages["probe"] == 6 and stages["report"] == 1
     assert len({t.id for t in tasks}) == len(tasks) and targets == [tasks[-1].id]
     report = tasks[-1]

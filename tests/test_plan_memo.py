@@ -3,17 +3,16 @@ and merges each preset once (pipeline.config): the planned ids must be exactly t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
 
 from pipeline import registry
 from pipeline.artifacts import artifact_id
-from pipeline.config import check_section, load_config, load_yaml, split_sections
+from pipeline.config import check_section, load_config, load_yaml
 from pipeline.experiments import Experiment, experiment_names
 from pipeline.planner import Request, plan
-from pipeline.registry import config_view
+from pipeline.params import resolve
 
 registry.load_plugins(registry.plugin_names())
 
@@ -42,12 +41,8 @@ def _reference_id(request: Request) -> str:
     inputs = {name: req if isinstance(req, str) else _reference_id(req) for name, req in upstream.items()}
     for path in stage.sections:
         check_section(path, OmegaConf.select(request.cfg, path))
-    ident, _ = split_sections(request.cfg, stage.sections)
-    if stage.params is not None:
-        params: Any = stage.params(config_view(ident), args)
-    else:
-        params = ident[stage.sections[0]] if len(stage.sections) == 1 else ident
-    return artifact_id(stage.name, stage.version, params, inputs)
+    params = resolve(stage.params, stage.sections, OmegaConf.to_container(request.cfg, resolve=True), args).params
+    return artifact_id(stage.name, registry.stage_code(stage, registry.stage_fingerprint(stage).digest), params, inputs)
 
 
 def _reference_targets(experiment: Experiment, overrides: list[str]) -> list[str]:

@@ -13,7 +13,7 @@ from stages.datasets.cityscapes import CityscapesReader
 from stages.datasets.cocostuff import CocoStuff27Reader
 from stages.datasets.potsdam import PotsdamReader
 from stages.evaluation.probes import PROBE_LR
-from stages.train_head import head_params
+from pipeline.registry import get_stage, id_params
 
 # Koenig et al. (CVPRW 2023), Table 1, "Actual" columns, as printed (λ and b rounded to 2 decimals;
 # "-" = not available in the checkpoint: STEGO's default applies).
@@ -77,8 +77,9 @@ def test_preset_is_the_paper_configuration(name: str, monkeypatch: pytest.Monkey
     assert cfg.probe.extra_clusters == 0
     assert head.selection == "best_val_cluster_miou" and head.val_every == 100
 
-    params = head_params(cfg, {})
-    assert params["dim"] == paper["dim"] and params["weights"] == exact["weights"]
+    params = id_params(get_stage("train-head"), cfg, {})
+    assert params["dim"] == paper["dim"]
+    assert {k: params[f"head.weights.{k}"] for k in exact["weights"]} == exact["weights"]
 
 
 def test_defaults_are_stego_train_config_not_a_paper_model() -> None:

@@ -44,10 +44,6 @@ def onehot_split(n: int, seed: int) -> dict[str, np.ndarray]:
             "rgb": np.where(labels[..., None] >= 0, COLOURS[labels.clip(0)], 128).astype(np.uint8)}
 
 
-def _onehot_params(cfg: Any, args: dict[str, Any]) -> dict[str, Any]:
-    return dict(args)
-
-
 def _onehot_run(ctx: StageContext) -> None:
     split, n, rgb = ctx.args["split"], ctx.args["n"], ctx.args["rgb"]
     data = onehot_split(n, seed=0 if split == "train" else 1)
@@ -66,7 +62,7 @@ def _onehot_run(ctx: StageContext) -> None:
 def onehot(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Register the hand-made tokens stage for this test only; returns the artifact root."""
     monkeypatch.setitem(STAGES, ONEHOT, None)  # removed again at teardown
-    register_stage(ONEHOT, version="1", kind="tokens", params=_onehot_params,
+    register_stage(ONEHOT, kind="tokens",
                    args={"split": "train", "n": 12, "rgb": True})(_onehot_run)
     return root
 
@@ -108,7 +104,7 @@ def test_probes_separate_onehot_codes(onehot: Path, fit: str) -> None:
         assert history["cluster"][-1] < history["cluster"][0]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["counts"]["steps"] == 100 and manifest["counts"]["train_samples"] == 12
-    assert manifest["params"]["seed"] == 0 and manifest["throughput"]["steps_per_s"] > 0
+    assert manifest["params"]["projection.seed"] == 0 and manifest["throughput"]["steps_per_s"] > 0
 
 
 def test_probe_training_is_seeded(onehot: Path, tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from pipeline.errors import ConfigError
 from pipeline.planner import Request, plan
 from pipeline.runner import run_tasks
 from stages.projections import load_projection
-from stages.reduce import FitRows, fit_moments, fit_parts, read_rows, select_fit_rows, subsample_rows
-from stages.projections.hnne import HNNEProjection, sample_token_rows
+from stages.projections.fitdata import (FitRows, fit_moments, fit_parts, read_rows, sample_token_rows, select_fit_rows,
+                                        subsample_rows)
+from stages.projections.hnne import HNNEProjection
 from stages.projections.linear import PCAMoments
 from stages.projections.pca import PCAProjection
 from stages.projections.rp import RandomProjection
@@ -142,7 +143,7 @@ def test_rp_is_seeded_and_uses_fit_moments(art: Path) -> None:
     path, manifest = run_reduce(art, "projection.method=rp", "projection.dim=6", "projection.seed=5")
     rp = load_projection(path / "projection")
     store = train_store(art)
-    rows = select_fit_rows(store.n, 16, manifest["params"]["fit"])
+    rows = select_fit_rows(store.n, 16, manifest["fit"])
     ref = RandomProjection.fit(384, 6, 5, standardize="fit", moments=PCAMoments.of(read_rows(store, rows)))
     assert isinstance(rp, RandomProjection) and manifest["seeds"] == {"projection": 5}
     np.testing.assert_array_equal(rp.matrix, ref.matrix)
@@ -152,7 +153,7 @@ def test_rp_is_seeded_and_uses_fit_moments(art: Path) -> None:
     assert other != path and not np.allclose(load_projection(other / "projection").matrix, rp.matrix)
     raw, raw_manifest = run_reduce(art, "projection.method=rp", "projection.dim=6", "projection.seed=5",
                                    "reduce.standardize=none")
-    assert "fit" not in raw_manifest["params"] and "moments" not in raw_manifest
+    assert "reduce.fit_subset" not in raw_manifest["params"] and "moments" not in raw_manifest
     raw_rp = load_projection(raw / "projection")
     np.testing.assert_array_equal(raw_rp.matrix, rp.matrix)
     np.testing.assert_allclose(raw_rp.transform(tokens), tokens @ rp.matrix, rtol=1e-5, atol=1e-5)
@@ -197,10 +198,10 @@ def test_hnne_fit_follows_the_spec_and_materialises_stores(art: Path) -> None:
     path, manifest = run_reduce(art, *HNNE)
     proj = load_projection(path / "projection")
     store = train_store(art)
-    sub = subsample_rows(select_fit_rows(store.n, 16, manifest["params"]["fit"]), 100, seed=0)
+    sub = subsample_rows(select_fit_rows(store.n, 16, manifest["fit"]), 100, seed=0)
     ref = HNNEProjection.fit(read_rows(store, sub), dim=2, seed=0, version="v1", metric="cosine")
     assert isinstance(proj, HNNEProjection) and proj.version == "v1" and proj.n_fit == 100
-    assert manifest["hnne"]["n_tokens"] == 100 and manifest["params"]["hnne"]["tokens"] == 100
+    assert manifest["hnne"]["n_tokens"] == 100 and manifest["params"]["reduce.hnne_tokens"] == 100
     assert set(proj.arrays) == set(ref.arrays)
     for name, arr in ref.arrays.items():
         np.testing.assert_allclose(proj.arrays[name], arr, rtol=1e-12, err_msg=name)

@@ -12,7 +12,8 @@ from sklearn.preprocessing import StandardScaler
 
 from pipeline.errors import ConfigError, InputError
 from stages.projections import load_projection
-from stages.projections.hnne import HNNEProjection, check_hnne_memory, hnne_memory_estimate, sample_token_rows
+from stages.projections.fitdata import sample_token_rows
+from stages.projections.hnne import HNNEProjection, check_hnne_memory, hnne_memory_estimate
 from stages.projections.linear import PCAMoments, accumulate_moments, pca_moments_dask
 from stages.projections.pca import PCAProjection
 from stages.projections.rp import RandomProjection

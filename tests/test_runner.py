@@ -155,7 +155,7 @@ def test_gc_keeps_the_inputs_of_a_running_stage(toy: Path, tmp_path: Path) -> No
     assert report.artifacts == [source.id] and len(report.staging) == 1 and report.bytes > 0
 
 
-@register_stage("t_vanish", version="1", kind="toy", params=lambda cfg, args: {},
+@register_stage("t_vanish", kind="toy",
                 inputs=lambda cfg, args: {"source": Request("t_source", cfg)})
 def _t_vanish(ctx: StageContext) -> None:
     """Toy stage whose input is deleted while it runs (as a gc of an older version did)."""
@@ -163,7 +163,7 @@ def _t_vanish(ctx: StageContext) -> None:
     (ctx.input("source").path / "out.json").read_text()
 
 
-@register_stage("t_returns", version="1", kind="toy", params=lambda cfg, args: {})
+@register_stage("t_returns", kind="toy")
 def _t_returns(ctx: StageContext) -> dict:
     """Toy stage that returns manifest fields instead of recording them."""
     (ctx.out / "out.json").write_text(json.dumps({"value": 1}))

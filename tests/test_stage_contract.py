@@ -1,6 +1,8 @@
-"""The stage contract, over every registered stage and every field of the sections it declares:
-changing an id field changes the artifact id (in at least one of the stage's contexts below: a field
-may apply to one split or one method only), changing a runtime field never does."""
+"""The stage contract (pipeline/params.py), over every registered stage, every id field of the sections it
+declares and every context it declares: flipping a field the params include (raw or through a derived
+value) changes the params and the artifact id; flipping a field the stage excludes there (before and after
+the flip) changes neither the params nor the id through the stage itself; flipping a runtime field never
+changes an id. ``ctx.config`` holds exactly the included fields."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,60 +11,50 @@ from typing import Any
 import pytest
 
 import stages.plugin  # noqa: F401  (registers every stage)
-from pipeline.config import load_config, section_class, section_fields
+from pipeline.config import field_choices, load_config, section_class, section_fields, to_container
 from pipeline.errors import ConfigError
+from pipeline.params import Context, Exclude, Params, id_fields, resolve
 from pipeline.planner import Request, plan
-from pipeline.registry import STAGES
+from pipeline.registry import STAGES, Stage, get_stage, id_params, stage_config
 from stages.backbones import BACKBONES
 
-FOLDER = "folder"
-# per stage: (overrides, request args) under which its fields apply; the default config otherwise
-CONTEXTS: dict[str, list[tuple[list[str], dict[str, Any]]]] = {
-    "prepare": [([], {"split": "train"}), ([], {"split": "val"}), ([FOLDER], {"split": "train"})],
-    "extract": [([], {"split": "train"}), ([], {"split": "val"}), (["weights=dino"], {"split": "train"})],
-    "reduce": [(["projection.method=pca"], {}), (["projection.method=pca", "reduce.materialize=true"], {}),
-               (["projection.method=rp", "projection.dim=4"], {}),
-               (["projection.method=hnne", "projection.dim=2"], {})],
-    "train-head": [([], {}), (["projection.method=stego", "projection.dim=50"], {})],
-    "probe": [(["projection.method=pca", "projection.dim=4"], {}), ([], {})],
-    "evaluate": [(["projection.method=pca", "projection.dim=4", "evaluate.crf=true"], {})],
-}
+FILES = ("data", "data2", "weights", "weights2", "checkpoint", "checkpoint2")
+"""The ``{placeholders}`` a stage's contexts may use: two dataset folders, two DINO weights folders (the
+ViT-S/8 file, different content) and two checkpoint files (only hashed)."""
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Things some fields point at: a dataset folder, a checkpoint, two DINO weights folders."""
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("contract")
     for name in ("data", "data2"):
         (tmp / name).mkdir()
-        (tmp / name / "x.txt").write_text("x")
-    (tmp / "ckpt.pt").write_bytes(b"not a checkpoint, only hashed")
+        (tmp / name / "x.txt").write_text(name)
     dino_file = BACKBONES["vit_small_patch8_224.dino"].dino_file
-    for name in ("w1", "w2"):
+    for name in ("weights", "weights2"):
         (tmp / name).mkdir()
         (tmp / name / dino_file).write_bytes(name.encode())
-    return {"data": str(tmp / "data"), "data2": str(tmp / "data2"), "ckpt": str(tmp / "ckpt.pt"), "w1": str(tmp / "w1"), "w2": str(tmp / "w2")}
+    for name in ("checkpoint", "checkpoint2"):
+        (tmp / f"{name}.ckpt").write_bytes(f"{name}: not a checkpoint, only hashed".encode())
+    paths = {name: str(tmp / name) for name in FILES}
+    paths["checkpoint"], paths["checkpoint2"] = str(tmp / "checkpoint.ckpt"), str(tmp / "checkpoint2.ckpt")
+    return paths
 
 
-def _expand(override: str, files: dict[str, Any]) -> list[str]:
-    if override == FOLDER:
-        return ["dataset.name=folder", f"dataset.root={files['data']}", "dataset.n_classes=3"]
-    if override == "weights=dino":
-        return ["backbone.weights=dino", f"backbone.weights_dir={files['w1']}"]
-    return [override]
-
-
-def _other(key: str, typ: Any, meta: dict[str, Any], value: Any, files: dict[str, Any]) -> Any:
+def _other(key: str, typ: Any, meta: dict[str, Any], value: Any, files: dict[str, str]) -> Any:
     """A valid value different from ``value``."""
-    special = {"dataset.name": "cocostuff27", "dataset.root": files["data2"],
-               "dataset.class_names": ["a", "b", "c"], "backbone.name": "vit_small_patch16_224.dino",
-               "backbone.weights": "timm", "backbone.weights_dir": files["w2"], "head.checkpoint": files["ckpt"],
-               "extract.train_res": 256, "extract.val_res": 256}
+    paths = {"dataset.root": ("data", "data2"), "backbone.weights_dir": ("weights", "weights2"),
+             "head.checkpoint": ("checkpoint", "checkpoint2")}
+    special = {"dataset.name": "cocostuff27", "dataset.class_names": ["a", "b", "c"],
+               "backbone.name": "vit_small_patch16_224.dino", "backbone.weights": "timm",
+               "extract.train_res": 256, "extract.val_res": 336}
+    if key in paths:
+        first, second = (files[name] for name in paths[key])
+        return second if value == first else first
     if key in special:
         return special[key]
-    if meta.get("choices"):
-        choices = list(meta["choices"])  # the next one, cyclically
-        return choices[(choices.index(value) + 1) % len(choices)]
+    choices = field_choices(meta)
+    if choices:
+        return choices[(list(choices).index(value) + 1) % len(choices)]  # the next one, cyclically
     if "list" in str(typ):
         return [*(value or []), "x"]
     if isinstance(value, bool) or "bool" in str(typ):
@@ -76,79 +68,143 @@ def _other(key: str, typ: Any, meta: dict[str, Any], value: Any, files: dict[str
     raise AssertionError(f"no alternative value for {key}={value!r} ({typ})")
 
 
-def _id(stage: str, overrides: list[str], args: dict[str, Any]) -> str | None:
+def _yaml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _overrides(context: Context, files: dict[str, str]) -> list[str]:
+    return [override.format(**files) for override in context.overrides]
+
+
+def _resolved(stage: Stage, overrides: list[str], args: dict[str, Any]) -> tuple[Any, str] | None:
+    """(resolved params, artifact id) of ``stage`` under ``overrides``, None where the config is invalid."""
     try:
         cfg = load_config(None, overrides)
-        _, targets = plan([Request(stage, cfg, args)])
+        args = {**stage.args, **args}
+        resolved = resolve(stage.params, stage.sections, to_container(cfg), args)
+        _, targets = plan([Request(stage.name, cfg, args)])
     except ConfigError:
-        return None  # the flipped value does not apply here (e.g. needs another method)
-    return targets[0]
+        return None
+    return resolved, targets[0]
 
 
-def _cases() -> list[tuple[str, str, str]]:
-    cases = []
-    for name, stage in sorted(STAGES.items()):
-        if not stage.run.__module__.startswith("stages."):
-            continue
-        # no stage can see ``run``: checked once, on the stage with the deepest graph
-        for section in (*stage.sections, *(["run"] if name == "evaluate" else [])):
-            for key, _, meta in section_fields(section_class(section)):
-                cases.append((name, f"{section}.{key}", "runtime" if meta.get("runtime") or section == "run" else "id"))
-    return cases
+def _stages() -> list[str]:
+    return sorted(name for name, stage in STAGES.items() if stage.run.__module__.startswith("stages."))
 
 
-def test_every_stage_declares_its_sections() -> None:
+def _fields(stage: Stage) -> list[tuple[str, Any, dict[str, Any]]]:
+    return [(f"{path}.{key}", typ, meta) for path in stage.sections
+            for key, typ, meta in section_fields(section_class(path))]
+
+
+def _cases() -> list[tuple[str, int]]:
+    return [(name, k) for name in _stages() for k in range(len((STAGES[name].params or Params()).test_contexts()))]
+
+
+@pytest.mark.parametrize(("name", "k"), _cases(), ids=lambda x: str(x))
+def test_every_field_in_every_declared_context(name: str, k: int, files: dict[str, str]) -> None:
+    stage = STAGES[name]
+    context = (stage.params or Params()).test_contexts()[k]
+    base = _overrides(context, files)
+    before = _resolved(stage, base, dict(context.args))
+    assert before is not None, f"{name} cannot be planned in its declared context {context}"
+    failures = []
+    for key, typ, meta in _fields(stage):
+        value = load_config(None, base)
+        for part in key.split("."):
+            value = value[part]
+        value = to_container(value)
+        after = _resolved(stage, base + [f"{key}={_yaml(_other(key, typ, meta, value, files))}"], dict(context.args))
+        if after is None:
+            continue  # the flipped value is invalid here (e.g. a dataset that needs another root)
+        if meta.get("runtime"):
+            if after[1] != before[1]:
+                failures.append(f"runtime field {key} changes the id")
+        elif key in before[0].excluded and key in after[0].excluded:
+            if after[0].params != before[0].params:
+                failures.append(f"{key} is excluded ({before[0].excluded[key]}) but changes the params")
+        elif after[0].params == before[0].params or after[1] == before[1]:
+            failures.append(f"id field {key}={value!r} changes neither the params nor the id")
+    assert not failures, f"{name} under {context}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("name", _stages())
+def test_every_id_field_is_tested_somewhere(name: str, files: dict[str, str]) -> None:
+    """Each id field is included (and flipped) in at least one declared context, or excluded everywhere
+    with a reason; so a stage cannot leave a field untested by declaring no context for it."""
+    stage = STAGES[name]
+    seen: dict[str, str] = {}
+    for context in (stage.params or Params()).test_contexts():
+        resolved = _resolved(stage, _overrides(context, files), dict(context.args))
+        assert resolved is not None
+        for key in id_fields(stage.sections):
+            if key not in resolved[0].excluded:
+                seen[key] = "included"
+            else:
+                seen.setdefault(key, resolved[0].excluded[key])
+    reasons = {k: v for k, v in seen.items() if v != "included"}
+    assert all(reasons.values()), reasons
+    assert set(seen) == set(id_fields(stage.sections))
+
+
+def test_every_stage_declares_sections_and_contexts() -> None:
     plugin = {n: s for n, s in STAGES.items() if s.run.__module__.startswith("stages.")}
     assert set(plugin) >= {"synthesize", "prepare", "extract", "knn", "reduce", "train-head", "probe", "evaluate",
                            "report"}
     assert all(s.sections for s in plugin.values())
+    reduce_contexts = {o for c in STAGES["reduce"].params.test_contexts() for o in c.overrides
+                       if o.startswith("projection.method=")}
+    assert reduce_contexts >= {"projection.method=pca", "projection.method=rp", "projection.method=hnne"}
 
 
-@pytest.mark.parametrize(("stage", "key", "kind"), _cases(), ids=lambda x: str(x))
-def test_changing_a_field(stage: str, key: str, kind: str, files: dict[str, Any]) -> None:
-    section, _, leaf = key.partition(".")
-    if section == "dataset" and leaf.startswith("synthetic."):
-        section, leaf = "dataset.synthetic", leaf.removeprefix("synthetic.")
-    meta = next(m for k, t, m in section_fields(section_class(section)) if k == leaf)
-    typ = next(t for k, t, m in section_fields(section_class(section)) if k == leaf)
-    seen = []
-    for overrides, args in CONTEXTS.get(stage, [([], {})]):
-        base = [o for ov in overrides for o in _expand(ov, files)]
-        before = _id(stage, base, args)
-        assert before is not None, f"{stage} cannot be planned under {base}"
-        value = load_config(None, base)
-        for part in key.split("."):
-            value = value[part]
-        other = _other(key, typ, meta, value, files)
-        after = _id(stage, base + [f"{key}={_yaml(other)}"], args)
-        if after is not None:
-            seen.append(after != before)
-    assert seen, f"{stage}: {key} could not be changed in any context"
-    if kind == "id":
-        assert any(seen), f"{stage}: changing id field {key} never changes the artifact id"
-    else:
-        assert not any(seen), f"{stage}: changing runtime field {key} changes the artifact id"
+def test_ctx_config_holds_exactly_the_included_fields() -> None:
+    cfg = to_container(load_config(None, ["projection.method=pca"]))
+    view = stage_config(get_stage("reduce"), cfg, {})
+    assert "dim" not in view.projection and "seed" not in view.projection  # one PCA fit serves every dim
+    assert "hnne_tokens" not in view.reduce and view.reduce.fit_subset == "images"
+    with pytest.raises(Exception, match="dim"):
+        view.projection.dim  # noqa: B018  (reading an excluded field fails)
+    assert "backend" not in view.reduce  # runtime fields are ctx.runtime's
+    view = stage_config(get_stage("extract"), to_container(load_config(None, [])), {"split": "val"})
+    assert "train_res" not in view.extract and view.extract.val_res == 320
 
 
-def _yaml(value: Any) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(map(str, value)) + "]" 
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def test_params_are_every_included_field_args_and_derived_values() -> None:
+    params = id_params(get_stage("extract"), load_config(None, []), {"split": "train"})
+    assert params["split"] == "train" and params["weights_tag"] == "random-seed0"
+    assert params["extract.train_res"] == 224 and "extract.val_res" not in params
+    assert not any(k.startswith("backbone.weights") or k == "backbone.seed" for k in params)  # the tag covers them
+
+
+def test_an_excluded_field_cannot_be_read() -> None:
+    """A field dropped from the params (here head.lr, by a wrong exclusion) is gone from ``ctx.config`` too:
+    a stage that still read it would fail instead of producing results its id does not cover."""
+    stage = STAGES["train-head"]
+    wrong = Exclude(("head.lr",), "not read (wrong)", when=lambda cfg, args: cfg.projection.dim is not None)
+    spec = Params(exclude=(*stage.params.exclusions(), wrong), derive=stage.params.derive)
+    tree = to_container(load_config(None, ["projection.method=stego", "projection.dim=50"]))
+    resolved = resolve(spec, stage.sections, tree, {})
+    assert resolved.excluded["head.lr"] == "not read (wrong)" and "head.lr" not in resolved.params
+    assert "lr" not in resolved.config["head"]
+    assert resolve(stage.params, stage.sections, tree, {}).config["head"]["lr"] == 5e-4
 
 
 def test_a_stage_cannot_read_runtime_fields_or_undeclared_sections() -> None:
-    from pipeline.registry import Stage, id_params
-
-    def peek(cfg: Any, args: Any) -> dict[str, Any]:
-        return {"n": cfg.knn.batch_size}
-
-    stage = Stage("peek", "1", "knn", lambda ctx: None, peek, lambda c, a: {}, {}, False, "", {}, "", ("knn",))
+    view = stage_config(get_stage("knn"), to_container(load_config(None, [])), {})
+    assert view.knn.k == 30
     with pytest.raises(Exception, match="batch_size"):
-        id_params(stage, load_config(None, []), {})
-    stage = Stage("peek", "1", "knn", lambda ctx: None, lambda c, a: {"k": c.probe.steps}, lambda c, a: {}, {},
-                  False, "", {}, "", ("knn",))
+        view.knn.batch_size  # noqa: B018
     with pytest.raises(Exception, match="probe"):
-        id_params(stage, load_config(None, []), {})
+        view.probe  # noqa: B018
+
+
+def test_params_must_be_a_declaration() -> None:
+    from pipeline.registry import register_stage
+
+    with pytest.raises(TypeError, match="Params declaration"):
+        register_stage("t_handmade", kind="toy", params=lambda cfg, args: {})  # type: ignore[arg-type]
 
 
 def test_a_choice_outside_the_allowed_values_is_one_config_error() -> None:
@@ -160,5 +216,5 @@ def test_a_choice_outside_the_allowed_values_is_one_config_error() -> None:
         plan([Request("knn", cfg)])
 
 
-def test_files_helper_paths_exist(files: dict[str, Any]) -> None:
+def test_files_helper_paths_exist(files: dict[str, str]) -> None:
     assert all(Path(p).exists() for p in files.values())

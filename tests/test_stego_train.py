@@ -23,7 +23,7 @@ from stages.stego.head import StegoHead
 from stages.stego.loss import correlation_loss, tensor_correlation, weighted_total
 from stages.projections.stego import StegoProjection
 from stages.stego.train import TrainSettings, _sub_seeds, batch_indices, feature_correlations, train_head, validate
-from stages.train_head import head_params, settings_from_config
+from pipeline.registry import get_stage, id_params
 from stages.store import create_token_store, open_token_store, write_shard
 
 D, GRID, LABEL, N_CLASSES = 12, 4, 8, 3
@@ -219,16 +219,21 @@ def test_bad_settings_and_inputs_raise_config_errors(data) -> None:
 
 
 def test_params_follow_config_and_projection_dim() -> None:
-    cfg = load_config(None, ["head.dim=90", "head.val_batch_size=3", "head.loader_workers=1", "projection.seed=4"])
-    params = head_params(cfg, {})
-    assert params["dim"] == 90 and params["seed"] == 4
-    assert not {"val_batch_size", "loader_workers", "checkpoint"} & set(params)
-    assert params == head_params(load_config(None, ["head.dim=90", "projection.seed=4"]), {})
-    assert head_params(load_config(None, ["projection.method=stego", "projection.dim=24"]), {})["dim"] == 24
-    assert head_params(load_config(None, ["projection.method=pca", "projection.dim=24"]), {})["dim"] == 70
-    assert settings_from_config(cfg) == TrainSettings(**params)
+    stage = get_stage("train-head")
+
+    def params(*overrides: str) -> dict[str, Any]:
+        return id_params(stage, load_config(None, list(overrides)), {})
+
+    got = params("head.dim=90", "head.val_batch_size=3", "head.loader_workers=1", "projection.seed=4")
+    assert got["dim"] == 90 and got["projection.seed"] == 4 and "head.dim" not in got  # dim: the derived width
+    assert not {"head.val_batch_size", "head.loader_workers"} & set(got) and got["head.checkpoint"] is None
+    assert got == params("head.dim=90", "projection.seed=4")
+    assert params("projection.method=stego", "projection.dim=24")["dim"] == 24
+    assert params("projection.method=pca", "projection.dim=24") == params()  # a head does not depend on who asks
+    fields = set(TrainSettings.__dataclass_fields__)
+    assert {k.removeprefix("head.").split(".")[0] for k in got if k.startswith("head.")} - {"checkpoint"} <= fields
     with pytest.raises(ConfigError, match="head.selection"):
-        head_params(load_config(None, ["head.selection=max"]), {})
+        params("head.selection=max")
 
 
 def test_stego_projection_roundtrip(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ Contract of an implementation:
 ``BaseProjection`` implements the shared parts (validation, numpy/torch dispatch, ``transform_map``,
 file layout): a subclass provides ``dim``, ``_project`` (validated float tensor in, tensor out),
 ``_state`` (json params + arrays to save) and ``_from_state`` (the inverse). Subclasses register
-with ``@register_projection("kind")``; ``load_projection(directory)`` dispatches on the saved kind.
+with ``@register_projection("kind")``; ``load_projection(directory)`` dispatches on the saved kind (importing
+the module its :class:`~stages.projections.methods.Method` names when the kind is not loaded yet).
 """
 from __future__ import annotations
 
@@ -33,19 +34,11 @@ from safetensors.numpy import load_file, save_file
 from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.lazy import lazy_module
+from stages.projections.methods import METHODS
 
 META_FILE = "projection.json"
 TENSORS_FILE = "projection.safetensors"
 FORMAT_VERSION = 1
-
-# Modules that register kinds, imported on demand by `load_projection` when a saved kind is not yet known.
-_PROVIDERS: dict[str, str] = {
-    "identity": "stages.projections.identity",
-    "pca": "stages.projections.pca",
-    "rp": "stages.projections.rp",
-    "hnne": "stages.projections.hnne",
-    "stego": "stages.projections.stego",
-}
 
 _REGISTRY: dict[str, type["BaseProjection"]] = {}
 
@@ -117,18 +110,19 @@ def load_projection(directory: Path) -> "BaseProjection":
     """Load any saved projection, dispatching on the ``kind`` in its ``projection.json``."""
     meta = read_projection_meta(directory)
     kind = meta["kind"]
-    if kind not in _REGISTRY and kind in _PROVIDERS:
+    method = METHODS.get(kind)
+    if kind not in _REGISTRY and method is not None:  # its module registers the class (e.g. stego: torch)
         try:
-            importlib.import_module(_PROVIDERS[kind])
+            importlib.import_module(method.module)
         except ImportError as err:
             raise ArtifactError(
-                f"{directory}: projection kind {kind!r} needs module {_PROVIDERS[kind]}, which failed to import: {err}"
+                f"{directory}: projection kind {kind!r} needs module {method.module}, which failed to import: {err}"
             ) from err
     cls = _REGISTRY.get(kind)
     if cls is None:
         raise ArtifactError(
             f"{Path(directory) / META_FILE}: unknown projection kind {kind!r}; known kinds: "
-            f"{sorted(set(_REGISTRY) | set(_PROVIDERS))}"
+            f"{sorted(set(_REGISTRY) | set(METHODS))}"
         )
     return cls.load(directory)
 

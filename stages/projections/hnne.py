@@ -1,6 +1,7 @@
 """h-NNE fitted on a token subsample (a ``Projection`` kind, ``hnne``), transform without pickle."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -9,24 +10,14 @@ import psutil
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 from stages.projections.base import BaseProjection, check_tokens, register_projection
+from stages.projections.fitdata import FitData
+from stages.projections.methods import Method, register_method
 from stages.projections.linear import STANDARDIZE_MODES, Standardize, _batch_standardize, _check_choice, _safe_scale
 
 HNNE_VERSIONS: tuple[str, ...] = ("v1", "v2")
 _HNNE_EXACT_NN_MAX = 20_000  # hnne.HNNE ann_threshold default: FINCH uses dense n×n distances up to here
 
 torch = lazy_module("torch")
-
-
-def sample_token_rows(n_total: int, n_wanted: int, seed: int) -> np.ndarray:
-    """Sorted int64 indices of ``min(n_wanted, n_total)`` distinct rows of ``[0, n_total)`` (``default_rng(seed)``)."""
-    if n_total < 1:
-        raise InputError(f"cannot subsample from {n_total} tokens")
-    if n_wanted < 1:
-        raise ConfigError(f"number of tokens to sample must be >= 1, got {n_wanted}")
-    if n_wanted >= n_total:
-        return np.arange(n_total, dtype=np.int64)
-    rows = np.random.default_rng(seed).choice(n_total, size=n_wanted, replace=False)
-    return np.sort(rows).astype(np.int64)
 
 
 def hnne_memory_estimate(n: int, d: int) -> int:
@@ -298,3 +289,23 @@ class HNNEProjection(BaseProjection):
             mean=mean,
             scale=scale,
         )
+
+
+def _fit(data: FitData, cfg: Any) -> tuple[HNNEProjection, dict[str, Any]]:
+    """``reduce.hnne_tokens`` fit rows drawn with ``projection.seed``, checked against the free RAM before
+    they are read, then :meth:`HNNEProjection.fit`."""
+    r = cfg.reduce
+    sub = data.sample(int(r.hnne_tokens), int(cfg.projection.seed))
+    check_hnne_memory(sub.n_rows, data.store.dim)  # before reading anything
+    start = time.perf_counter()
+    projection = HNNEProjection.fit(data.read(sub), dim=int(cfg.projection.dim), seed=int(cfg.projection.seed),
+                                    version=r.hnne_version, metric=r.hnne_metric, standardize=r.standardize)
+    return projection, {"hnne": {"n_tokens": sub.n_rows, "n_samples": len(sub.samples),
+                                 "n_clusters": projection.n_clusters},
+                        "timing": {"hnne_fit_s": round(time.perf_counter() - start, 3)}}
+
+
+register_method(Method(
+    "hnne", "h-NNE", "tab:purple", stage="reduce", module=__name__, fit=_fit, fields=("reduce.hnne_*",),
+    materialize=True, legend=3,
+    contexts=(("projection.dim=2", "reduce.materialize=false"), ("projection.dim=2", "reduce.materialize=true"))))

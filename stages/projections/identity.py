@@ -8,6 +8,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.lazy import lazy_module
 from stages.projections.base import BaseProjection, register_projection
+from stages.projections.methods import Method, register_method
 
 torch = lazy_module("torch")
 
@@ -34,3 +35,6 @@ class IdentityProjection(BaseProjection):
     @classmethod
     def _from_state(cls, in_dim: int, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> "IdentityProjection":
         return cls(in_dim)
+
+
+register_method(Method("identity", "DINO", "black", stage=None, module=__name__, dim_required=False, legend=0))

@@ -26,7 +26,7 @@ from stages.projections.base import BaseProjection, check_tokens
 
 Standardize = Literal["fit", "none", "batch"]
 STANDARDIZE_MODES: tuple[str, ...] = ("fit", "none", "batch")
-MOMENT_BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "cupy", "cuml")
+MOMENT_BACKENDS: tuple[str, ...] = ("auto", "numpy", "torch", "cupy")
 
 _EPS64 = float(np.finfo(np.float64).eps)
 _UPCAST_ROWS = 8192  # rows upcast to float64 at once by PCAMoments.update (24 MiB at D = 384)
@@ -189,7 +189,7 @@ _DeviceOps = tuple[Callable[[np.ndarray], Any], Callable[[Any], bool], Callable[
 def _device_ops(backend: str) -> _DeviceOps | None:
     """(to-device float64, all-finite, to-host) for a device backend; ``None`` means plain numpy."""
     _check_choice("backend", backend, MOMENT_BACKENDS)
-    if backend in ("auto", "cupy", "cuml"):
+    if backend in ("auto", "cupy"):
         try:
             import cupy
 
@@ -219,7 +219,7 @@ def _device_ops(backend: str) -> _DeviceOps | None:
 def accumulate_moments(chunks: Iterable[Any], backend: str = "auto") -> PCAMoments:
     """Moments of a stream of ``[..., D]`` chunks, accumulated on ``backend``.
 
-    ``"numpy"``: ``PCAMoments.update`` on the CPU. ``"cupy"`` (alias ``"cuml"``) / ``"torch"``: float64
+    ``"numpy"``: ``PCAMoments.update`` on the CPU. ``"cupy"`` / ``"torch"``: float64
     accumulators on the GPU (torch falls back to its CPU device without one), chunks sent in their own
     dtype and upcast there. ``"auto"``: cupy if it sees a GPU, else torch if CUDA is available, else numpy.
     """

@@ -7,6 +7,8 @@ import numpy as np
 
 from pipeline.errors import ConfigError, InputError
 from stages.projections.base import register_projection
+from stages.projections.fitdata import FitData
+from stages.projections.methods import Method, register_method
 from stages.projections.linear import STANDARDIZE_MODES, PCAMoments, Standardize, _check_choice, _LinearProjection
 
 
@@ -160,3 +162,13 @@ class PCAProjection(_LinearProjection):
             dim=params["dim"],
         )
 
+
+
+def _fit(data: FitData, cfg: Any) -> tuple[PCAProjection, dict[str, Any]]:
+    """All components, from exact moments of the fit rows."""
+    moments, record = data.moments()
+    return PCAProjection.from_moments(moments, standardize=cfg.reduce.standardize), record
+
+
+register_method(Method("pca", "PCA", "tab:blue", stage="reduce", module=__name__, fit=_fit, seeded=False, all_dims=True,
+                       dim_required=False, legend=1, contexts=((), ("reduce.materialize=true", "projection.dim=4"))))

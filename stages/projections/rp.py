@@ -6,7 +6,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
+from pipeline.params import Exclude
 from stages.projections.base import register_projection
+from stages.projections.fitdata import FitData
+from stages.projections.methods import Method, register_method
 from stages.projections.linear import STANDARDIZE_MODES, PCAMoments, Standardize, _check_choice, _LinearProjection
 
 
@@ -87,3 +90,18 @@ class RandomProjection(_LinearProjection):
             scale=arrays.get("scale"),
         )
 
+
+
+def _fit(data: FitData, cfg: Any) -> tuple[RandomProjection, dict[str, Any]]:
+    """The seeded matrix; with ``reduce.standardize=fit`` its mean and scale from exact moments."""
+    moments, record = data.moments() if cfg.reduce.standardize == "fit" else (None, {})
+    return RandomProjection.fit(data.store.dim, int(cfg.projection.dim), int(cfg.projection.seed),
+                                standardize=cfg.reduce.standardize, moments=moments), record
+
+
+register_method(Method(
+    "rp", "RP", "tab:green", stage="reduce", module=__name__, fit=_fit, legend=2,
+    exclude=(Exclude(("reduce.fit_subset", "reduce.fit_n", "reduce.subset_seed"),
+                     "without fitted moments (reduce.standardize other than fit) it reads no tokens",
+                     when=lambda cfg, args: cfg.reduce.standardize != "fit"),),
+    contexts=(("projection.dim=4",), ("projection.dim=4", "reduce.standardize=none"))))

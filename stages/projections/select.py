@@ -1,10 +1,11 @@
 """Which projection a probe or evaluation uses: the ``projection`` config section.
 
-``projection.method`` picks the provider: ``identity`` (the DINO baseline, no artifact), ``pca``,
-``rp``, ``hnne`` (a ``reduce`` artifact) or ``stego`` (a ``train-head`` artifact). ``projection.dim``
-is the output width (None: the method's default — all components for PCA, ``head.dim`` for STEGO).
-``projection.seed`` is the one seed of a run: it seeds RP/h-NNE fits, head training and probe
-initialisation, so an experiment sweeps seeds with a single axis.
+``projection.method`` names a registered :class:`~stages.projections.methods.Method`: ``identity`` (the
+DINO baseline, no artifact), ``pca``, ``rp``, ``hnne``, ``umap`` (a ``reduce`` artifact), ``stego`` (a
+``train-head`` artifact) or a plugin's. ``projection.dim`` is the output width (None: the method's
+default — all components for PCA, ``head.dim`` for STEGO). ``projection.seed`` is the one seed of a run:
+it seeds RP/h-NNE/UMAP fits, head training and probe initialisation, so an experiment sweeps seeds with
+a single axis.
 
 Every artifact that provides a projection saves it with ``Projection.save(<artifact>/projection)``;
 :func:`open_projection` loads it and narrows it to the requested dim when the provider stores more
@@ -18,21 +19,20 @@ from typing import Any
 
 from pipeline.config import check_section, register_section, setting
 from pipeline.errors import ConfigError
+from pipeline.params import Context, Exclude
 from pipeline.planner import Request
 from stages.artifacts import PROJECTION_DIR
 from stages.projections import BaseProjection, IdentityProjection, load_projection
-
-METHODS = ("identity", "pca", "rp", "hnne", "stego")
-PROVIDER_STAGE = {"pca": "reduce", "rp": "reduce", "hnne": "reduce", "stego": "train-head"}
+from stages.projections.methods import get_method, method_names, methods
 
 
 @dataclass
 class ProjectionConfig:
     """The projection probes and evaluation see (``projection.*``)."""
 
-    method: str = setting("identity", choices=METHODS)
+    method: str = setting("identity", choices=method_names)  # a registered method
     dim: int | None = setting(None, min=1)  # output width; None = the method's default
-    seed: int = 0  # seeds RP/h-NNE fits, head training and probe initialisation
+    seed: int = 0  # seeds RP/h-NNE/UMAP fits, head training and probe initialisation
 
 
 register_section("projection", ProjectionConfig)
@@ -46,17 +46,20 @@ def check_method(cfg: Any) -> str:
 
 def projection_request(cfg: Any) -> dict[str, Request]:
     """``{"projection": Request}`` for the artifact providing the projection ({} for identity)."""
-    method = check_method(cfg)
-    return {} if method == "identity" else {"projection": Request(PROVIDER_STAGE[method], cfg)}
+    stage = get_method(check_method(cfg)).stage
+    return {} if stage is None else {"projection": Request(stage, cfg)}
 
 
-def projection_params(cfg: Any) -> dict[str, Any]:
-    """What about the projection changes a downstream result (beyond the provider's artifact id).
+NO_DIM_WITHOUT_PROVIDER = Exclude(
+    ("projection.dim",), "a method without an artifact (the DINO baseline) has no dim of its own: the points "
+    "of a dim sweep share one baseline", when=lambda cfg, args: get_method(cfg.projection.method).stage is None)
+"""For stages reading a projection (probe, evaluate)."""
 
-    The identity has no dim of its own: ``projection.dim`` is ignored for it, so the points of a dim sweep
-    share one DINO-baseline probe and evaluation."""
-    method = check_method(cfg)
-    return {"method": method, "dim": None if method == "identity" else cfg.projection.dim}
+
+def reader_contexts(*overrides: str) -> tuple[Context, ...]:
+    """Contract-test contexts of a stage reading a projection: every registered method in its first
+    context (as the reduce and train-head stages declare them), with ``overrides``."""
+    return tuple(Context((f"projection.method={m.name}", *m.contexts[0], *overrides)) for m in methods())
 
 
 def open_projection(provider: Path | None, in_dim: int, dim: int | None) -> BaseProjection:
