@@ -17,8 +17,8 @@ from pipeline.errors import ConfigError
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 """``scheme://`` at the start of a value: s3://, gs://, http://, file://, ..."""
 
-OBJECT_STORAGE_HINT = ("to keep token stores in object storage, export them: `stegopipe export-tokens ID URL` "
-                       "(read there with stages.store.open_tokens(URL); `stegopipe import-tokens URL` brings one back)")
+_OBJECT_STORAGE_HINT = ("to keep token stores in object storage, export them: `stegopipe export-tokens ID URL` "
+                        "(read there with open_tokens(URL); `stegopipe import-tokens URL` brings one back)")
 
 
 def is_url(value: str | os.PathLike[str]) -> bool:
@@ -30,7 +30,7 @@ def local_path(value: str | os.PathLike[str], setting: str) -> str | os.PathLike
     """``value`` unchanged when it is a filesystem path; ConfigError naming ``setting`` when it is a URL."""
     if is_url(value):
         raise ConfigError(f"{setting}={value} is a URL, but it must be a local or shared filesystem path "
-                          f"(a bucket mounted as a folder works); {OBJECT_STORAGE_HINT}")
+                          f"(a bucket mounted as a folder works); {_OBJECT_STORAGE_HINT}")
     return value
 
 
