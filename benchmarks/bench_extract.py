@@ -122,7 +122,7 @@ def decode_img_s(index_path: Path, case: Case) -> float:
     """img/s of the stage's loader alone: load_sample over the index through the same prefetch."""
     from pipeline.prefetch import prefetch
     from stages.extract import load_sample
-    from stages.prepare import load_index
+    from stages.datasets.index import load_index
 
     index = load_index(index_path)
     workers = loader_workers(case)

@@ -19,7 +19,7 @@ from stages.backbones import dino_features, load_backbone
 from stages.datasets.transforms import center_crop, preprocess_image, preprocess_label, resize_shorter_nearest
 from stages.extract import ModelSettings, load_model, weights_tag
 from stages.store import TOKENS_STORE
-from stages.prepare import load_index
+from stages.datasets.index import load_index
 from stages.store import open_token_store
 
 TINY = ["run.executor=local", "dataset.synthetic.n_train=5", "dataset.synthetic.n_val=3",

@@ -15,7 +15,7 @@ from pipeline.planner import Request, plan
 from pipeline.registry import STAGES
 from pipeline.runner import run_tasks
 from pipeline.specs import load_spec
-from stages.prepare import load_index
+from stages.datasets.index import load_index
 
 
 def _prepare(overrides: list[str], split: str = "train") -> Path:
