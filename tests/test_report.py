@@ -36,7 +36,9 @@ def _rows(runs: list[tuple[str, int, int, float]], **kwargs: Any) -> list[dict[s
 
 
 def _line(table: str, start: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith(start)]
+    """The cells of the table's lines that start with ``start`` (bold marks removed)."""
+    return [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith(start)]
 
 
 def test_table2_never_pools_dims() -> None:
@@ -72,7 +74,7 @@ def test_protocol_flags_and_configurations_split_cells() -> None:
     assert all(len(c.rows) == 1 for c in cells(a + b))
     assert "config" in sweep_markdown(a + b).splitlines()[0]
     split = _line(table2_markdown(a + b), "| STEGO (stegopipe")
-    assert sorted(line[2] for line in split) == ["60.0", "80.0"]
+    assert sorted(line[2] for line in split) == ["60.0 (n=1)", "80.0 (n=1)"]
 
 
 def test_a_seed_counted_once_per_configuration() -> None:
@@ -129,3 +131,17 @@ def test_backbone_label_never_calls_random_weights_dino() -> None:
     assert backbone_label("vit_small_patch16_224.dino", "timm") == "vit_small_patch16_224, timm weights"
     assert "dino" not in backbone_label("vit_small_patch8_224.dino", "random-seed3").lower()
     assert backbone_label(None, "timm") is None
+
+
+def test_paper_row_order_bold_best_and_one_seed() -> None:
+    runs = [("stego", 4, 0, 60.0), ("hnne", 4, 0, 50.0), ("identity", 384, 0, 70.0), ("identity", 384, 1, 72.0),
+            ("rp", 4, 0, 40.0), ("pca", 4, 0, 45.0)]
+    sweep = sweep_markdown(_rows(runs, crf=False))
+    methods = [line[1] for line in _line(sweep, "| synthetic") if line[3] == "cluster"]
+    assert methods == ["DINO", "PCA", "RP", "h-NNE", "STEGO"]  # the paper's order, not the alphabet's
+    dino = next(line for line in sweep.splitlines() if "| DINO |" in line and "| cluster |" in line)
+    assert "**35.5 ± 0.5**" in dino and "**71.0 ± 1.0**" in dino  # the best of its column group, bold
+    rp = next(line for line in sweep.splitlines() if "| RP |" in line and "| cluster |" in line)
+    assert "20.0 (n=1)" in rp and "± 0.0" not in sweep and "**" not in rp
+    table = table2_markdown(_rows(runs, crf=False))
+    assert "**70.0" not in table and "**71.0 ± 1.0**" in table  # Table 2: DINO beats STEGO in every column
