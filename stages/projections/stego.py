@@ -9,10 +9,13 @@ state dict under its own parameter names (``cluster1.0.weight``, ...), so the ar
 
 A head artifact (stage ``train-head``, trained or imported) holds ``head.safetensors`` (the same state
 dict), ``head.json``, ``projection/`` (this projection) and ``probes/`` (the linear and cluster probes
-trained with the head, in the probe stage's format); see :func:`write_head_files`.
+trained with the head, in the probe stage's format); see :func:`write_head_files`. A released STEGO
+checkpoint becomes the same files through :func:`write_imported` (``stegopipe import-stego`` or
+``head.checkpoint``), plus its stored config (``stego_cfg.json``).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,10 @@ from safetensors.numpy import save_file
 from pipeline.artifacts import write_json_atomic
 from pipeline.errors import ArtifactError, InputError
 from stages.artifacts import HeadArtifact
+from stages.datasets.labelmaps import CITYSCAPES27_CLASS_NAMES, COCO27_CLASS_NAMES, POTSDAM3_CLASS_NAMES
 from stages.evaluation.probes import ClusterProbe, LinearProbe, save_probes
 from stages.projections import BaseProjection, register_projection
+from stages.stego.checkpoint import checkpoint_sha256, read_stego_checkpoint
 from stages.stego.head import StegoHead
 
 
@@ -105,3 +110,53 @@ def write_head_files(out: Path, head: StegoHead, linear: LinearProbe, cluster: C
     projection.save(out / HeadArtifact.PROJECTION)
     save_probes(out / HeadArtifact.PROBES, linear, cluster, class_names=class_names, projection=projection,
                 extra={"source": info.get("source")})
+
+
+STEGO_CFG_FILE = "stego_cfg.json"
+KNOWN_CLASS_NAMES = {"cocostuff27": COCO27_CLASS_NAMES, "cityscapes": CITYSCAPES27_CLASS_NAMES,
+                     "potsdam": POTSDAM3_CLASS_NAMES}
+"""Class names by the checkpoint's ``cfg.dataset_name`` (others get ``class_<i>``)."""
+
+
+def write_imported(path: Path, out: Path, *, expected_sha256: str | None = None,
+                   ignore_unknown: bool = False) -> dict[str, Any]:
+    """Convert the STEGO checkpoint ``path`` into head-artifact files in ``out``; returns manifest fields.
+
+    ``InputError`` (naming the file) when the file changed since ``expected_sha256`` was computed, has
+    state-dict keys the converter does not know (listed; ``ignore_unknown`` imports anyway and records
+    them), or holds no head (a DINO-baseline checkpoint). Missing keys are reported by the reader.
+    """
+    path = Path(path).expanduser().resolve()
+    sha = checkpoint_sha256(path)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise InputError(f"{path}: the file changed since the run was planned (sha256 {sha[:16]}…, "
+                         f"planned {expected_sha256[:16]}…); run again")
+    ckpt = read_stego_checkpoint(path)
+    if ckpt.unknown_keys and not ignore_unknown:
+        keys = ", ".join(map(repr, ckpt.unknown_keys))  # repr: a key from the file may hold any character
+        raise InputError(f"{path}: unknown state-dict key(s) {keys}; this is not the "
+                         f"STEGO layout the importer knows (use --ignore-unknown-keys / "
+                         f"head.checkpoint_ignore_unknown=true to import the known parts anyway)")
+    if ckpt.head_state is None or ckpt.projection is None:
+        raise InputError(f"{path}: holds no STEGO head (no net.cluster* keys): it is a DINO-baseline checkpoint; "
+                         f"use projection.method=identity for DINO features")
+    head = StegoHead(ckpt.feature_dim, ckpt.dim, ckpt.projection)  # STEGO's Dropout2d p is hard-coded 0.1
+    head.load_state_dict(ckpt.head_state, strict=True)
+    linear = LinearProbe(ckpt.dim, ckpt.n_classes)
+    linear.load_stego(ckpt.linear_probe["weight"], ckpt.linear_probe["bias"])
+    cluster = ClusterProbe(ckpt.dim, ckpt.n_classes + ckpt.extra_clusters)
+    with torch.no_grad():
+        cluster.clusters.copy_(ckpt.cluster_centroids)
+    info = {"source": "imported", "checkpoint_sha256": sha, "backbone": ckpt.backbone, "patch": ckpt.patch_size,
+            "dataset": ckpt.dataset_name, "global_step": ckpt.global_step}
+    names = KNOWN_CLASS_NAMES.get(str(ckpt.dataset_name), [])
+    class_names = names if len(names) == ckpt.n_classes else [f"class_{i}" for i in range(ckpt.n_classes)]
+    write_head_files(out, head, linear, cluster, class_names=class_names, info=info)
+    (Path(out) / STEGO_CFG_FILE).write_text(json.dumps(ckpt.cfg, indent=2, sort_keys=True, default=str) + "\n")
+    return {"imported_from": str(path), "checkpoint_sha256": sha, "stego_cfg": json.loads(json.dumps(ckpt.cfg, default=str)),
+            "backbone": {"model_type": ckpt.backbone, "patch": ckpt.patch_size},
+            "checkpoint": {"epoch": ckpt.epoch, "global_step": ckpt.global_step,
+                           "lightning_version": ckpt.lightning_version},
+            "counts": {"n_classes": ckpt.n_classes, "extra_clusters": ckpt.extra_clusters, "dim": ckpt.dim,
+                       "feature_dim": ckpt.feature_dim},
+            "ignored_unknown_keys": list(ckpt.unknown_keys)}
