@@ -28,12 +28,13 @@ if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
 import click  # noqa: E402
 from click.shell_completion import CompletionItem  # noqa: E402
 
-from pipeline import executor, planner, registry, results, runner  # noqa: E402
+from pipeline import estimates, executor, planner, registry, results, runner  # noqa: E402
 from pipeline.artifacts import ArtifactStore, stage_of  # noqa: E402
 from pipeline.config import (SECTIONS, check_section, get_path, load_config, parse_override,  # noqa: E402
                              to_container, to_yaml)
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
 from pipeline.experiments import Experiment, experiment_names, experiment_path, sweep_values  # noqa: E402
+from pipeline.progress import duration  # noqa: E402
 from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, manifest_reader,  # noqa: E402
                              store_lookup)
 
@@ -348,9 +349,18 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
 
 def _estimate(task: planner.Task, store: ArtifactStore) -> dict[str, float | None]:
     """What ``plan`` says a missing artifact will cost: ``bytes`` (a stage's registered estimate) and
-    ``seconds`` (None: no estimate)."""
+    ``seconds`` with its ``basis`` (:mod:`pipeline.estimates`; None: no estimate)."""
     size = registry.ESTIMATES[task.stage](task, store) if task.stage in registry.ESTIMATES else None
-    return {"bytes": size, "seconds": None}
+    seconds, basis = estimates.estimate_seconds(store, task.stage, task.id, task.params, task.inputs, size)
+    return {"bytes": size, "seconds": seconds, "basis": basis}
+
+
+def _time_text(row: dict[str, Any]) -> str:
+    """The TIME cell of a plan row: ``~12s`` estimated (``~12s*`` from ``stegopipe calibrate``), else empty."""
+    seconds = (row["estimate"] or {}).get("seconds")
+    if seconds is None:
+        return ""
+    return f"~{duration(seconds)}{'*' if row['estimate'].get('basis') == 'calibration' else ''}"
 
 
 def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str, Any]]:
@@ -409,8 +419,9 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
                                "problems": blocking, "targets": list(dict.fromkeys(targets))}, indent=2, default=str))
         sys.exit(1 if blocking else 0)
     click.echo(f"plan of {target}: {len(tasks)} artifacts under {store.root}")
-    click.echo(f"{'':4} {'STAGE':<11} {'ID':<30} {'STATUS':<8} {'SIZE':>9}  {'INPUTS':<12} LABEL")
+    click.echo(f"{'':4} {'STAGE':<11} {'ID':<30} {'STATUS':<8} {'SIZE':>9} {'TIME':>9}  {'INPUTS':<12} LABEL")
     cached_bytes, missing_bytes, unknown = 0, 0, 0
+    missing_seconds, untimed = 0.0, 0
     for row in rows:
         if row["status"] == "cached":
             cached_bytes += row["bytes"]
@@ -422,9 +433,12 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
             unknown += estimate is None
             missing_bytes += estimate or 0
             size_text = "" if estimate is None else f"~{human_bytes(estimate)}"
+        time_text = _time_text(row)
+        missing_seconds += (row["estimate"] or {}).get("seconds") or 0.0
+        untimed += row["status"] == "missing" and not time_text
         inputs = ",".join(f"[{d}]" for d in row["inputs"])
         inputs = inputs if len(inputs) <= 12 else f"{len(row['inputs'])} inputs"
-        click.echo(f"[{row['n']:>2}] {row['stage']:<11} {row['id']:<30} {row['status']:<8} {size_text:>9}  "
+        click.echo(f"[{row['n']:>2}] {row['stage']:<11} {row['id']:<30} {row['status']:<8} {size_text:>9} {time_text:>9}  "
                    f"{inputs:<12} {row['label']}{'  ' + params_summary(row['params'], 10_000) if wide else ''}".rstrip())
         if row["holder"]:
             click.echo(f"{'':5}{row['holder']}")
@@ -435,6 +449,8 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
     click.echo(f"{counts['cached']} cached ({human_bytes(cached_bytes)}), {counts['running']} running, "
                f"{counts['missing']} missing (about {human_bytes(missing_bytes)}"
                f"{f'; {unknown} without an estimate' if unknown else ''})"
+               f"{f', time ~{duration(missing_seconds)} estimated' if missing_seconds else ''}"
+               f"{f' ({untimed} without a time estimate: stegopipe calibrate)' if untimed and missing_seconds else ''}"
                + (f", {counts['blocked']} blocked (their ids wait for what is missing below)" if counts["blocked"] else ""))
     for need in needs.values():
         click.echo(f"needs {need.what}: {need.path}  {'ok' if need.ok else 'MISSING (set ' + need.setting + ')'}")

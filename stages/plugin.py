@@ -25,11 +25,14 @@ register_lazy_commands("stages.commands.export_nns",
 register_lazy_commands("stages.commands.squirrel", {
     "export-squirrel": "Write a tokens artifact as a stego-studies Squirrel store.",
     "import-squirrel": "Turn a Squirrel store into a tokens artifact."})
+register_lazy_commands("stages.commands.calibrate",
+                       {"calibrate": "Measure stage throughputs on synthetic data, for plan's time estimates."})
 register_lazy_commands("stages.commands.tokens", {
     "export-tokens": "Write a tokens artifact to object storage (s3://, any fsspec URL).",
     "import-tokens": "Copy a tokens artifact exported at a URL into the artifact root (same id)."})
 from stages.projections import select  # noqa: F401  (the projection.* config section)
 from stages import labels  # noqa: F401,E402  (label fields of every stage, result names)
+from stages import costs  # noqa: F401,E402  (how each stage's cost scales, for plan's time estimates)
 
 # presets, experiments and storage specs: package data of ``stages`` (links to the top-level folders)
 register_preset_dir(Path(str(files("stages") / "configs")))
