@@ -30,8 +30,9 @@ endif
 .PHONY: help install test test-slow test-faults demo bench bench-scale clean prepare extract knn reduce train-head probe \
 	evaluate report plan table2 fig3 fig4 hnne predict nightly import-stego
 
-help: ## List the targets
+help: ## List the targets (and, once installed, the METHOD values)
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@if [ -x $(STEGO) ]; then echo "METHOD (projection.method):"; $(STEGO) methods | sed 's/^/  /'; fi
 
 install: $(STAMP) ## Create .venv (Python 3.11) and install stegopipe editable with pinned deps (idempotent)
 
@@ -67,13 +68,13 @@ extract: install ## Extract frozen DINO tokens of a split into the cache (DATASE
 knn: install ## kNN pairs of the train tokens (DATASET)
 	$(STEGO) run knn $(STAGE_ARGS)
 
-reduce: install ## Fit a reducer on the train tokens (METHOD=pca|rp|hnne, DIM)
+reduce: install ## Fit a reducer on the train tokens (METHOD, DIM; `stegopipe methods` lists them)
 	$(STEGO) run reduce $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM))
 
 train-head: install ## Train a STEGO head from the cache (DATASET; preset = the paper's Table 1 config)
 	$(STEGO) run train-head $(STAGE_ARGS)
 
-probe: install ## Train linear + cluster probes on a projection (METHOD=identity|pca|rp|hnne|stego, DIM)
+probe: install ## Train linear + cluster probes on a projection (METHOD, DIM)
 	$(STEGO) run probe $(STAGE_ARGS) projection.method=$(METHOD) $(if $(DIM),projection.dim=$(DIM))
 
 evaluate: install ## Evaluate probes on the val split (METHOD, DIM, CRF=1 adds dense CRF)

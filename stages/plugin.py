@@ -13,8 +13,8 @@ from stages import synthesize, prepare, extract, knn, reduce, train_head, probe,
 from pipeline.cli import register_lazy_commands
 from pipeline.environment import register_packages
 
-register_packages("stegopipe", "torch", "numpy", "zarr", "timm", "scikit-learn", "scipy", "hnne", "pydensecrf2",
-                  "safetensors", "squirrel-core")
+register_packages("stegopipe", "safetensors", "squirrel-core",
+                  numerics=("torch", "numpy", "zarr", "timm", "scikit-learn", "scipy", "hnne", "umap-learn", "pydensecrf2"))
 
 # extra CLI commands: each module is imported only when one of its commands runs (light --help, completion)
 register_lazy_commands("stages.commands.predict", {"predict": "Segment images with a STEGO head (label PNGs, overlays)."})
@@ -25,6 +25,7 @@ register_lazy_commands("stages.commands.export_nns",
 register_lazy_commands("stages.commands.squirrel", {
     "export-squirrel": "Write a tokens artifact as a stego-studies Squirrel store.",
     "import-squirrel": "Turn a Squirrel store into a tokens artifact."})
+register_lazy_commands("stages.commands.methods", {"methods": "List the projection methods (built in and plugins')."})
 register_lazy_commands("stages.commands.calibrate",
                        {"calibrate": "Measure stage throughputs on synthetic data, for plan's time estimates."})
 register_lazy_commands("stages.commands.tokens", {

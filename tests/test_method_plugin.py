@@ -75,3 +75,15 @@ def test_a_plugin_method_from_outside_the_repository_runs_to_a_report(tmp_path: 
     listing = subprocess.run([sys.executable, "-m", "pipeline.cli", "ls", "reduce"], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)
     assert "First dims" in listing.stdout, listing.stdout + listing.stderr
+
+
+def test_methods_command_and_make_help_list_the_registry() -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == list(method_names())
+    assert any(line.startswith("umap") and "umap.*" in line and "beyond the paper" in line for line in lines)
