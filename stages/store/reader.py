@@ -174,7 +174,9 @@ class _FallbackCheck:
 
 
 STREAM_AHEAD_BYTES = 256 << 20
-"""How far :meth:`TokenStore.iter_batches` asks the kernel to read ahead (page cache, not process memory)."""
+"""How far :meth:`TokenStore.iter_batches` asks the kernel to read ahead (page cache, not process memory),
+in at most :data:`STREAM_AHEAD_SHARDS` shards."""
+STREAM_AHEAD_SHARDS = 16
 
 
 class TokenStore:
@@ -399,13 +401,14 @@ class TokenStore:
         first = start // size
         shards = range(first, -(-stop // size))
         direct = [self._direct[name] for name in names if name in self._direct]
-        ahead = max(1, STREAM_AHEAD_BYTES // max(1, sum(d.nbytes for d in direct) * size)) if direct else 0
+        ahead = min(STREAM_AHEAD_SHARDS, STREAM_AHEAD_BYTES // max(1, sum(d.nbytes for d in direct) * size))
+        ahead = max(1, ahead) if direct else 0
 
         def read(shard: int) -> dict[str, np.ndarray]:
-            for later in range(shard + 1, shard + ahead + 1) if shard == first else (shard + ahead,):
-                if later < shards.stop:
-                    for reader in direct:
-                        reader.advise(later)
+            hints = range(shard + 1 if shard == first else shard + ahead, min(shard + ahead + 1, shards.stop))
+            for later in hints:
+                for reader in direct:
+                    reader.advise(later)
             a, b = max(shard * size, start), min((shard + 1) * size, stop)
             out = {name: self.get(name, np.arange(a, b), tokens_dtype if name.startswith("tokens") else None)
                    for name in names}
