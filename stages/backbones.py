@@ -15,11 +15,12 @@ import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 
+from pipeline.artifacts import sha256_file
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 
@@ -368,4 +369,50 @@ __all__ = [
     "dino_features",
     "load_backbone",
     "load_dino_state_dict",
+    "weights_tag",
 ]
+
+
+@cache
+def _file_tag(prefix: str, path: str, size: int, mtime_ns: int) -> str:
+    """``prefix:<sha256[:16]>`` of a weights file (cached per path, size and mtime)."""
+    return f"{prefix}:{sha256_file(Path(path))[:16]}"
+
+
+def _weights_file_tag(prefix: str, path: Path, key: str) -> str:
+    if not path.is_file():
+        raise ConfigError(f"{key}: weights file {path} does not exist")
+    stat = path.stat()
+    return _file_tag(prefix, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def weights_tag(backbone: Any) -> str:
+    """The tag :func:`load_backbone` will report for ``backbone.*``, computed without loading it.
+
+    ``random-seed<k>``, ``timm``, ``dino:<sha16>`` or ``file:<sha16>`` of the weights file's content, so
+    the artifact id follows the weights, not their path. File hashes are cached per (path, size, mtime).
+    """
+    name, weights = backbone.name, backbone.weights
+    if weights == "random":
+        return f"random-seed{int(backbone.seed)}"
+    if weights == "timm":
+        return "timm"
+    if weights == "dino":
+        spec = BACKBONES[name]
+        if spec.dino_file is None:
+            raise ConfigError(f"backbone.weights=dino is not available for backbone.name={name} (no official "
+                              "DINO-v1 file); allowed: random, timm or a checkpoint path")
+        if not backbone.weights_dir:
+            raise ConfigError(f"backbone.weights=dino needs backbone.weights_dir: a folder holding "
+                              f"{spec.dino_file} (download: {spec.dino_url}); set WEIGHTS_DIR=DIR for make, "
+                              f"or the environment variable STEGOPIPE_WEIGHTS_DIR")
+        path = Path(backbone.weights_dir).expanduser() / spec.dino_file
+        if not path.is_file():
+            raise ConfigError(f"backbone.weights_dir={backbone.weights_dir}: no {spec.dino_file} there; "
+                              f"download it from {spec.dino_url} (backbone.weights_dir comes from WEIGHTS_DIR=DIR "
+                              f"for make, or STEGOPIPE_WEIGHTS_DIR)")
+        return _weights_file_tag("dino", path, "backbone.weights_dir")
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights={weights!r}: expected random, dino, timm or an existing checkpoint file")
+    return _weights_file_tag("file", path, "backbone.weights")

@@ -15,7 +15,8 @@ import stages.evaluate as evaluate
 from pipeline.artifacts import ArtifactStore
 from pipeline.errors import ConfigError, InputError, StageError
 from pipeline.planner import Request
-from stages.evaluate import colorize, palette, upsampled_codes
+from stages.evaluate import upsampled_codes
+from stages.evaluation.figures import colorize, palette
 from stages.projections import IdentityProjection
 from tests.test_probe_stage import config, onehot, onehot_requests, run_request  # noqa: F401
 

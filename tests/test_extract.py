@@ -15,9 +15,9 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.executor import TaskResult
 from pipeline.planner import Request, plan
 from pipeline.runner import run_tasks
-from stages.backbones import dino_features, load_backbone
+from stages.backbones import dino_features, load_backbone, weights_tag
 from stages.datasets.transforms import center_crop, preprocess_image, preprocess_label, resize_shorter_nearest
-from stages.extract import ModelSettings, load_model, weights_tag
+from stages.extract import ModelSettings, load_model
 from stages.store import TOKENS_STORE
 from stages.datasets.index import load_index
 from stages.store import open_token_store

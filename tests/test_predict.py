@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.planner import Request, plan
 from pipeline.runner import run_tasks
 from stages.datasets.synthetic import synthetic_scene
-from stages.evaluate import palette
+from stages.evaluation.figures import palette
 from stages.commands.predict import (
     BackboneRecord, backbone_record, check_weights, overlay, panel_legend, prepare_image, write_label_png,
 )

@@ -9,7 +9,7 @@ code upsampled to the output size, the linear and cluster probes, optionally the
   65535 = unmatched). Cluster ids are mapped to classes by the Hungarian assignment of an evaluation
   (``--eval``), else they are the raw cluster ids.
 * ``<stem>.cluster.overlay.png`` / ``<stem>.linear.overlay.png``: the image blended with the palette of
-  :func:`stages.evaluate.palette` (pixel-exact, the image's size).
+  :func:`stages.evaluation.figures.palette` (pixel-exact, the image's size).
 * ``<stem>.panels.png``: a figure for readers: titled columns (image, linear probe, cluster probe, "+ CRF"
   with ``--crf``) of the overlays and a colour → class legend (clusters named ``cluster k`` without
   ``--eval``).
@@ -48,12 +48,10 @@ from pipeline.errors import ArtifactError, ConfigError, InputError
 from pipeline.paths import LocalPath
 from pipeline.environment import resolve_device
 from stages.artifacts import EvalArtifact, HeadArtifact, ProbesArtifact
-from stages.backbones import BACKBONES, dino_features, load_backbone
+from stages.backbones import BACKBONES, dino_features, load_backbone, weights_tag
 from stages.evaluation.crf import dense_crf
 from stages.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, center_crop, resize_nearest, resize_shorter_nearest
-from stages.evaluate import colorize, palette
-from stages.extract import weights_tag
-from stages.evaluation.figures import IGNORE_LABEL, backbone_label, save_panels
+from stages.evaluation.figures import IGNORE_LABEL, backbone_label, colorize, palette, save_panels
 from stages.evaluation.metrics import map_clusters
 from stages.evaluation.probes import Probes, load_probes, predict_batch, upsample_code
 from stages.projections import BaseProjection
@@ -270,8 +268,8 @@ def overlay(rgb: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float 
 
 def panel_legend(linear: np.ndarray, cluster: np.ndarray, colours: np.ndarray, class_names: list[str] | None,
                  clusters_are_classes: bool) -> list[tuple[str, np.ndarray]]:
-    """Colour → meaning of the ids shown (``colours``: :func:`stages.evaluate.palette`, whose colour ``k`` is
-    the same for any length): class ``k``'s name, or without a cluster assignment ``name / cluster k`` when
+    """Colour → meaning of the ids shown (``colours``: :func:`stages.evaluation.figures.palette`, whose
+    colour ``k`` is the same for any length): class ``k``'s name, or without a cluster assignment ``name / cluster k`` when
     both panels show ``k``; ids outside the palette (-1: unmatched) last."""
     n = len(colours) - 1
 

@@ -1,5 +1,6 @@
-"""Publication-style image panels: titled columns and a colour → class legend (evaluation examples,
-``predict`` summaries). Drawn on a bare matplotlib ``Figure`` (no pyplot state, safe in worker threads)."""
+"""Publication-style image panels: a fixed class palette, titled columns and a colour → class legend
+(evaluation examples, ``predict`` summaries). Drawn on a bare matplotlib ``Figure`` (no pyplot state, safe
+in worker threads)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -7,17 +8,43 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DPI", "backbone_label", "class_legend", "save_panels"]
+from pipeline.errors import InputError
+
+__all__ = ["DPI", "backbone_label", "class_legend", "colorize", "palette", "save_panels"]
 
 DPI = 150
 PANEL_INCHES = 2.4
 IGNORE_LABEL = "ignore / unmatched"
 
 
+def palette(n: int) -> np.ndarray:
+    """A fixed palette: uint8 ``[n + 1, 3]``, row ``k`` the colour of class ``k``, the last row black
+    (for ignore / unmatched, index -1). Colours are well-separated golden-ratio hues."""
+    if n < 0:
+        raise InputError(f"palette: n={n} must be >= 0")
+    colours = []
+    for k in range(n):
+        hue = (k * 0.618033988749895) % 1.0
+        sat, val = (0.75, 0.95) if k % 2 == 0 else (0.55, 0.75)
+        i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
+        p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
+        rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
+        colours.append([round(255 * c) for c in rgb])
+    return np.array(colours + [[0, 0, 0]], dtype=np.uint8).reshape(n + 1, 3)
+
+
+def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """Integer ids ``[H, W]`` → uint8 RGB ``[H, W, 3]``; ids outside ``[0, len(colours) - 1)`` are black."""
+    ids = np.asarray(ids)
+    n = len(colours) - 1
+    idx = np.where((ids >= 0) & (ids < n), ids, n)
+    return colours[idx]
+
+
 def class_legend(id_maps: Iterable[np.ndarray], colours: np.ndarray,
                  names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
     """``(name, RGB uint8)`` of every id that occurs in ``id_maps``, in id order, with ``colours`` from
-    :func:`stages.evaluate.palette` (last row: ignore/unmatched, listed last when any id falls outside
+    :func:`palette` (last row: ignore/unmatched, listed last when any id falls outside
     the palette). ``names[k]`` names id ``k`` (``class k`` when missing)."""
     n = len(colours) - 1
     present: set[int] = set()
