@@ -206,6 +206,7 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
     return sorted(out, key=_cell_order)
 
 
+FEW_SEEDS = 3  # Figure 4 draws each seed as a dot up to this many seeds per configuration, else a ± std band
 PAPER_ORDER = ("identity", "pca", "rp", "hnne", "stego")  # the paper's rows: DINO, PCA, RP, h-NNE, STEGO
 
 
@@ -394,8 +395,13 @@ def plot_fig4(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
                                        Line2D([], [], ls=style if style != "-" else "--", color=colour))
                 else:
                     ax.plot(dims, stats[:, 0], marker="o", ms=4, ls=style, color=colour, lw=1.5)
-                    ax.fill_between(dims, stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1], alpha=0.18,
-                                    color=colour, lw=0)
+                    if max(len(c.rows) for c in members) <= FEW_SEEDS:  # each seed a dot: bands would overlap
+                        seed_dims = [c.key["dim"] for c in members for _ in c.rows]
+                        ax.scatter(seed_dims, [r[metric] for c in members for r in c.rows], s=10, color=colour,
+                                   alpha=0.55, lw=0, zorder=3)
+                    else:
+                        ax.fill_between(dims, stats[:, 0] - stats[:, 1], stats[:, 0] + stats[:, 1], alpha=0.18,
+                                        color=colour, lw=0)
                     handles.setdefault(label, Line2D([], [], marker="o", ms=4, ls=style, color=colour))
             ticks = sorted({c.key["dim"] for c in panel if c.key["dim"] is not None})
             ax.set_xscale("log", base=2)
@@ -431,21 +437,27 @@ def _backbone_of(items: Iterable[Cell]) -> str:
 
 
 def plot_fig3(curves: Mapping[tuple[str, str], Mapping[str, Any]], path: Path) -> None:
-    """Figure 3 shape: cumulative explained variance vs fraction of components, one line per
-    (dataset, backbone) fit; the backbone (from the lineage) in the title, or in the legend when several."""
+    """Figure 3 shape: cumulative explained variance (%) vs fraction of components (log scale, as the
+    report's table reads it: a few % of the components hold most of the variance), one line per (dataset,
+    backbone) fit; the backbone (from the lineage) in the title, or in the legend when several."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.0, 4.4), layout="constrained")
     ax = fig.subplots()
     backbones = {b for _, b in curves}
+    smallest = 1.0
     for (dataset, backbone), evr in sorted(curves.items()):
         label = dataset if len(backbones) == 1 else f"{dataset} ({backbone})"
-        ax.plot(evr["interpolated"]["fraction"], evr["interpolated"]["cumulative"], lw=1.8,
+        fraction = np.asarray(evr["fraction"], dtype=float)  # the exact curve: k / D for k components
+        shown = fraction > 0  # a log axis starts at the first component
+        ax.plot(fraction[shown], 100 * np.asarray(evr["cumulative"], dtype=float)[shown], lw=1.8,
                 label=f"{label}, D={evr['in_dim']}")
-    ax.set_xlabel("fraction of principal components (d / D)")
-    ax.set_ylabel("cumulative explained variance")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
+        smallest = min(smallest, 1.0 / evr["in_dim"])
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of principal components d / D (log scale)")
+    ax.set_ylabel("cumulative explained variance (%)")
+    ax.set_xlim(smallest, 1)
+    ax.set_ylim(0, 101)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="lower right")
     title = "PCA of the train tokens: cumulative explained variance"
@@ -469,8 +481,8 @@ def _tokens_info(ctx: StageContext, tokens_id: str) -> tuple[str, str | None]:
 FIG4_CAPTION = (
     "Validation {metric} (%) against the output dimension d (log scale), one column per dataset, linear "
     "probe above and cluster probe below. Each point is one configuration; lines join the mean over its "
-    "seeds, and the shaded band spans ± 1 standard deviation over those seeds (population std; no band "
-    "with one seed). ▲: the same with dense CRF (mean over seeds). Dashed horizontal line: the DINO "
+    "seeds; with at most 3 seeds each seed is a small dot, with more the shaded band spans ± 1 standard "
+    "deviation over the seeds (population std). ▲: the same with dense CRF (mean over seeds). Dashed horizontal line: the DINO "
     "baseline (identity projection at the backbone's full dim D, no CRF), lightly shaded ± 1 std. Triangles "
     "are shifted slightly left or right per method so that none hides another. "
     "Features: {backbone}.")

@@ -170,7 +170,8 @@ def run_train_head(ctx: StageContext) -> None:
     write_head_files(ctx.out, result.head, result.linear, result.cluster, class_names=class_names, info=info)
     diagnostics = json_safe(result.diagnostics)
     write_json_atomic(ctx.out / "diagnostics.json", diagnostics)
-    plot_diagnostics(diagnostics, ctx.out)
+    plot_diagnostics(diagnostics, ctx.out, title=f"STEGO head, {train.attrs.get('dataset')}, d={settings.dim}, "
+                                                 f"seed {settings.seed}")
     chosen_val = next((v for v in diagnostics["validation"] if v["step"] == result.chosen_step), None)
     final = {k: v[-1] for k, v in diagnostics["curves"].items()}
     ctx.record(counts={"train_samples": train.n, "val_samples": val.n if val else 0, "steps": settings.steps},

@@ -9,8 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from stages.evaluate import palette
-from stages.evaluation.figures import IGNORE_LABEL, class_legend, save_panels
+from stages.evaluation.figures import IGNORE_LABEL, class_legend, palette, save_panels
 from stages.stego.loss import PARTS
 from stages.stego.train import plot_diagnostics
 
@@ -54,8 +53,10 @@ def test_training_diagnostics_have_labelled_axes(tmp_path: Path, drawn: list[Fig
     diagnostics = {"steps": steps, "curves": curves, "chosen_step": 3,
                    "validation": [{"step": 3, "linear": {"miou": 50.0}, "cluster": {"miou": 40.0}}],
                    "feature_correlation": {part: hist for part in PARTS}}
-    assert plot_diagnostics(diagnostics, tmp_path) == ["loss_curves.png", "feature_correlations.png"]
+    assert plot_diagnostics(diagnostics, tmp_path, title="STEGO head, synthetic, d=4, seed 1") == \
+        ["loss_curves.png", "feature_correlations.png"]
     assert len(drawn) == 2
+    assert all(fig._suptitle.get_text().startswith("STEGO head, synthetic, d=4, seed 1") for fig in drawn)
     for fig in drawn:
         for ax in fig.axes:
             assert ax.get_ylabel() and ax.get_xlabel(), ax.get_title()

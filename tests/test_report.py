@@ -87,11 +87,11 @@ def test_a_seed_counted_once_per_configuration() -> None:
 def test_config_fingerprint_ignores_only_the_run_seed() -> None:
     manifests = {
         "tokens": {"stage": "extract", "version": "1", "params": {"seed": 3, "res": 96}, "inputs": {}},
-        "head0": {"stage": "train-head", "version": "1", "params": {"seed": 0, "lr": 5e-4}, "inputs": {"t": "tokens"}},
-        "head1": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 5e-4}, "inputs": {"t": "tokens"}},
-        "head2": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 1e-3}, "inputs": {"t": "tokens"}},
+        "head0": {"stage": "train-head", "version": "1", "params": {"projection.seed": 0, "head.lr": 5e-4}, "inputs": {"t": "tokens"}},
+        "head1": {"stage": "train-head", "version": "1", "params": {"projection.seed": 1, "head.lr": 5e-4}, "inputs": {"t": "tokens"}},
+        "head2": {"stage": "train-head", "version": "1", "params": {"projection.seed": 1, "head.lr": 1e-3}, "inputs": {"t": "tokens"}},
         "tokens9": {"stage": "extract", "version": "1", "params": {"seed": 9, "res": 96}, "inputs": {}},
-        "head3": {"stage": "train-head", "version": "1", "params": {"seed": 1, "lr": 5e-4}, "inputs": {"t": "tokens9"}},
+        "head3": {"stage": "train-head", "version": "1", "params": {"projection.seed": 1, "head.lr": 5e-4}, "inputs": {"t": "tokens9"}},
     }
     memo: dict[str, str] = {}
     fp = {k: config_fingerprint(manifests.get, k, memo) for k in manifests}
@@ -118,7 +118,7 @@ def test_fig4_is_legible_and_its_legend_covers_no_panel(tmp_path: Path, monkeypa
     legend = fig.legends[0].get_window_extent(canvas.get_renderer())
     assert all(not legend.overlaps(ax.get_window_extent()) for ax in fig.axes)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels == ["STEGO", "STEGO + CRF", "PCA", "DINO (D=384)", "DINO + CRF"]
+    assert labels == ["DINO (D=384)", "DINO + CRF", "PCA", "STEGO", "STEGO + CRF"]  # the paper's order
     assert "random init (seed 0)" in fig._suptitle.get_text() and "dino" not in fig._suptitle.get_text().lower()
     with Image.open(path) as png:
         assert png.info["dpi"][0] == pytest.approx(150, abs=1)
@@ -145,3 +145,31 @@ def test_paper_row_order_bold_best_and_one_seed() -> None:
     assert "20.0 (n=1)" in rp and "± 0.0" not in sweep and "**" not in rp
     table = table2_markdown(_rows(runs, crf=False))
     assert "**70.0" not in table and "**71.0 ± 1.0**" in table  # Table 2: DINO beats STEGO in every column
+
+
+def test_fig3_has_a_log_x_axis_and_percent_y(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from stages.report import plot_fig3
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self))
+    d = 8
+    cumulative = [1 - 0.5 ** k for k in range(d + 1)]
+    plot_fig3({("synthetic", "vit"): {"in_dim": d, "fraction": [k / d for k in range(d + 1)],
+                                       "cumulative": cumulative}}, tmp_path / "fig3.png")
+    ax = drawn[0].axes[0]
+    assert ax.get_xscale() == "log" and "%" in ax.get_ylabel()
+    x, y = ax.lines[0].get_data()
+    assert x[0] == 1 / d and y[0] == 50.0 and y[-1] == pytest.approx(100 * cumulative[-1])
+
+
+def test_fig4_draws_few_seeds_as_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    drawn: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: drawn.append(self))
+    assert plot_fig4(_rows(DEMO, crf=False), "accuracy", tmp_path / "f.png")
+    panel = drawn[0].axes[0]
+    points = [c for c in panel.collections if c.get_offsets().shape[0] == 4]  # 2 dims x 2 seeds
+    assert points and not [c for c in panel.collections if type(c).__name__ == "FillBetweenPolyCollection"]

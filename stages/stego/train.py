@@ -378,9 +378,10 @@ class _Selector:
 # --------------------------------------------------------------------------------------------------
 
 
-def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
+def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path, title: str = "") -> list[str]:
     """Write ``loss_curves.png`` (losses, code correlations, val mIoU) and ``feature_correlations.png``
-    (histogram of ``fd`` per partner kind with its shift marked) into ``out``; returns the file names."""
+    (histogram of ``fd`` per partner kind with its shift marked) into ``out``, each under ``title`` (the
+    head they show, e.g. its dim and seed); returns the file names."""
     from matplotlib.figure import Figure
 
     from stages.evaluation.figures import DPI
@@ -392,11 +393,11 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
     groups = (("correlation losses", "loss (parts unweighted; total weighted)", (*PARTS, "total")),
               ("probe losses", "loss (linear: CE; cluster: −mean cos)", ("linear", "cluster")),
               ("mean code correlation", "mean code correlation cd", ("cd_intra", "cd_inter", "cd_neg")))
-    for ax, (title, ylabel, keys) in zip(axes, groups):
+    for ax, (panel_title, ylabel, keys) in zip(axes, groups):
         for key in keys:
             ys = [np.nan if v is None else v for v in curves[key]]
             ax.plot(steps, ys, label=key, linewidth=0.8)
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
@@ -409,6 +410,8 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("val mIoU (%)")
     ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(f"{title}: training curves", fontsize=11)
     fig.savefig(out / "loss_curves.png", dpi=DPI)
 
     fig = Figure(figsize=(12, 3.4), layout="constrained")
@@ -424,5 +427,7 @@ def plot_diagnostics(diagnostics: Mapping[str, Any], out: Path) -> list[str]:
         ax.set_xlabel("feature correlation (as in the loss)")
         ax.set_ylabel("feature pairs (count)")
         ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(f"{title}: feature correlations of the sampled pairs", fontsize=11)
     fig.savefig(out / "feature_correlations.png", dpi=DPI)
     return ["loss_curves.png", "feature_correlations.png"]
