@@ -42,7 +42,8 @@ def _squirrel_records() -> list[dict[str, Any]]:
     records = []
     for i in range(2):
         arrays = {"ind": np.array([i], np.int64), "img": rng.standard_normal((1, 3, 8, 8)).astype(np.float32),
-                  "label": rng.integers(-1, 5, (1, 8, 8)), "dino_feats": rng.standard_normal((1, 6, 2, 2)).astype(np.float32)}
+                  "label": rng.integers(-1, 5, (1, 8, 8)),
+                  "dino_feats": rng.standard_normal((1, 6, 2, 2)).astype(np.float32)}
         records.append({k: {b"nd": True, b"type": v.dtype.str, b"kind": b"", b"shape": v.shape, b"data": v.tobytes()}
                         for k, v in arrays.items()})
     return records
