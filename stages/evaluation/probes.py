@@ -30,7 +30,7 @@ __all__ = [
     "PROBES_FORMAT", "Probes", "save_probes", "load_probes",
 ]
 
-from stages.stego.settings import PROBE_LR  # noqa: E402  (re-exported)
+from stages.evaluation.settings import PROBE_LR  # noqa: E402  (re-exported)
 CLUSTER_CRF_ALPHA = 2.0  # temperature of the cluster-probe CRF unary, hard-coded in the reference (§7)
 
 

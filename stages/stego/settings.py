@@ -1,6 +1,5 @@
 """STEGO's settings and named choices, importable without torch (stage registration and planning read
-them): the training settings of a head, the loss parts, the head kinds, model selections, the probes'
-learning rate."""
+them): the training settings of a head, the loss parts, the head kinds, model selections."""
 from __future__ import annotations
 
 import math
@@ -9,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import ConfigError
+from stages.evaluation.settings import PROBE_LR  # noqa: F401  (old import path, until probe's move lands)
 
 PARTS = ("intra", "inter", "neg")
 """The three partner kinds of the correlation loss (method.md §3.3): the image itself, its kNN partner,
@@ -17,8 +17,6 @@ PROJECTIONS = ("nonlinear", "linear")
 """Head kinds (method.md §2)."""
 SELECTIONS = ("last", "best_val_cluster_miou")
 """Which training step's head is kept (method.md §9.1)."""
-PROBE_LR = 5e-3
-"""Adam learning rate of both probes (method.md §5, §9.1)."""
 
 
 def _need(ok: bool, key: str, value: Any, allowed: str) -> None:
