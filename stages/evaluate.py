@@ -27,8 +27,9 @@ Artifact (kind ``eval``):
 * ``confusion_<entry>.npy``: int64 ``[n_clusters or n_classes, n_classes]`` raw ``[prediction, truth]``
   counts for each entry of ``scores``.
 * ``examples/<k>-<id>.png``: titled columns image / ground truth / linear / cluster (clusters mapped to
-  classes by the Hungarian assignment) [/ linear + CRF / cluster + CRF], colours from :func:`palette`
-  (ignore and unmatched pixels black) with a colour → class legend of the classes shown.
+  classes by the Hungarian assignment) [/ linear + CRF / cluster + CRF], colours from
+  :func:`stages.evaluation.figures.palette` (ignore and unmatched pixels black) with a colour → class
+  legend of the classes shown.
 """
 from __future__ import annotations
 
@@ -56,8 +57,7 @@ from pipeline.planner import Request
 from pipeline.registry import register_stage
 from stages.artifacts import EvalArtifact, ProbesArtifact
 from stages.evaluation.crf import PIXEL_MODES, CrfResult, crf_map
-from stages.evaluation.figures import backbone_label, class_legend, save_panels
-from stages.probe import probe_request
+from stages.evaluation.figures import backbone_label, class_legend, colorize, palette, save_panels
 from stages.projections import BaseProjection
 from stages.projections.select import NO_DIM_WITHOUT_PROVIDER, open_projection, projection_request, reader_contexts
 
@@ -72,7 +72,7 @@ metrics = lazy_module("stages.evaluation.metrics")
 probes_lib = lazy_module("stages.evaluation.probes")
 token_store = lazy_module("stages.store")
 
-__all__ = ["EvaluateConfig", "palette", "colorize", "upsampled_codes", "example_panels", "evaluate_stage"]
+__all__ = ["EvaluateConfig", "upsampled_codes", "example_panels", "evaluate_stage"]
 
 PROBE_NAMES = ("linear", "cluster")
 CRF_DIR = "crf_shards"
@@ -101,30 +101,6 @@ register_section("evaluate", EvaluateConfig)
 # --------------------------------------------------------------------------------------------------
 # pure helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def palette(n: int) -> np.ndarray:
-    """A fixed palette: uint8 ``[n + 1, 3]``, row ``k`` the colour of class ``k``, the last row black
-    (for ignore / unmatched, index -1). Colours are well-separated golden-ratio hues."""
-    if n < 0:
-        raise InputError(f"palette: n={n} must be >= 0")
-    colours = []
-    for k in range(n):
-        hue = (k * 0.618033988749895) % 1.0
-        sat, val = (0.75, 0.95) if k % 2 == 0 else (0.55, 0.75)
-        i, f = int(hue * 6) % 6, hue * 6 - int(hue * 6)
-        p, q, t = val * (1 - sat), val * (1 - f * sat), val * (1 - (1 - f) * sat)
-        rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
-        colours.append([round(255 * c) for c in rgb])
-    return np.array(colours + [[0, 0, 0]], dtype=np.uint8).reshape(n + 1, 3)
-
-
-def colorize(ids: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """Integer ids ``[H, W]`` → uint8 RGB ``[H, W, 3]``; ids outside ``[0, len(colours) - 1)`` are black."""
-    ids = np.asarray(ids)
-    n = len(colours) - 1
-    idx = np.where((ids >= 0) & (ids < n), ids, n)
-    return colours[idx]
 
 
 def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tuple[int, int],
@@ -169,7 +145,7 @@ def _score_entry(conf: np.ndarray, hungarian: bool, drop_extra: bool) -> tuple[d
 
 
 def _inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
-    return {"tokens": Request("extract", cfg, {"split": "val"}), "probes": probe_request(cfg),
+    return {"tokens": Request("extract", cfg, {"split": "val"}), "probes": Request("probe", cfg),
             **projection_request(cfg)}
 
 

@@ -20,7 +20,7 @@ from pipeline.context import StageContext
 from pipeline.planner import Request
 from pipeline.registry import register_stage
 from stages.projections.select import NO_DIM_WITHOUT_PROVIDER, open_projection, projection_request, reader_contexts
-from stages.stego.settings import PROBE_LR
+from stages.evaluation.settings import PROBE_LR
 
 torch = lazy_module("torch")
 probes = lazy_module("stages.evaluation.probes")
@@ -39,11 +39,6 @@ class ProbeConfig:
 
 
 register_section("probe", ProbeConfig)
-
-
-def probe_request(cfg: Any) -> Request:
-    """The ``probe`` artifact (trained on the train split) for the projection selected by ``cfg``."""
-    return Request("probe", cfg)
 
 
 def _probe_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:

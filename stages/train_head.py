@@ -2,9 +2,10 @@
 imported (the training loop: :mod:`stages.stego.train`).
 
 ``head.checkpoint=<file.ckpt>`` makes the stage import a released STEGO checkpoint instead
-(:mod:`stages.commands.import_stego`); its params are then only the file's sha256, so the artifact is the
-one ``stegopipe import-stego <file.ckpt>`` creates. It also declares the ``stego`` projection method (its
-projection module imports torch, so the declaration lives with the stage that provides it).
+(:func:`stages.projections.stego.write_imported`); its params are then only the file's sha256, so the
+artifact is the one ``stegopipe import-stego <file.ckpt>`` creates. It also declares the ``stego``
+projection method (its projection module imports torch, so the declaration lives with the stage that
+provides it).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def _stego_dim(cfg: Any) -> bool:
 
 
 def _checkpoint_sha256(cfg: Any, args: Any) -> str:
-    from stages.commands.import_stego import checkpoint_sha256
+    from stages.stego.checkpoint import checkpoint_sha256
 
     return checkpoint_sha256(Path(cfg.head.checkpoint))
 
@@ -143,7 +144,7 @@ def run_train_head(ctx: StageContext) -> None:
     """Train a STEGO head (+ probes) on cached tokens, or import a released checkpoint."""
     runtime = ctx.runtime.head
     if "imported" in ctx.params:
-        from stages.commands.import_stego import write_imported
+        from stages.projections.stego import write_imported
 
         ctx.record(**write_imported(Path(ctx.config.head.checkpoint), ctx.out, expected_sha256=ctx.params["imported"],
                                     ignore_unknown=bool(runtime.checkpoint_ignore_unknown)))

@@ -23,8 +23,8 @@ weights. On CUDA the head forward runs under autocast (``head.amp``: bfloat16 wh
 float16 with a gradient scaler); the loss is computed in float32.
 
 ``head.checkpoint=<file.ckpt>`` makes the stage import a released STEGO checkpoint instead
-(:mod:`stages.commands.import_stego`); its params are then only the file's sha256, so the artifact is the one
-``stegopipe import-stego <file.ckpt>`` creates.
+(:func:`stages.projections.stego.write_imported`); its params are then only the file's sha256, so the
+artifact is the one ``stegopipe import-stego <file.ckpt>`` creates.
 """
 from __future__ import annotations
 
