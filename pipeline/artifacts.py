@@ -9,8 +9,9 @@ Layout under the root (``STEGOPIPE_ROOT``, default ``./artifacts``)::
     <root>/.pins                    ids pinned by hand (``stegopipe pin``), one a line: gc keeps them and their inputs
 
 Contracts:
-- ``artifact_id`` is ``<stage>-<first 16 hex of sha256>`` over canonical JSON of stage name, stage code
-  version, output-affecting params and the ids of the input artifacts.
+- ``artifact_id`` is ``<stage>-<first 16 hex of sha256>`` over canonical JSON of stage name, the stage's
+  code (its code fingerprint and format version), output-affecting params and the ids of the input
+  artifacts.
 - A folder without ``manifest.json`` is not an artifact. Publishing writes the manifest last inside the
   staging folder and then renames the folder into place (one atomic rename), so readers never see half
   a result. The manifest carries ``manifest_sha256``, a checksum of its own other fields, so ``verify``
@@ -85,17 +86,21 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
 
 
-def artifact_id(stage: str, version: str, params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
-    """The content address of a stage run: same stage/version/params/input ids ⇒ same id."""
-    payload = canonical_json({"stage": stage, "version": version, "params": params, "inputs": dict(inputs)})
+def artifact_id(stage: str, code: Any, params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """The content address of a stage run: same stage, code, params and input ids ⇒ same id.
+
+    ``code`` is the stage's code part (:func:`pipeline.registry.stage_code`: its code fingerprint and
+    format version, and package versions when asked for); tests and artifacts published before code
+    fingerprints pass a plain version string. It enters the hash under the key ``version``."""
+    payload = canonical_json({"stage": stage, "version": code, "params": params, "inputs": dict(inputs)})
     return f"{stage}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 
 def id_from_manifest(manifest: Mapping[str, Any]) -> str:
-    """The id :func:`artifact_id` gives for what a manifest records (stage, version, params, inputs): a
-    manifest whose fields were edited (and its checksum recomputed) no longer matches its folder's id.
-    Keep in step with how the planner calls :func:`artifact_id`."""
-    return artifact_id(str(manifest.get("stage")), str(manifest.get("version")), manifest.get("params") or {},
+    """The id :func:`artifact_id` gives for what a manifest records (stage, ``version`` = the code part,
+    params, inputs): a manifest whose fields were edited (and its checksum recomputed) no longer matches
+    its folder's id. Keep in step with how the planner calls :func:`artifact_id`."""
+    return artifact_id(str(manifest.get("stage")), manifest.get("version"), manifest.get("params") or {},
                        manifest.get("inputs") or {})
 
 
@@ -645,13 +650,15 @@ class ArtifactStore:
         directory.mkdir(parents=True, exist_ok=True)
         return Staging(directory)
 
-    def publish(self, artifact: str, staging: Staging, manifest: dict[str, Any]) -> Path:
+    def publish(self, artifact: str, staging: Staging, manifest: dict[str, Any], *,
+                files: list[dict[str, Any]] | None = None) -> Path:
         """Hash the staged files, write the manifest last, move the folder into place atomically.
 
         An existing artifact of the same id (a ``--force`` re-run) is replaced only after the new one
-        is complete.
+        is complete. ``files``: the file entries when they are known already (an adopted twin: hard links
+        of a published artifact's files), so nothing is hashed again.
         """
-        manifest = dict(manifest, id=artifact, files=describe_files(staging.dir))
+        manifest = dict(manifest, id=artifact, files=describe_files(staging.dir) if files is None else files)
         manifest[MANIFEST_CHECKSUM] = manifest_checksum(manifest)
         write_json_atomic(staging.dir / MANIFEST, manifest)  # a failure here keeps the shard markers
         shutil.rmtree(staging.dir / SHARD_MARKERS, ignore_errors=True)

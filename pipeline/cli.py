@@ -37,6 +37,8 @@ from pipeline.experiments import Experiment, experiment_names, experiment_path, 
 from pipeline.progress import duration  # noqa: E402
 from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, manifest_reader,  # noqa: E402
                              store_lookup)
+from pipeline.adopt import FULL_BELOW_S, SAMPLE_SHARDS, adopt  # noqa: E402
+from pipeline.why import Explainer  # noqa: E402
 
 EXTRA_COMMANDS: list[click.Command] = []
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {}  # command name -> (module that registers it, short help)
@@ -366,8 +368,11 @@ def _time_text(row: dict[str, Any]) -> str:
 def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str, Any]]:
     """One row per task: number, stage, id, status (cached / running / missing, or blocked: a placeholder
     whose id waits for something missing, with ``waits``), size or estimate, input numbers, label (with what
-    tells equal labels of a stage apart), params and the lock holder."""
+    tells equal labels of a stage apart), params, the lock holder and ``why``: for a missing artifact whose
+    stage has cached ones, what differs (:mod:`pipeline.why`); for a cached one built under other versions of
+    the numerics packages, which."""
     number = {task.id: n for n, task in enumerate(tasks, 1)}
+    explainer = Explainer(store)
     labels = labeller(store, tasks)
     texts = [_with_extra(*pair) for pair in _label_rows(labels, [t.id for t in tasks], [t.stage for t in tasks])]
     rows = []
@@ -386,7 +391,7 @@ def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str,
                      "estimate": None if cached else _estimate(task, store),
                      "inputs": [number[d] for d in task.inputs.values() if d in number],
                      "label": text, "label_fields": labels.fields(task.id), "params": task.params,
-                     "holder": holder})
+                     "holder": holder, "why": explainer.drift(task.id) if cached else explainer.why(task)})
     return rows
 
 
@@ -442,6 +447,8 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
                    f"{inputs:<12} {row['label']}{'  ' + params_summary(row['params'], 10_000) if wide else ''}".rstrip())
         if row["holder"]:
             click.echo(f"{'':5}{row['holder']}")
+        if row.get("why"):
+            click.echo(f"{'':5}{'why' if row['status'] == 'missing' else 'note'}: {row['why']}")
         if row["status"] == "blocked":
             wait = row["waits"][0]
             click.echo(f"{'':5}waits for: {wait if len(wait) <= 110 else wait[:109] + '…'}")
@@ -464,14 +471,46 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
 main.add_command(plan_cmd, "status")
 
 
+@main.command("adopt")
+@click.argument("target", shell_complete=_complete_targets)
+@click.argument("overrides", nargs=-1)
+@click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
+@click.option("--full-below-s", type=float, default=FULL_BELOW_S, show_default=True,
+              help="Recompute a stage whole when its cached run took at most this many seconds (else sample shards).")
+@click.option("--samples", type=click.IntRange(0), default=SAMPLE_SHARDS, show_default=True,
+              help="Shards of a sharded stage recomputed (seeded by the id), besides the last one.")
+def adopt_cmd(target: str, overrides: tuple[str, ...], preset: str | None, full_below_s: float, samples: int) -> None:
+    """Carry cached results of TARGET's DAG forward to the current code where a recomputed sample is identical.
+
+    For each missing artifact whose stage has a cached one with the same params and inputs but other code,
+    recompute the whole stage (when it was quick) or a seeded sample of its shards and the last shard, and
+    compare byte for byte: identical files are published under the new id as hard links (the manifest says
+    "adopted from ..."); different ones are named and nothing is adopted. Exit status 1 when some differ.
+    """
+    problems: list[str] = []
+    tasks, _, cfg, _ = _plan_target(target, overrides, preset, [], problems)
+    if problems:
+        raise planner.problems_error(problems)
+    store = ArtifactStore(cfg.run.root)
+    done = adopt(store, tasks, device=cfg.run.device, full_below_s=full_below_s, samples=samples)
+    for result in done:
+        if result.status != "cached":
+            source = f" from {result.source}" if result.source else ""
+            timing = f" ({result.wall_s:.1f} s)" if result.wall_s else ""
+            click.echo(f"{result.status:<9} {result.task}{source}: {result.detail}{timing}")
+    counts = {status: sum(r.status == status for r in done) for status in ("adopted", "different", "refused", "no-match")}
+    click.echo(", ".join(f"{n} {status}" for status, n in counts.items()), err=True)
+    sys.exit(1 if counts["different"] else 0)
+
+
 @main.command("stages")
 def stages_cmd() -> None:
     """List the registered stages in pipeline order, their artifact kinds and make targets."""
     _load_plugins()
-    click.echo(f"{'STAGE':<12} {'VER':<5} {'KIND':<10} {'MAKE TARGET':<22} DESCRIPTION")
+    click.echo(f"{'STAGE':<12} {'FMT':<5} {'KIND':<10} {'MAKE TARGET':<22} DESCRIPTION")
     for stage in registry.STAGES.values():  # registration order: the plugin registers them in pipeline order
         args = ", ".join(f"{k}={v}" for k, v in stage.args.items())
-        click.echo(f"{stage.name:<12} v{stage.version:<4} {stage.kind:<10} {stage.make_target:<22} "
+        click.echo(f"{stage.name:<12} {stage.format_version:<5} {stage.kind:<10} {stage.make_target:<22} "
                    f"{stage.description}{f'  [args: {args}]' if args else ''}")
 
 
@@ -546,7 +585,7 @@ def show_cmd(artifact: str, as_json: bool) -> None:
     files = manifest.get("files", [])
     labels = labeller(store)
     lines = [("id", artifact), ("label", labels.text(artifact) or "-"),
-             ("stage", f"{manifest.get('stage')} v{manifest.get('version')} ({manifest.get('kind')})"),
+             ("stage", f"{manifest.get('stage')} ({manifest.get('kind')})"),
              ("status", status), ("params", params_summary(manifest.get("params", {}), 100))]
     for name, dep in manifest.get("inputs", {}).items():
         lines.append(("input", f"{name}: {dep}  {labels.text(dep) if store.exists(dep) else '(missing)'}".rstrip()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import subprocess
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -37,11 +38,17 @@ def code_version() -> dict[str, Any]:
 
 PACKAGES: list[str] = ["omegaconf", "dask", "distributed"]
 """Distributions whose versions every manifest records: the framework's, then those plugins add."""
+NUMERIC_PACKAGES: list[str] = []
+"""Of those, the ones whose versions decide numerics: ``plan`` flags a cached artifact built under other
+versions of them, and ``run.id_includes_packages=true`` puts their versions into every id."""
 
 
-def register_packages(*names: str) -> None:
-    """Let a plugin name the distributions its stages depend on (recorded in every manifest)."""
-    PACKAGES.extend(n for n in names if n not in PACKAGES)
+def register_packages(*names: str, numerics: Iterable[str] = ()) -> None:
+    """Let a plugin name the distributions its stages depend on (recorded in every manifest), and which of
+    them decide numerics."""
+    numerics = list(numerics)
+    PACKAGES.extend(n for n in [*names, *numerics] if n not in PACKAGES)
+    NUMERIC_PACKAGES.extend(n for n in numerics if n not in NUMERIC_PACKAGES)
     package_versions.cache_clear()
 
 
@@ -52,3 +59,17 @@ def package_versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
     return versions
+
+
+def numeric_package_versions() -> dict[str, str]:
+    """The installed versions of :data:`NUMERIC_PACKAGES` (and Python)."""
+    versions = package_versions()
+    return {name: versions[name] for name in ["python", *NUMERIC_PACKAGES] if name in versions}
+
+
+def package_drift(recorded: Mapping[str, Any]) -> list[str]:
+    """``name old → new`` for each numerics package whose version in ``recorded`` (a manifest's
+    ``packages``) differs from the installed one."""
+    now = numeric_package_versions()
+    return [f"{name} {recorded[name]} → {now.get(name, 'not installed')}"
+            for name in now if name in recorded and recorded[name] != now.get(name)]

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from pipeline.artifacts import artifact_id
 from pipeline.config import get_path, to_container
 from pipeline.errors import ConfigError
-from pipeline.registry import NEEDS, Need, Stage, get_stage, id_params
+from pipeline.fingerprint import Fingerprint
+from pipeline.registry import NEEDS, Need, Stage, get_stage, id_params, stage_code, stage_fingerprint
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,27 @@ class Task:
     cfg: dict[str, Any]
     inputs: dict[str, str]
     needs: list[Need] = field(default_factory=list)
+    code: dict[str, Any] = field(default_factory=dict)  # the code part of the id (registry.stage_code)
+    code_files: dict[str, str] = field(default_factory=dict)  # file → hash the fingerprint covered, here
     label: str = ""  # a short human label (pipeline.labels) for the console; never part of the id
     waits: list[str] = field(default_factory=list)  # a placeholder (id not computable yet): what it waits for
 
 
 class _Memo:
     """What one ``plan`` call computes once: each config's plain resolved dict (by config object; the
-    configs are held so their ids stay theirs), and each stage's id params, or its ConfigError, by the
-    stage, its sections' values and args (files a params function reads do not change while one plan runs)."""
+    configs are held so their ids stay theirs), each stage's id params, or its ConfigError, by the
+    stage, its sections' values and args (files a params function reads do not change while one plan runs),
+    and each stage's code fingerprint."""
 
     def __init__(self) -> None:
         self.trees: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.params: dict[str, dict[str, Any] | ConfigError] = {}
+        self.fingerprints: dict[str, Fingerprint] = {}
+
+    def fingerprint(self, stage: Stage) -> Fingerprint:
+        if stage.name not in self.fingerprints:
+            self.fingerprints[stage.name] = stage_fingerprint(stage)
+        return self.fingerprints[stage.name]
 
     def tree(self, cfg: DictConfig) -> dict[str, Any]:
         held = self.trees.get(id(cfg))
@@ -62,7 +72,7 @@ class _Memo:
 
     def id_params(self, stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:
         tree = self.tree(cfg)
-        key = json.dumps([stage.name, stage.version, [get_path(tree, p) for p in stage.sections], args],
+        key = json.dumps([stage.name, [get_path(tree, p) for p in stage.sections], args],
                          sort_keys=True, default=repr)
         if key not in self.params:
             try:
@@ -105,10 +115,13 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
               if PLACEHOLDER in dep]
     if waits:
         return _placeholder(stage, request, args, inputs, waits, tasks, order, memo)
-    task_id = artifact_id(stage.name, stage.version, params, inputs)
+    tree = memo.tree(request.cfg)
+    fingerprint = memo.fingerprint(stage)
+    code = stage_code(stage, fingerprint.digest, with_packages=bool((tree.get("run") or {}).get("id_includes_packages")))
+    task_id = artifact_id(stage.name, code, params, inputs)
     if task_id not in tasks:
-        tasks[task_id] = Task(stage.name, task_id, params, args, copy.deepcopy(memo.tree(request.cfg)), inputs,
-                              needs)
+        tasks[task_id] = Task(stage.name, task_id, params, args, copy.deepcopy(tree), inputs, needs, code,
+                              fingerprint.hashes())
         order.append(task_id)
     return task_id
 

@@ -40,7 +40,7 @@ def test_run_prepare_ls_show_verify(root: Path) -> None:
     listing = _invoke("ls")
     assert path.name in listing.output and "synthesize-" in listing.output
     shown = _invoke("show", path.name[:14])
-    assert shown.exit_code == 0 and "stage      prepare v1 (index)" in shown.output and "synthesize-" in shown.output
+    assert shown.exit_code == 0 and "stage      prepare (index)" in shown.output and "synthesize-" in shown.output
     assert "split=train" in shown.output and "status     published" in shown.output and '"files"' not in shown.output
     full = json.loads(_invoke("show", path.name, "--json").output)
     assert full["stage"] == "prepare" and {f["path"] for f in full["files"]} == {"index.json", "log.txt"}

@@ -54,6 +54,6 @@ def import_squirrel_cmd(url: str, attrs: tuple[str, ...]) -> None:
             group.attrs.setdefault(key, value)
         ctx.record(counts={"samples": open_token_store(dest).n}, source=url)
 
-    result = import_artifact(root, stage="extract", kind="tokens", version="squirrel-import-2", params=params,
+    result = import_artifact(root, stage="extract", kind="tokens", format_version="squirrel-import-2", params=params,
                              write=write, description="imported Squirrel store")
     click.echo(str(result.path))
