@@ -17,8 +17,6 @@ import click
 
 from pipeline.cli import register_command
 from pipeline.paths import LocalPath
-from stages.projections.stego import write_imported  # noqa: F401  (old import path, until train_head's move lands)
-from stages.stego.checkpoint import checkpoint_sha256  # noqa: F401  (same)
 
 
 @register_command

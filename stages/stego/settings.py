@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import ConfigError
-from stages.evaluation.settings import PROBE_LR  # noqa: F401  (old import path, until probe's move lands)
 
 PARTS = ("intra", "inter", "neg")
 """The three partner kinds of the correlation loss (method.md §3.3): the image itself, its kNN partner,
