@@ -73,6 +73,8 @@ def test_predict_writes_labels_and_overlays(chain: dict[str, Any], tmp_path: Pat
             ids = label(tmp_path / f"{stem}.{name}.png")
             assert ids.shape == (48, 48) and ids.dtype == np.uint8  # default res = the head's val res
             assert ids.max() < N_CLASSES  # raw cluster ids / classes, never unmatched
+            with Image.open(tmp_path / f"{stem}.{name}.png") as png:  # a viewer shows the classes' colours
+                assert png.mode == "P" and png.getpalette()[:3] == palette(N_CLASSES)[0].tolist()
             over = np.asarray(Image.open(tmp_path / f"{stem}.{name}.overlay.png"))
             assert over.shape == (48, 48, 3)
         with Image.open(tmp_path / f"{stem}.panels.png") as panels:  # titled columns + legend, for readers
@@ -137,7 +139,10 @@ def test_missing_image_is_named(chain: dict[str, Any], tmp_path: Path) -> None:
 def test_prepare_image_geometry() -> None:
     rgb = np.arange(50 * 70 * 3, dtype=np.int64).reshape(50, 70, 3).astype(np.uint8)
     x, shown = prepare_image(rgb, 32, 16, full=False)
-    assert x.shape == (3, 32, 32) and x.dtype == np.float32 and shown.shape == (32, 32, 3)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    assert shown.shape == (50, 50, 3)  # the outputs: the centre square at the image's own resolution
+    big = np.zeros((1500, 2000, 3), np.uint8)
+    assert prepare_image(big, 32, 16, full=False)[1].shape == (1024, 1024, 3)  # capped
     x, shown = prepare_image(rgb, 32, 16, full=True)
     assert x.shape == (3, 32, 48) and shown is rgb  # 70 * 32/50 = 44.8 → 48
     np.testing.assert_allclose(x[:, 0, 0] * np.array([0.229, 0.224, 0.225]) + [0.485, 0.456, 0.406],

@@ -5,8 +5,8 @@ lineage: head manifest → its ``tokens`` input → backbone name, weights tag, 
 code upsampled to the output size, the linear and cluster probes, optionally the dense CRF. Written to
 ``--out`` per image ``<stem>``:
 
-* ``<stem>.cluster.png`` / ``<stem>.linear.png``: label maps (8-bit, 16-bit when ids exceed 254; 255 /
-  65535 = unmatched). Cluster ids are mapped to classes by the Hungarian assignment of an evaluation
+* ``<stem>.cluster.png`` / ``<stem>.linear.png``: label maps, pixel value = id (8-bit palette PNGs that
+  viewers show in the panels' colours; 16-bit grey when ids exceed 254; 255 / 65535 = unmatched). Cluster ids are mapped to classes by the Hungarian assignment of an evaluation
   (``--eval``), else they are the raw cluster ids.
 * ``<stem>.cluster.overlay.png`` / ``<stem>.linear.overlay.png``: the image blended with the palette of
   :func:`stages.evaluation.figures.palette` (pixel-exact, the image's size).
@@ -16,8 +16,9 @@ code upsampled to the output size, the linear and cluster probes, optionally the
 * ``predictions.json``: what was used (head, probes, eval, backbone, resolution, CRF and its pixel mode)
   and the files written.
 
-Geometry: by default the evaluation transform (shorter side → ``res``, nearest; centre crop ``res``²),
-outputs at ``res``×``res``; with ``--full`` the whole image is resized (nearest) so that the shorter side
+Geometry: by default the evaluation transform (shorter side → ``res``, nearest; centre crop ``res``²) for
+the network, and the outputs are that centre square at the image's own resolution (capped at
+:data:`MAX_OUTPUT_SIDE`, never below ``res``); with ``--full`` the whole image is resized (nearest) so that the shorter side
 is ``res`` and both sides are multiples of the patch, and the outputs have the original image size.
 
 CRF: :func:`stages.evaluation.crf.dense_crf` on the reference's pixels (``evaluate``'s default), recorded in
@@ -63,6 +64,7 @@ __all__ = ["BackboneRecord", "PredictResult", "backbone_record", "check_weights"
 
 DEFAULT_RES = 320  # the evaluation resolution of every paper preset
 OVERLAY_ALPHA = 0.5
+MAX_OUTPUT_SIDE = 1024  # default geometry: outputs are the centre square at most this many pixels wide
 CRF_PIXELS = "reference"  # the image the CRF sees: the reference's pixels, as evaluate's default
 HEAD_STAGE = "train-head"
 _STEGO_VARIANTS = {"vit_small": "small", "vit_base": "base"}
@@ -123,17 +125,27 @@ def backbone_record(store: ArtifactStore, head_id: str) -> BackboneRecord:
     if not store.exists(tokens_id):
         raise ArtifactError(f"head {head_id}: its tokens artifact {tokens_id} is gone (deleted by gc?); it "
                             "records the backbone; rebuild it with `stegopipe run extract split=train ...`")
-    params = TokensArtifact.of(store, tokens_id).params
-    missing = [k for k in ("backbone", "weights_tag", "pos_interp") if k not in params]
+    params = _tokens_params(TokensArtifact.of(store, tokens_id).params)
+    missing = [k for k in ("backbone", "weights_tag", "pos_interp") if params.get(k) is None]
     if missing:
         raise ArtifactError(f"tokens artifact {tokens_id}: manifest params lack {missing}")
     if params["backbone"] not in BACKBONES:
         raise ArtifactError(f"tokens artifact {tokens_id}: unknown backbone {params['backbone']!r}")
     val_res = None
     if "val" in inputs and store.exists(inputs["val"]):
-        val_res = TokensArtifact.of(store, inputs["val"]).params.get("res")
+        val_res = _tokens_params(TokensArtifact.of(store, inputs["val"]).params).get("res")
     return BackboneRecord(params["backbone"], params["weights_tag"], params["pos_interp"],
                           int(val_res) if val_res else None)
+
+
+# A tokens artifact's params as predict reads them: name -> its params keys, now and in older manifests
+_TOKENS_PARAMS = {"backbone": ("backbone.name", "backbone"), "weights_tag": ("weights_tag",),
+                  "pos_interp": ("backbone.pos_interp", "pos_interp"), "res": ("extract.val_res", "res")}
+
+
+def _tokens_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {name: next((params[k] for k in keys if params.get(k) is not None), None)
+            for name, keys in _TOKENS_PARAMS.items()}
 
 
 def _imported_record(manifest: dict[str, Any], head_id: str) -> BackboneRecord:
@@ -238,7 +250,8 @@ def prepare_image(rgb: np.ndarray, res: int, patch: int, *, full: bool) -> tuple
     """``rgb`` uint8 ``[H, W, 3]`` → (network input float32 ``[3, H', W']`` ImageNet-normalised, the uint8
     image the outputs belong to).
 
-    Default: shorter side → ``res`` (nearest), centre crop ``res``²; the outputs belong to the crop.
+    Default: shorter side → ``res`` (nearest), centre crop ``res``² for the network; the outputs belong to
+    the same centre square at the image's resolution (side ``max(res, min(shorter side, MAX_OUTPUT_SIDE))``).
     ``full``: shorter side → ``res``, longer side → the nearest multiple of ``patch`` to the proportional
     length (nearest resize, no crop); the outputs belong to the original image.
     """
@@ -250,7 +263,9 @@ def prepare_image(rgb: np.ndarray, res: int, patch: int, *, full: bool) -> tuple
         size = [max(patch, int(round(side * scale / patch)) * patch) for side in (h, w)]
         net, shown = resize_nearest(rgb, size[0], size[1]), rgb
     else:
-        net = shown = center_crop(resize_shorter_nearest(rgb, res), res)
+        side = max(res, min(min(rgb.shape[:2]), MAX_OUTPUT_SIDE))
+        shown = center_crop(resize_shorter_nearest(rgb, side), side)
+        net = shown if side == res else resize_nearest(shown, res, res)
     mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
     std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
     x = (net.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean) / std
@@ -290,12 +305,21 @@ def panel_legend(linear: np.ndarray, cluster: np.ndarray, colours: np.ndarray, c
     return items
 
 
-def write_label_png(path: Path, ids: np.ndarray) -> None:
-    """Label map → PNG: 8-bit when every id is < 255 (255 = unmatched), else 16-bit (65535 = unmatched)."""
+def write_label_png(path: Path, ids: np.ndarray, colours: np.ndarray | None = None) -> None:
+    """Label map → PNG, pixel value = id: 8-bit when every id is < 255 (255 = unmatched), with ``colours``
+    (:func:`stages.evaluation.figures.palette`: one per id, the last for unmatched) as its palette so that
+    an image viewer shows the classes, not near-black ids; else 16-bit grey (65535 = unmatched)."""
     big = int(ids.max(initial=0)) >= 255
     fill = 65535 if big else 255
     data = np.where(ids < 0, fill, ids).astype(np.uint16 if big else np.uint8)
-    Image.fromarray(data).save(path)
+    image = Image.fromarray(data)
+    if not big and colours is not None:
+        table = np.zeros((256, 3), np.uint8)
+        table[: len(colours) - 1] = colours[:-1][:255]
+        table[255] = colours[-1]
+        image = image.convert("P") if image.mode != "P" else image
+        image.putpalette(table.reshape(-1).tolist())
+    image.save(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,7 +418,7 @@ def predict_cmd(images: tuple[Path, ...], head_ref: str, probes_ref: str | None,
         panels = [("image", shown)]
         for name in maps:
             ids = getattr(result, name)
-            write_label_png(out_dir / f"{stem}.{name}.png", ids)
+            write_label_png(out_dir / f"{stem}.{name}.png", ids, colours[name])
             blended = overlay(shown, ids, colours[name])
             Image.fromarray(blended).save(out_dir / f"{stem}.{name}.overlay.png")
             panels.append((f"{name} probe{suffix}", blended))
