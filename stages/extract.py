@@ -40,7 +40,7 @@ from typing import Any, cast
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.artifacts import ArtifactStore, sha256_file
+from pipeline.artifacts import ArtifactStore
 from pipeline.config import register_section, setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
@@ -49,7 +49,7 @@ from pipeline.prefetch import prefetch
 from pipeline.context import StageContext
 from pipeline.planner import Request, Task
 from pipeline.registry import Need, register_estimate, register_needs, register_stage
-from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone
+from stages.backbones import BACKBONES, POS_INTERP_MODES, PosInterp, dino_features, load_backbone, weights_tag
 from stages.datasets.base import SPLITS, SampleRef
 from stages.datasets.index import Index, load_index
 from stages.datasets.transforms import (
@@ -74,7 +74,7 @@ _MODEL_LOCK = threading.Lock()
 class BackboneConfig:
     """The frozen backbone (``backbone.*``)."""
 
-    name: str = "vit_small_patch8_224.dino"  # a key of stages.backbones.BACKBONES
+    name: str = setting("vit_small_patch8_224.dino", choices=lambda: tuple(BACKBONES))  # stages.backbones
     weights: str = setting("random", path=True)  # random | dino | timm | a checkpoint path
     weights_dir: str | None = setting("${oc.env:STEGOPIPE_WEIGHTS_DIR,null}", path=True)  # folder of the official DINO files
     seed: int = 0  # init seed of weights=random
@@ -107,58 +107,11 @@ register_section("extract", ExtractConfig)
 # --------------------------------------------------------------------------------------------------
 
 
-@cache
-def _file_tag(prefix: str, path: str, size: int, mtime_ns: int) -> str:
-    """``prefix:<sha256[:16]>`` of a weights file (cached per path, size and mtime)."""
-    return f"{prefix}:{sha256_file(Path(path))[:16]}"
-
-
-def _weights_file_tag(prefix: str, path: Path, key: str) -> str:
-    if not path.is_file():
-        raise ConfigError(f"{key}: weights file {path} does not exist")
-    stat = path.stat()
-    return _file_tag(prefix, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def weights_tag(backbone: Any) -> str:
-    """The tag :func:`load_backbone` will report for ``backbone.*``, computed without loading it.
-
-    ``random-seed<k>``, ``timm``, ``dino:<sha16>`` or ``file:<sha16>`` of the weights file's content, so
-    the artifact id follows the weights, not their path. File hashes are cached per (path, size, mtime).
-    """
-    name, weights = backbone.name, backbone.weights
-    if weights == "random":
-        return f"random-seed{int(backbone.seed)}"
-    if weights == "timm":
-        return "timm"
-    if weights == "dino":
-        spec = BACKBONES[name]
-        if spec.dino_file is None:
-            raise ConfigError(f"backbone.weights=dino is not available for backbone.name={name} (no official "
-                              "DINO-v1 file); allowed: random, timm or a checkpoint path")
-        if not backbone.weights_dir:
-            raise ConfigError(f"backbone.weights=dino needs backbone.weights_dir: a folder holding "
-                              f"{spec.dino_file} (download: {spec.dino_url}); set WEIGHTS_DIR=DIR for make, "
-                              f"or the environment variable STEGOPIPE_WEIGHTS_DIR")
-        path = Path(backbone.weights_dir).expanduser() / spec.dino_file
-        if not path.is_file():
-            raise ConfigError(f"backbone.weights_dir={backbone.weights_dir}: no {spec.dino_file} there; "
-                              f"download it from {spec.dino_url} (backbone.weights_dir comes from WEIGHTS_DIR=DIR "
-                              f"for make, or STEGOPIPE_WEIGHTS_DIR)")
-        return _weights_file_tag("dino", path, "backbone.weights_dir")
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"backbone.weights={weights!r}: expected random, dino, timm or an existing checkpoint file")
-    return _weights_file_tag("file", path, "backbone.weights")
-
-
 def _check(cfg: Any, args: Mapping[str, Any]) -> None:
     split = args["split"]
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     name = cfg.backbone.name
-    if name not in BACKBONES:
-        raise ConfigError(f"backbone.name={name!r}: expected one of {', '.join(sorted(BACKBONES))}")
     patch, res = BACKBONES[name].patch, int(cfg.extract[f"{split}_res"])
     if res % patch:
         raise ConfigError(f"extract.{split}_res={res}: must be a multiple of the patch size {patch} of {name}")
@@ -174,8 +127,7 @@ EXTRACT_PARAMS = Params(
                 "and stores neither flipped tokens nor images", when=_split_is("train")),
         Exclude(("extract.train_res",), "the val split reads val_res", when=_split_is("val")),
         Exclude(("backbone.pos_interp",), "DINOv2 / timm models interpolate position embeddings their own way",
-                when=lambda cfg, args: BACKBONES[cfg.backbone.name].family != "dino"
-                if cfg.backbone.name in BACKBONES else False),
+                when=lambda cfg, args: BACKBONES[cfg.backbone.name].family != "dino"),
         Exclude(("backbone.seed",), "only backbone.weights=random reads the seed",
                 when=lambda cfg, args: cfg.backbone.weights != "random"),
         Exclude(("backbone.weights_dir",), "only backbone.weights=dino reads the folder",

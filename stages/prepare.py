@@ -45,7 +45,7 @@ class SyntheticConfig:
 class DatasetConfig:
     """Which dataset and how to read it (``dataset.*``)."""
 
-    name: str = "synthetic"  # cocostuff27 | cityscapes | potsdam | folder | synthetic
+    name: str = setting("synthetic", choices=dataset_names)  # a registered reader (stages/datasets/registry.py)
     root: str | None = setting(None, path=True)  # dataset root on disk (unused for synthetic)
     n_classes: int | None = None  # folder datasets only
     class_names: list[str] | None = None  # folder datasets only
@@ -83,8 +83,6 @@ def _check(cfg: Any, args: dict[str, Any]) -> None:
     dataset = cfg.dataset
     if args["split"] not in SPLITS:
         raise ConfigError(f"split={args['split']!r}: expected one of {', '.join(SPLITS)}")
-    if dataset.name not in dataset_names():
-        raise ConfigError(f"dataset.name={dataset.name!r}: expected one of {', '.join(dataset_names())}")
     if dataset.name == "folder" and not dataset.root:
         raise ConfigError("dataset.root is required for dataset.name=folder: your folder holding imgs/train/, "
                           "imgs/val/ (and optionally labels/train/, labels/val/), e.g. `stegopipe run prepare "

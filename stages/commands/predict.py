@@ -126,6 +126,8 @@ def backbone_record(store: ArtifactStore, head_id: str) -> BackboneRecord:
         raise ArtifactError(f"head {head_id}: its tokens artifact {tokens_id} is gone (deleted by gc?); it "
                             "records the backbone; rebuild it with `stegopipe run extract split=train ...`")
     params = _tokens_params(TokensArtifact.of(store, tokens_id).params)
+    if params["pos_interp"] is None and params["backbone"] in BACKBONES and BACKBONES[params["backbone"]].family != "dino":
+        params["pos_interp"] = "timm"  # extract leaves backbone.pos_interp out for DINOv2: timm's own mode
     missing = [k for k in ("backbone", "weights_tag", "pos_interp") if params.get(k) is None]
     if missing:
         raise ArtifactError(f"tokens artifact {tokens_id}: manifest params lack {missing}")
