@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,9 +35,9 @@ from pipeline.config import (SECTIONS, check_section, get_path, load_config, par
                              to_container, to_yaml)
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
 from pipeline.experiments import Experiment, experiment_names, experiment_path, sweep_values  # noqa: E402
-from pipeline.progress import duration  # noqa: E402
 from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, manifest_reader,  # noqa: E402
                              store_lookup)
+from pipeline.progress import duration  # noqa: E402
 from pipeline.adopt import FULL_BELOW_S, SAMPLE_SHARDS, adopt  # noqa: E402
 from pipeline.why import Explainer  # noqa: E402
 
@@ -107,11 +108,21 @@ class PluginGroup(click.Group):
             ctx.exit(2)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_WINDOW_S = 5.0
+_stop_requested: list[float] = []
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM (``kill``, ``scancel``, a requeue or preemption) unwinds like Ctrl-C: the running stage's lock
-    is released, its staging folder kept and SLURM worker jobs cancelled; a second SIGTERM kills."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise KeyboardInterrupt
+    """SIGINT or SIGTERM (Ctrl-C, ``kill``, ``scancel``, a requeue or preemption) unwinds the run: the
+    running stage's lock is released, its staging folder kept and SLURM worker jobs cancelled. Another stop
+    signal within :data:`REPEAT_WINDOW_S` is the same request (SLURM signals every process of a job and the
+    batch script forwards one more); a later one quits at once."""
+    if not _stop_requested:
+        _stop_requested.append(time.monotonic())
+        raise KeyboardInterrupt
+    if time.monotonic() - _stop_requested[0] > REPEAT_WINDOW_S:
+        os._exit(128 + signum)
 
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,7 +139,8 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     ctx.obj["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, _interrupt)
 
 
 def store_from() -> ArtifactStore:
@@ -367,10 +379,10 @@ def _time_text(row: dict[str, Any]) -> str:
 
 def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str, Any]]:
     """One row per task: number, stage, id, status (cached / running / missing, or blocked: a placeholder
-    whose id waits for something missing, with ``waits``), size or estimate, input numbers, label (with what
-    tells equal labels of a stage apart), params, the lock holder and ``why``: for a missing artifact whose
-    stage has cached ones, what differs (:mod:`pipeline.why`); for a cached one built under other versions of
-    the numerics packages, which."""
+    whose id waits for something missing, with ``waits``), size or estimate, input
+    numbers, label (with what tells equal labels of a stage apart), params, the lock holder and ``why``:
+    for a missing artifact whose stage has cached ones, what differs (:mod:`pipeline.why`); for a cached
+    one built under other versions of the numerics packages, which."""
     number = {task.id: n for n, task in enumerate(tasks, 1)}
     explainer = Explainer(store)
     labels = labeller(store, tasks)
@@ -381,7 +393,7 @@ def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str,
             rows.append({"n": n, "stage": task.stage, "id": task.id, "status": "blocked", "bytes": None,
                          "estimate": None, "inputs": [number[d] for d in task.inputs.values() if d in number],
                          "label": text, "label_fields": labels.fields(task.id), "params": task.params,
-                         "holder": None, "waits": task.waits})
+                         "holder": None, "why": None, "waits": task.waits})
             continue
         holder = _lock_holder(store, task.id)
         cached = executor.is_cached(store, task.id)
@@ -440,18 +452,18 @@ def plan_cmd(target: str, overrides: tuple[str, ...], preset: str | None, as_jso
             size_text = "" if estimate is None else f"~{human_bytes(estimate)}"
         time_text = _time_text(row)
         missing_seconds += (row["estimate"] or {}).get("seconds") or 0.0
-        untimed += row["status"] == "missing" and not time_text
+        untimed += row["status"] in ("missing", "running") and not time_text
         inputs = ",".join(f"[{d}]" for d in row["inputs"])
         inputs = inputs if len(inputs) <= 12 else f"{len(row['inputs'])} inputs"
         click.echo(f"[{row['n']:>2}] {row['stage']:<11} {row['id']:<30} {row['status']:<8} {size_text:>9} {time_text:>9}  "
                    f"{inputs:<12} {row['label']}{'  ' + params_summary(row['params'], 10_000) if wide else ''}".rstrip())
         if row["holder"]:
             click.echo(f"{'':5}{row['holder']}")
-        if row.get("why"):
-            click.echo(f"{'':5}{'why' if row['status'] == 'missing' else 'note'}: {row['why']}")
         if row["status"] == "blocked":
             wait = row["waits"][0]
             click.echo(f"{'':5}waits for: {wait if len(wait) <= 110 else wait[:109] + '…'}")
+        if row["why"]:
+            click.echo(f"{'':5}{'why' if row['status'] == 'missing' else 'note'}: {row['why']}")
     counts = {state: sum(r["status"] == state for r in rows) for state in ("cached", "running", "missing", "blocked")}
     click.echo(f"{counts['cached']} cached ({human_bytes(cached_bytes)}), {counts['running']} running, "
                f"{counts['missing']} missing (about {human_bytes(missing_bytes)}"
