@@ -141,6 +141,9 @@ def test_dask_tokens(tmp_path):
     assert full.shape == (N, h, w, DIM)
     np.testing.assert_allclose(full.mean(axis=(0, 1, 2), dtype=np.float64).compute(),
                                d["tokens"].astype(np.float16).astype(np.float64).mean(axis=(0, 1, 2)))
+    (path / "tokens" / "c" / "1" / "0" / "0" / "0").unlink()  # a partial copy: an error, never zeros
+    with pytest.raises(InputError, match=r"array 'tokens' is incomplete \(sample 3, .*shard file missing"):
+        open_token_store(path).dask_tokens().compute()
 
 
 def test_write_shard_validation(tmp_path):

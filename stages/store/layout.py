@@ -81,6 +81,19 @@ def _writable_group(store: StoreLike) -> zarr.Group:
     return group
 
 
+def _metadata_stamp(root: Path) -> tuple[Any, ...]:
+    """Changes whenever the group's or an array's metadata file is rewritten (e.g. a resize)."""
+    stamp = []
+    for name in ("", *_SAMPLE_ARRAYS):
+        try:
+            st = os.stat(root / name / "zarr.json")
+        except FileNotFoundError:
+            stamp.append(None)
+            continue
+        stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
 def _positive_ints(value: Any, count: int) -> bool:
     items = value if isinstance(value, list) else [value]
     return len(items) == count and all(type(v) is int and v > 0 for v in items)

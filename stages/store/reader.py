@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from stages.store.fastpath import (
     max_encoded_length,
     shard_index_problem,
 )
-from stages.store.layout import _META_KEY, _check_layout, _context, _local_root, shard_ranges
+from stages.store.layout import _META_KEY, _check_layout, _context, _local_root, _metadata_stamp, shard_ranges
 
 
 def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -432,15 +432,33 @@ class TokenStore:
         """Lazy float16 dask array of tokens, one dask chunk per shard.
 
         ``flatten=True`` gives ``[N*h*w, D]`` (rows sample-major, then grid row, then column), else
-        ``[N,h,w,D]``. Opens the store by path, so tasks can run on other Dask workers.
+        ``[N,h,w,D]``. Each task opens the store by path or URL (once per process) and reads its shard
+        through :meth:`get`, with every check of a read, so tasks can run on other Dask workers.
         """
+        import dask
         import dask.array as da
 
         name = "tokens_flip" if flip else "tokens"
         self._array(name)
         h, w = self.grid
-        arr = da.from_zarr(self.path, component=name, chunks=(self.shard_size, h, w, self.dim))
+        stamp = _metadata_stamp(Path(self.path)) if _local_root(self._opened[name]) is not None else None
+        blocks = [da.from_delayed(dask.delayed(_read_samples)(self.path, stamp, name, a, b),
+                                  shape=(b - a, h, w, self.dim), dtype=np.float16) for a, b in self.shard_ranges()]
+        arr = da.concatenate(blocks) if blocks else da.zeros((0, h, w, self.dim), dtype=np.float16)
         return arr.reshape(self.n * h * w, self.dim) if flatten else arr
+
+
+@lru_cache(maxsize=8)
+def _opened(ref: str, stamp: tuple[Any, ...] | None) -> TokenStore:
+    """The store at ``ref``, opened once per process while its metadata (``stamp``, local stores) is unchanged."""
+    from stages.store.artifact import open_tokens  # the artifact module imports this one
+
+    return open_tokens(ref)
+
+
+def _read_samples(ref: str, stamp: tuple[Any, ...] | None, name: str, a: int, b: int) -> np.ndarray:
+    """Samples ``[a, b)`` of array ``name`` of the store at ``ref`` (a dask task of :meth:`TokenStore.dask_tokens`)."""
+    return _opened(ref, stamp).get(name, np.arange(a, b))
 
 
 def _split(buffer: list[dict[str, np.ndarray]], k: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:

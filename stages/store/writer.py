@@ -31,6 +31,7 @@ from stages.store.layout import (
     _context,
     _describe,
     _local_root,
+    _metadata_stamp,
     _writable_group,
     shard_ranges,
 )
@@ -199,19 +200,6 @@ class _StoreWriter:
 
 _WRITERS: dict[str, tuple[tuple[Any, ...], _StoreWriter]] = {}
 _WRITERS_LOCK = threading.Lock()
-
-
-def _metadata_stamp(root: Path) -> tuple[Any, ...]:
-    """Changes whenever the group's or an array's metadata file is rewritten (e.g. a resize)."""
-    stamp = []
-    for name in ("", *_SAMPLE_ARRAYS):
-        try:
-            st = os.stat(root / name / "zarr.json")
-        except FileNotFoundError:
-            stamp.append(None)
-            continue
-        stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(stamp)
 
 
 def _writer(store: StoreLike) -> _StoreWriter:
