@@ -1,8 +1,11 @@
-"""CLI smoke: help, run prepare on synthetic data, ls, show, verify, config, gc, one-line errors."""
+"""CLI smoke: help, run prepare on synthetic data, ls, show, verify, config, gc, one-line errors, stop signals."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +129,25 @@ def test_a_read_only_root_is_one_line(tmpfs: Path, monkeypatch: pytest.MonkeyPat
     _one_error_line(_invoke("run", "synthesize", "dataset.synthetic.n_train=3", "dataset.synthetic.n_val=1"), root)
     _one_error_line(_invoke("gc", "--yes", "--experiment", "demo"), root)
     assert "would delete synthesize-" in _invoke("gc", "--experiment", "demo").output  # a dry run only reads
+
+
+def test_a_burst_of_stop_signals_unwinds_the_run_once(root: Path, tmp_path: Path) -> None:
+    """SIGTERM and SIGINT together (SLURM signals every process of a job, nightly.sbatch forwards SIGINT):
+    the run unwinds once, releasing the stage's lock, and exits non-zero without a traceback."""
+    import psutil
+
+    from tests.faults_util import CliRun, cli_args
+
+    run = CliRun(cli_args("prepare", args={"split": "train"}), root, tmp_path / "cli.log", fork=True,
+                 fault="prepare:start:1:STOP")  # stops itself inside the stage, holding its lock
+    deadline = time.monotonic() + 120
+    while psutil.Process(run.pid).status() != psutil.STATUS_STOPPED:
+        assert run.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+        time.sleep(0.02)
+    assert list((root / ".locks").glob("prepare-*.lock"))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCONT):
+        os.kill(run.pid, sig)
+    code = run.wait(120)
+    assert code not in (0, -signal.SIGTERM, -signal.SIGINT), run.output()[-3000:]
+    assert "Traceback" not in run.output(), run.output()[-3000:]
+    assert not list((root / ".locks").glob("*.lock"))
