@@ -62,3 +62,16 @@ def test_training_diagnostics_have_labelled_axes(tmp_path: Path, drawn: list[Fig
             assert ax.get_ylabel() and ax.get_xlabel(), ax.get_title()
     with Image.open(tmp_path / "loss_curves.png") as png:
         assert png.info["dpi"][0] == pytest.approx(150, abs=1)
+
+
+def test_a_long_panel_title_wraps_inside_the_figure(tmp_path: Path, drawn: list[Figure]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    title = "holiday-photo-2024-08-17.jpg: head train-head-3f2a9c0d1e2b4a5c on vit_small_patch8_224, random init (seed 0)"
+    save_panels(tmp_path / "p.png", [("image", image), ("cluster probe", image)], [], title=title)
+    fig = drawn[0]
+    text = fig._suptitle
+    assert "\n" in text.get_text() and text.get_text().replace("\n", " ") == title
+    box = text.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # not cut at either edge

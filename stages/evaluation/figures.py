@@ -3,6 +3,7 @@
 in worker threads)."""
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def save_panels(path: Path, panels: Sequence[tuple[str, np.ndarray]], legend: Se
     ncol = max(1, min(len(legend), 2 * len(panels)))
     legend_rows = -(-len(legend) // ncol)
     panel_h = PANEL_INCHES * height / width
-    fig = Figure(figsize=(PANEL_INCHES * len(panels), panel_h + 0.35 + 0.22 * legend_rows + 0.3 * bool(title)),
+    fig_width = PANEL_INCHES * len(panels)
+    # the title wrapped to the figure's width (about 0.6 em per character at 10 pt), never cut at its edges
+    lines = textwrap.wrap(title, width=max(20, int(fig_width * 72 / (10 * 0.6))), break_on_hyphens=False) if title else []
+    fig = Figure(figsize=(fig_width, panel_h + 0.35 + 0.22 * legend_rows + 0.2 * len(lines) + 0.1 * bool(lines)),
                  layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, image) in zip(axes, panels, strict=True):
@@ -80,8 +84,8 @@ def save_panels(path: Path, panels: Sequence[tuple[str, np.ndarray]], legend: Se
                    for label, colour in legend]
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False,
                    handlelength=1.2, columnspacing=1.2)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if lines:
+        fig.suptitle("\n".join(lines), fontsize=10)
     fig.savefig(path, dpi=DPI)
 
 
