@@ -30,8 +30,8 @@ sample's size (:mod:`~stages.store.fastpath`), and metadata claiming absurd size
 
 Modules: :mod:`~stages.store.layout` (format, codecs, layout check), :mod:`~stages.store.fastpath` (direct
 shard I/O), :mod:`~stages.store.writer` (create, write, the writer cache), :mod:`~stages.store.reader`
-(:class:`TokenStore`), :mod:`~stages.store.artifact` (:class:`TokensArtifact`, :func:`open_tokens`),
-:mod:`~stages.store.squirrel` (stego-studies' format), :mod:`~stages.store.remote` (stores at s3:// and other
+(:class:`TokenStore`), :mod:`~stages.store.fallback` (checks before zarr-python reads),
+:mod:`~stages.store.artifact` (:class:`TokensArtifact`, :func:`open_tokens`), :mod:`~stages.store.squirrel` (stego-studies' format), :mod:`~stages.store.remote` (stores at s3:// and other
 fsspec URLs: export, checked reads, import; imported only for a URL).
 """
 from __future__ import annotations
