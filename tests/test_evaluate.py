@@ -18,7 +18,7 @@ from pipeline.planner import Request
 from stages.evaluate import upsampled_codes
 from stages.evaluation.figures import colorize, palette
 from stages.projections import IdentityProjection
-from tests.test_probe_stage import config, onehot, onehot_requests, run_request  # noqa: F401
+from tests.test_probe import config, onehot, onehot_requests, run_request  # noqa: F401
 
 torch.set_num_threads(1)
 

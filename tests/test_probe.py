@@ -1,215 +1,165 @@
-"""Probes: RV5 (cluster lookup), RV13 (linear probe loss), RV15 (toy end-to-end), trainer options."""
+"""probe stage: fresh probes on cached tokens, the probe file format, params and determinism.
+
+The tokens come from a hand-made ``tokens`` artifact (registered for the test only) whose tokens are
+the one-hot vectors of the label at feature resolution, so a working probe stage must separate them
+perfectly. :func:`onehot_requests` is shared with ``tests/test_evaluate.py``.
+"""
 from __future__ import annotations
 
-import itertools
-import math
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from pipeline.errors import ConfigError, InputError
-from stages.evaluation.metrics import confusion_matrix, scores
-from stages.evaluation.probes import (
-    CLUSTER_CRF_ALPHA, PROBE_LR, ClusterProbe, LinearProbe, ProbeTrainer, predict_batch, upsample_code,
-)
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import load_config
+from pipeline.errors import ArtifactError, ConfigError, InputError
+from pipeline.context import StageContext
+from pipeline.planner import Request, plan
+from pipeline.registry import STAGES, register_stage
+from pipeline.runner import run_tasks
+from stages.evaluation.probes import ClusterProbe, LinearProbe, load_probes, save_probes
+from stages.projections import IdentityProjection
+from stages.store import create_token_store, open_token_store, write_shard
 
 torch.set_num_threads(1)
 
-
-def _rv5() -> tuple[ClusterProbe, torch.Tensor]:
-    probe = ClusterProbe(2, 3)
-    with torch.no_grad():
-        probe.clusters.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
-    x = torch.tensor([[2.0, 0.0, -1.0], [1.0, -3.0, -0.5]]).reshape(1, 2, 1, 3)
-    return probe, x
+ONEHOT = "test-onehot-tokens"
+N_CLASSES, DIM, GRID, LABEL_HW, SHARD = 3, 6, (4, 4), (8, 8), 4
+COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.uint8)
 
 
-def test_rv5_cluster_lookup():
-    probe, x = _rv5()
-    inner = probe.inner(x).detach()[0, :, 0, :].T  # [pixel, cluster]
-    np.testing.assert_allclose(inner.numpy(), [[0.894427, 0.447214, -0.948683],
-                                               [0.0, -1.0, 0.707107],
-                                               [-0.894427, -0.447214, 0.948683]], atol=1e-6)
-    assert probe.predict(x).flatten().tolist() == [0, 2, 2]
-    loss, probs = probe(x, None)
-    assert loss.item() == pytest.approx(-0.8500724234, abs=1e-7)
-    assert probs.shape == (1, 3, 1, 3)
-    np.testing.assert_array_equal(probs.detach()[0, :, 0, :].T.numpy(), np.eye(3)[[0, 2, 2]])
-    lp = probe.log_probs(x, 2.0).detach()[0, :, 0, :].T
-    np.testing.assert_allclose(lp.numpy(), [[-0.360404, -1.254831, -4.046625],
-                                            [-1.657959, -3.657959, -0.243745],
-                                            [-3.769070, -2.874643, -0.082849]], atol=1e-6)
+def onehot_split(n: int, seed: int) -> dict[str, np.ndarray]:
+    """Random 4×4 class grids; tokens = one-hot(grid) padded to DIM; labels = grid ×2 nearest, with a
+    few ignored pixels; tokens_flip = tokens of the mirrored grid; rgb = one colour per class."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(0, N_CLASSES, (n, *GRID))
+    eye = np.eye(DIM, dtype=np.float32)
+    labels = grid.repeat(2, axis=1).repeat(2, axis=2).astype(np.int16)
+    labels[:, 0, :3] = -1
+    return {"tokens": eye[grid], "tokens_flip": eye[grid[:, :, ::-1]], "labels": labels,
+            "rgb": np.where(labels[..., None] >= 0, COLOURS[labels.clip(0)], 128).astype(np.uint8)}
 
 
-def test_rv5_soft_loss_and_hard_gradient():
-    probe, x = _rv5()
-    loss, probs = probe(x, 2.0)
-    inner = probe.inner(x)
-    expected = -(F.softmax(2 * inner, 1) * inner).sum(1).mean()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-7)
-    assert torch.allclose(probs.sum(1), torch.ones(1, 1, 3))
-    probe.zero_grad()
-    probe(x, None)[0].backward()
-    # hard assignment: only winning centroids (0 and 2) receive gradient
-    grad_norms = probe.clusters.grad.norm(dim=1)
-    assert grad_norms[1].item() == 0.0 and grad_norms[0].item() > 0 and grad_norms[2].item() > 0
+def _onehot_run(ctx: StageContext) -> None:
+    split, n, rgb = ctx.args["split"], ctx.args["n"], ctx.args["rgb"]
+    data = onehot_split(n, seed=0 if split == "train" else 1)
+    attrs = {"dataset": "onehot", "split": split, "n_classes": N_CLASSES, "class_names": ["a", "b", "c"],
+             "backbone": "none", "weights_tag": "none", "patch": 2, "res": LABEL_HW[0], "normalisation": "none"}
+    path = ctx.out / "tokens.zarr"
+    create_token_store(path, n=n, grid=GRID, dim=DIM, label_hw=LABEL_HW, shard_size=SHARD, with_rgb=rgb,
+                       with_flip=True, attrs=attrs)
+    for k, (a, b) in enumerate(open_token_store(path).shard_ranges()):
+        write_shard(path, k, tokens=data["tokens"][a:b], labels=data["labels"][a:b],
+                    tokens_flip=data["tokens_flip"][a:b], rgb=data["rgb"][a:b] if rgb else None,
+                    ids=[f"{split}/{i}" for i in range(a, b)])
 
 
-def test_cluster_probe_rejects_wrong_width():
-    with pytest.raises(InputError, match=r"\[B, 2, h, w\]"):
-        ClusterProbe(2, 3).inner(torch.zeros(1, 3, 2, 2))
+@pytest.fixture
+def onehot(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Register the hand-made tokens stage for this test only; returns the artifact root."""
+    monkeypatch.setitem(STAGES, ONEHOT, None)  # removed again at teardown
+    register_stage(ONEHOT, kind="tokens",
+                   args={"split": "train", "n": 12, "rgb": True})(_onehot_run)
+    return root
 
 
-def _bilinear_2_to_4(v: np.ndarray) -> np.ndarray:
-    """Reference upsampling 2→4 per axis, align_corners=False: taps (1,0),(.75,.25),(.25,.75),(0,1)."""
-    w = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
-    return np.einsum("ih,chw,jw->cij", w, v, w)
+def onehot_requests(cfg: Any, *, val_rgb: bool = True, n_val: int = 8) -> dict[str, Request]:
+    """``probe`` and ``evaluate`` requests reading the hand-made tokens instead of ``extract``."""
+    train = Request(ONEHOT, cfg, {"split": "train"})
+    probe = Request("probe", cfg, extra_inputs={"tokens": train})
+    val = Request(ONEHOT, cfg, {"split": "val", "n": n_val, "rgb": val_rgb})
+    return {"probe": probe, "evaluate": Request("evaluate", cfg, extra_inputs={"tokens": val, "probes": probe})}
 
 
-def test_rv13_linear_probe_loss():
+def run_request(request: Request) -> Path:
+    tasks, targets = plan([request])
+    results = run_tasks(tasks, request.cfg.run)
+    return next(r.path for r in results if r.id == targets[0])
+
+
+def config(*overrides: str) -> Any:
+    return load_config(None, ["run.executor=local", "run.device=cpu", "probe.steps=100", "probe.batch_size=4", "probe.lr=0.05",
+                              *overrides])
+
+
+@pytest.mark.parametrize("fit", ["adam", "kmeans"])
+def test_probes_separate_onehot_codes(onehot: Path, fit: str) -> None:
+    path = run_request(onehot_requests(config(f"probe.cluster_fit={fit}"))["probe"])
+    probes = load_probes(path)
+    assert (probes.n_classes, probes.n_clusters, probes.dim) == (N_CLASSES, N_CLASSES, DIM)
+    assert probes.meta["projection"] == {"kind": "identity", "in_dim": DIM, "dim": DIM}
+    assert probes.meta["class_names"] == ["a", "b", "c"] and probes.meta["cluster_fit"] == fit
+    codes = torch.eye(DIM)[:N_CLASSES].reshape(N_CLASSES, DIM, 1, 1)
+    assert probes.linear.predict(codes).flatten().tolist() == [0, 1, 2]
+    history = json.loads((path / "history.json").read_text())
+    assert len(history["linear"]) == len(history["cluster"]) == 100
+    assert history["linear"][-1] < 0.5 * history["linear"][0]
+    if fit == "kmeans":  # k-means++ seeds one centroid per distinct direction: one cluster per class
+        assert sorted(probes.cluster.predict(codes).flatten().tolist()) == [0, 1, 2]
+    else:  # hard k-means by Adam from randn centroids may leave a centroid dead; it does descend
+        assert history["cluster"][-1] < history["cluster"][0]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["counts"]["steps"] == 100 and manifest["counts"]["train_samples"] == 12
+    assert manifest["params"]["projection.seed"] == 0 and manifest["throughput"]["steps_per_s"] > 0
+
+
+def test_probe_training_is_seeded(onehot: Path, tmp_path: Path) -> None:
+    first = load_probes(run_request(onehot_requests(config("probe.steps=20"))["probe"]))
+    again = load_probes(run_request(onehot_requests(config("probe.steps=20", f"run.root={tmp_path / 'b'}"))["probe"]))
+    other = load_probes(run_request(onehot_requests(config("probe.steps=20", "projection.seed=1"))["probe"]))
+    assert torch.equal(first.cluster.clusters, again.cluster.clusters)
+    assert torch.equal(first.linear.weight, again.linear.weight)
+    assert not torch.equal(first.cluster.clusters, other.cluster.clusters)
+
+
+def test_probe_ids_follow_probe_settings_and_reject_bad_values(onehot: Path) -> None:
+    def probe_id(*overrides: str) -> str:
+        return plan([onehot_requests(config(*overrides))["probe"]])[1][0]
+
+    base = probe_id()
+    assert probe_id("evaluate.crf_workers=7", "run.workers=3") == base  # runtime settings
+    for change in ("probe.steps=101", "probe.lr=0.005", "probe.extra_clusters=1", "probe.cluster_fit=kmeans",
+                   "probe.batch_size=5", "projection.seed=3"):
+        assert probe_id(change) != base, change
+    with pytest.raises(ConfigError, match="probe.cluster_fit='kmedoids'"):
+        probe_id("probe.cluster_fit=kmedoids")
+    with pytest.raises(ConfigError, match="probe.extra_clusters"):
+        probe_id("probe.extra_clusters=-1")
+
+
+def test_extra_clusters_are_saved(onehot: Path) -> None:
+    probes = load_probes(run_request(onehot_requests(config("probe.extra_clusters=2", "probe.steps=5"))["probe"]))
+    assert (probes.n_classes, probes.n_clusters) == (N_CLASSES, N_CLASSES + 2)
+
+
+def test_probe_files_round_trip_and_reject_corrupt_ones(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    logits = torch.randn(1, 3, 2, 2)
-    labels = torch.tensor([[0, 1, 2, -1], [2, 2, 1, 0], [3, 0, -1, 1], [1, 1, 2, 2]]).unsqueeze(0)
-    probe = LinearProbe(3, 3)
-    probe.load_stego(torch.eye(3), torch.zeros(3))  # identity: probe logits == the input
-    loss = probe.loss(logits, labels)
-    up = _bilinear_2_to_4(logits[0].double().numpy())
-    lab = labels[0].numpy()
-    nll = []
-    for i, j in itertools.product(range(4), range(4)):
-        if 0 <= lab[i, j] < 3:
-            z = up[:, i, j]
-            nll.append(np.log(np.exp(z).sum()) - z[lab[i, j]])
-    assert len(nll) == 13
-    assert loss.item() == pytest.approx(float(np.mean(nll)), abs=1e-6)
-    all_ignored = torch.full((1, 4, 4), -1)
-    all_ignored[0, 0, 0] = 3
-    assert math.isnan(probe.loss(logits, all_ignored).item())
+    linear, cluster = LinearProbe(4, 3), ClusterProbe(4, 5)
+    save_probes(tmp_path / "p", linear, cluster, class_names=["x", "y", "z"], projection=IdentityProjection(4),
+                extra={"note": "hi"})
+    probes = load_probes(tmp_path / "p")
+    assert torch.equal(probes.linear.weight, linear.weight) and torch.equal(probes.linear.bias, linear.bias)
+    assert torch.equal(probes.cluster.clusters, cluster.clusters)
+    assert probes.meta["note"] == "hi" and probes.meta["n_clusters"] == 5
+    with pytest.raises(InputError, match="class names"):
+        save_probes(tmp_path / "q", linear, cluster, class_names=["x"], projection=IdentityProjection(4))
+    with pytest.raises(InputError, match="projection dim 5"):
+        save_probes(tmp_path / "q", linear, cluster, class_names=["x", "y", "z"], projection=IdentityProjection(5))
+    meta = json.loads((tmp_path / "p" / "probes.json").read_text())
+    (tmp_path / "p" / "probes.json").write_text(json.dumps({**meta, "dim": 3}))
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_probes(tmp_path / "p")
+    with pytest.raises(ArtifactError, match="holds no probes"):
+        load_probes(tmp_path / "missing")
 
 
-def test_linear_probe_load_stego_and_errors():
-    probe = LinearProbe(4, 2)
-    w = torch.arange(8.0).reshape(2, 4, 1, 1)
-    probe.load_stego(w, torch.tensor([1.0, -1.0]))
-    assert torch.equal(probe.weight, w) and torch.equal(probe.bias, torch.tensor([1.0, -1.0]))
-    probe.load_stego(w.reshape(2, 4), torch.zeros(2))
-    assert torch.equal(probe.conv.weight, w)
-    x = torch.ones(1, 4, 1, 1)
-    assert probe(x).flatten().tolist() == [6.0, 22.0]
-    assert probe.predict(x).item() == 1
-    with pytest.raises(InputError, match="linear_probe"):
-        probe.load_stego(torch.zeros(3, 4), torch.zeros(3))
-    with pytest.raises(InputError, match="labels"):
-        probe.loss(x, torch.zeros(1, 2, 2))
-
-
-def _toy(seed: int = 1, batch: int = 4, centred: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """RV15 toy data: 3-class 8×8 label maps, code = one-hot(label) (− 1/3 when centred, as a
-    centred projection would give) + small noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (batch, 8, 8), generator=g)
-    code = F.one_hot(labels, 3).permute(0, 3, 1, 2).float() - (1 / 3 if centred else 0.0)
-    code = code + 0.05 * torch.randn(code.shape, generator=g)
-    return code, labels
-
-
-def _train_cluster_probe(code: torch.Tensor, steps: int = 200) -> ClusterProbe:
-    torch.manual_seed(0)
-    probe = ClusterProbe(3, 3)
-    opt = torch.optim.Adam(probe.parameters(), lr=5e-3)
-    for _ in range(steps):
-        loss, _ = probe(code, None)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return probe
-
-
-def test_rv15_cluster_probe_reaches_100_miou():
-    code, labels = _toy()
-    probe = _train_cluster_probe(code)
-    s = scores(confusion_matrix(probe.predict(code), labels, 3), hungarian=True)
-    assert s["miou"] == pytest.approx(100.0)
-    assert sorted(s["assignment"].tolist()) == [0, 1, 2]
-
-
-def test_hard_kmeans_starves_a_centroid_on_uncentred_codes():
-    # Uncentred one-hot codes: from seed-0 centroids, centroid 1 wins only a few noisy pixels,
-    # loses them, and then never moves again (the hard loss only updates winners, method.md §5.1):
-    # two classes end up sharing centroid 2. Centred codes (RV15 above) do not have this problem.
-    code, labels = _toy(centred=False)
-    probe = _train_cluster_probe(code)
-    assert (probe.predict(code) == 1).sum() == 0
-    probe.zero_grad()
-    probe(code, None)[0].backward()
-    assert torch.count_nonzero(probe.clusters.grad[1]) == 0
-    s = scores(confusion_matrix(probe.predict(code), labels, 3), hungarian=True)
-    assert s["miou"] < 60.0
-
-
-def test_trainer_matches_manual_loop_and_is_deterministic():
-    code, labels = _toy()
-    trainer = ProbeTrainer(3, 3, seed=0)
-    torch.manual_seed(0)
-    assert torch.equal(trainer.cluster.clusters.detach(), torch.randn(3, 3))
-    state_before = torch.get_rng_state()
-    history = trainer.fit(itertools.repeat((code, labels)), max_steps=200)
-    assert torch.equal(torch.get_rng_state(), state_before)  # global RNG untouched
-    assert len(history) == 200 and trainer.steps == 200
-    assert history[-1]["linear"] < history[0]["linear"]
-    assert history[-1]["cluster"] < history[0]["cluster"]
-    out = predict_batch(code, trainer.linear, trainer.cluster)
-    lin = scores(confusion_matrix(out["linear"], labels, 3), hungarian=False)
-    clu = scores(confusion_matrix(out["cluster"], labels, 3), hungarian=True)
-    assert lin["miou"] == pytest.approx(100.0) and clu["miou"] == pytest.approx(100.0)
-    again = ProbeTrainer(3, 3, seed=0)
-    again.fit(itertools.repeat((code, labels)), max_steps=200)
-    assert torch.equal(again.cluster.clusters, trainer.cluster.clusters)
-    assert torch.equal(again.linear.weight, trainer.linear.weight)
-
-
-def test_trainer_upsamples_linear_loss_to_labels_and_skips_empty_batches():
-    code, labels = _toy()
-    low = F.avg_pool2d(code, 2)  # feature-resolution code 4×4, labels stay 8×8
-    trainer = ProbeTrainer(3, 3, seed=0, lr=PROBE_LR)
-    w0 = trainer.linear.weight.detach().clone()
-    losses = trainer.step(low, torch.full_like(labels, -1))
-    assert math.isnan(losses["linear"]) and torch.equal(trainer.linear.weight, w0)
-    losses = trainer.step(low, labels)
-    assert math.isfinite(losses["linear"]) and not torch.equal(trainer.linear.weight, w0)
-
-
-def test_trainer_kmeans_option():
-    code, labels = _toy(batch=2, centred=False)  # k-means++ seeding copes where Adam leaves a dead centroid
-    trainer = ProbeTrainer(3, 3, seed=0, cluster_fit="kmeans")
-    history = trainer.fit((_toy(seed=s, batch=2, centred=False) for s in range(10)))
-    assert len(history) == 10 and history[-1]["cluster"] < -0.99
-    s = scores(confusion_matrix(trainer.cluster.predict(code), labels, 3), hungarian=True)
-    assert s["miou"] == pytest.approx(100.0)
-    again = ProbeTrainer(3, 3, seed=0, cluster_fit="kmeans")
-    again.fit((_toy(seed=s, batch=2, centred=False) for s in range(10)))
-    assert torch.equal(again.cluster.clusters, trainer.cluster.clusters)
-    # a 4th cluster splits a class: its pixels count as errors (mIoU < 100)
-    four = ProbeTrainer(3, 3, n_clusters=4, seed=0, cluster_fit="kmeans")
-    four.fit((_toy(seed=s, batch=2, centred=False) for s in range(10)))
-    s4 = scores(confusion_matrix(four.cluster.predict(code), labels, 3, n_clusters=4), hungarian=True)
-    assert (s4["assignment"] == -1).sum() == 1 and 50.0 < s4["miou"] < 100.0
-    with pytest.raises(ConfigError, match="cluster_fit"):
-        ProbeTrainer(3, 3, cluster_fit="gmm")
-    with pytest.raises(InputError, match="k-means"):
-        ProbeTrainer(3, 3, n_clusters=5, cluster_fit="kmeans").step(code[:1, :, :1, :2], labels[:1, :1, :2])
-
-
-def test_predict_batch_unaries():
-    probe, x = _rv5()
-    linear = LinearProbe(2, 3)
-    out = predict_batch(x, linear, probe, unaries=True)
-    assert out["cluster"].flatten().tolist() == [0, 2, 2]
-    assert torch.allclose(out["cluster_unary"], probe.log_probs(x, CLUSTER_CRF_ALPHA))
-    assert torch.allclose(out["linear_unary"], F.log_softmax(linear(x), 1))
-    assert torch.equal(out["linear"], linear(x).argmax(1))
-    assert set(predict_batch(x, linear, probe)) == {"linear", "cluster"}
-    up = upsample_code(torch.tensor([[[[0.0, 1.0]]]]), (1, 4))
-    np.testing.assert_allclose(up.flatten().numpy(), [0, 0.25, 0.75, 1])
+def test_probe_stage_failure_publishes_nothing(onehot: Path) -> None:
+    # k-means++ must seed 23 centroids from the first batch, which holds 1 sample × 16 tokens
+    cfg = config("probe.cluster_fit=kmeans", "probe.batch_size=1", "probe.extra_clusters=20")
+    with pytest.raises(InputError, match="fewer than the 23 clusters"):
+        run_request(onehot_requests(cfg)["probe"])
+    assert ArtifactStore(onehot).ids("probe") == []
