@@ -95,8 +95,8 @@ def test_load_projection_errors(tmp_path: Path) -> None:
     (tmp_path / "projection.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_projection(tmp_path)
-    (tmp_path / "projection.json").write_text(json.dumps({"format": 1, "kind": "umap", "in_dim": 3, "params": {}}))
-    with pytest.raises(ArtifactError, match="unknown projection kind 'umap'"):
+    (tmp_path / "projection.json").write_text(json.dumps({"format": 1, "kind": "tsne", "in_dim": 3, "params": {}}))
+    with pytest.raises(ArtifactError, match="unknown projection kind 'tsne'"):
         load_projection(tmp_path)
     (tmp_path / "projection.json").write_text(json.dumps({"format": 9, "kind": "identity", "in_dim": 3, "params": {}}))
     with pytest.raises(ArtifactError, match="format 9"):
@@ -116,16 +116,17 @@ def test_registry_rejects_a_second_class_for_a_kind() -> None:
 
 
 def test_load_projection_imports_the_module_of_a_saved_kind(tmp_path: Path) -> None:
-    """A saved PCA loads in a process that never imported stages.projections.pca."""
-    from stages.projections.pca import PCAProjection
+    """A saved STEGO head loads in a process that never imported stages.projections.stego (torch): the
+    method registry names the module of each kind."""
+    from stages.projections.stego import StegoProjection
+    from stages.stego.head import StegoHead
 
-    x = np.random.default_rng(0).standard_normal((50, 4))
-    PCAProjection.fit(x, dim=2).save(tmp_path)
+    StegoProjection(StegoHead(4, 2, "linear", 0.1)).save(tmp_path)
     code = (
-        "import sys; from stages.projections import load_projection\n"
-        "assert 'stages.projections.pca' not in sys.modules\n"
+        "import sys; import stages.plugin; from stages.projections import load_projection\n"
+        "assert 'stages.projections.stego' not in sys.modules\n"
         f"p = load_projection({str(tmp_path)!r}); print(p.kind, p.dim)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["pca", "2"]
+    assert out.stdout.split() == ["stego", "2"]
