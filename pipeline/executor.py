@@ -153,9 +153,11 @@ def _same_code(task: Task, stage: Stage) -> Fingerprint:
     fingerprint = stage_fingerprint(stage)
     if fingerprint.digest != task.code.get("fingerprint"):
         differing = changed_code(task.code_files, fingerprint.hashes()) or ["(the fingerprint rules)"]
+        more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
         raise StageError(
             f"{socket.gethostname()} refuses {task.id}: its code of stage {task.stage} differs from the planner's "
-            f"in {', '.join(differing)}; give it the same code (update the checkout, restart its workers) or plan again")
+            f"in {', '.join(differing[:5])}{more}; give it the same code (update the checkout, restart its workers) "
+            "or plan again")
     return fingerprint
 
 
