@@ -25,6 +25,10 @@ if "--quiet" in sys.argv[1:] or not sys.stderr.isatty():
     # tqdm reads TQDM_* when it is imported: no progress bars (no `\r` lines) when they would not be
     # seen as bars; the runner's per-stage [run]/[done] lines remain
     os.environ.setdefault("TQDM_DISABLE", "1")
+# A run stopped by Ctrl-C tears its Dask cluster down mid-task; multiprocessing's resource tracker (a process
+# of its own, started with this interpreter's -W options) then unlinks the cluster's semaphores, as it
+# should, but warns about them as if they had leaked. Our message says what happened; its warning is noise.
+sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
 
 import click  # noqa: E402
 from click.shell_completion import CompletionItem  # noqa: E402
