@@ -6,11 +6,10 @@ adopted or is unchanged), part of its work is redone with the current code in a 
 file is compared byte for byte with the cached ones (no file may come or go):
 
 - a stage whose cached run took at most ``full_below_s`` seconds: the whole stage, from nothing;
-- a longer resumable (sharded) stage: the scratch folder starts as a copy of the cached files (a
-  reflink where the filesystem has them) and only :data:`SAMPLE_SHARDS` shards drawn by a generator
-  seeded with the new id, and the last shard, are recomputed (:attr:`pipeline.context.StageContext.sample`),
-  then whatever the stage does after its shards; so the sampled shards and the stage's summary files are
-  checked, the other shards are not;
+- a longer resumable (sharded) stage: the scratch folder starts as a copy of the cached files and only
+  :data:`SAMPLE_SHARDS` shards drawn by a generator seeded with the new id, and the last shard, are
+  recomputed (:attr:`pipeline.context.StageContext.sample`), then whatever the stage does after its
+  shards; so the sampled shards and the stage's summary files are checked, the other shards are not;
 - a longer stage without shards: refused, with the reason.
 
 Identical: the new id is published as a twin whose files are hard links of the cached ones (copies across
