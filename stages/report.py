@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.config import register_section, setting
 from pipeline.artifacts import stage_of, write_json_atomic
 from pipeline.context import StageContext
+from pipeline.labels import Labeller, store_lookup
 from pipeline.registry import register_stage
 from stages.artifacts import EvalArtifact, ReduceArtifact
 from stages.evaluation.figures import DPI, backbone_label
@@ -467,6 +468,12 @@ def plot_fig3(curves: Mapping[tuple[str, str], Mapping[str, Any]], path: Path) -
     fig.savefig(path, dpi=DPI)
 
 
+def _labelled(node: dict[str, Any], labels: Labeller) -> dict[str, Any]:
+    """A lineage node (``{id, stage, inputs}``) and its inputs' nodes, each with its label (pipeline.labels)."""
+    return {"id": node["id"], "label": labels.text(node["id"]), **{k: v for k, v in node.items() if k not in ("id", "inputs")},
+            "inputs": {name: _labelled(sub, labels) for name, sub in (node.get("inputs") or {}).items()}}
+
+
 def _tokens_info(ctx: StageContext, tokens_id: str) -> tuple[str, str | None]:
     """(dataset, backbone label) of a tokens artifact: the store's attributes and the manifest's params."""
     from stages.store import TokensArtifact
@@ -525,7 +532,8 @@ def report(ctx: StageContext) -> None:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r[k] for k in CSV_COLUMNS})
-    write_json_atomic(ctx.out / "lineage.json", lineage)
+    labels = Labeller(store_lookup(ctx.store))
+    write_json_atomic(ctx.out / "lineage.json", {a: _labelled(node, labels) for a, node in lineage.items()})
     n_cells = len(cells(rows))
     parts = [f"# Report: {experiment}", "",
              f"{len(rows)} metric rows from {len({r['eval_id'] for r in rows})} evaluations in {n_cells} "

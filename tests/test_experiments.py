@@ -57,6 +57,8 @@ def test_identity_points_collapse_and_the_report_has_tables_csv_and_figures(root
     assert "## Figure 3" in text and (report / "fig3.png").is_file()  # the PCA fit behind the evaluations
     lineage = json.loads((report / "lineage.json").read_text())
     assert all(node["stage"] == "evaluate" for node in lineage.values())
+    assert {node["label"].split(" ")[3] for node in lineage.values()} == {"DINO", "PCA"}  # labelled, inputs too
+    assert all(" val " in node["inputs"]["tokens"]["label"] for node in lineage.values())
     assert (out / "report.md").read_text() == text  # copied to the experiment's copy_to folder
 
 
