@@ -285,19 +285,6 @@ class _ShardFile:
                           f"{self.path(sample // self.shard_size)}: {what}); every sample is always written, so "
                           "the store is damaged or partly copied: copy it again, or rebuild the artifact")
 
-    def advise(self, shard: int) -> None:
-        """Ask the kernel to read shard file ``shard`` into the page cache in the background
-        (``POSIX_FADV_WILLNEED``), so a stream keeps several requests in flight; a missing file is
-        left to the read that needs it."""
-        try:
-            fd = os.open(self.path(shard), os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
     def _index(self, fd: int, shard: int) -> np.ndarray:
         st = os.fstat(fd)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -342,6 +329,8 @@ class _ShardFile:
         except FileNotFoundError:
             raise self._missing(int(samples[0]), "shard file missing") from None
         try:
+            if 2 * len(samples) > self.shard_size:  # most of the file: let the kernel read further ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             index = self._index(fd, shard)
             local = samples - shard * self.shard_size
             offsets, lengths = index[local, 0].tolist(), index[local, 1].tolist()

@@ -31,12 +31,6 @@ def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]
     return [np.asarray(part) for part in sync(gather())]
 
 
-STREAM_AHEAD_BYTES = 256 << 20
-"""How far :meth:`TokenStore.iter_batches` asks the kernel to read ahead (page cache, not process memory),
-in at most :data:`STREAM_AHEAD_SHARDS` shards."""
-STREAM_AHEAD_SHARDS = 16
-
-
 class TokenStore:
     """Read-only view of a token store (open with :func:`open_token_store` or :func:`open_tokens`).
 
@@ -243,9 +237,9 @@ class TokenStore:
         """Stream samples ``[start, stop)`` in order as dicts of ``arrays`` plus ``"index"`` (int64).
 
         Reads one shard (clipped to the range) per task, two tasks at a time in background threads (one
-        checksums and casts while the other waits on the disk), and asks the kernel to read the shard
-        files of the next :data:`STREAM_AHEAD_BYTES` ahead; batches span shard boundaries, the last one
-        may be short. Token arrays are cast to ``tokens_dtype`` (float32 by default).
+        checksums and casts while the other waits on the disk; a shard file read whole is read with
+        ``POSIX_FADV_SEQUENTIAL``, the kernel's larger read-ahead); batches span shard boundaries, the
+        last one may be short. Token arrays are cast to ``tokens_dtype`` (float32 by default).
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: must be a positive integer")
@@ -256,17 +250,9 @@ class TokenStore:
         for name in names:
             self._array(name)
         size = self.shard_size
-        first = start // size
-        shards = range(first, -(-stop // size))
-        direct = [self._direct[name] for name in names if name in self._direct]
-        ahead = min(STREAM_AHEAD_SHARDS, STREAM_AHEAD_BYTES // max(1, sum(d.nbytes for d in direct) * size))
-        ahead = max(1, ahead) if direct else 0
+        shards = range(start // size, -(-stop // size))
 
         def read(shard: int) -> dict[str, np.ndarray]:
-            hints = range(shard + 1 if shard == first else shard + ahead, min(shard + ahead + 1, shards.stop))
-            for later in hints:
-                for reader in direct:
-                    reader.advise(later)
             a, b = max(shard * size, start), min((shard + 1) * size, stop)
             out = {name: self.get(name, np.arange(a, b), tokens_dtype if name.startswith("tokens") else None)
                    for name in names}
