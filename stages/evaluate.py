@@ -113,16 +113,17 @@ def upsampled_codes(projection: BaseProjection, tokens: torch.Tensor, size: tupl
     return probes_lib.upsample_code(code, size)
 
 
-def example_panels(image: np.ndarray, label: np.ndarray, preds: Mapping[str, np.ndarray],
+def example_panels(image: np.ndarray, label: np.ndarray | None, preds: Mapping[str, np.ndarray],
                    assignments: Mapping[str, np.ndarray], colours: np.ndarray,
                    class_names: Sequence[str] | None) -> tuple[list[tuple[str, np.ndarray]],
                                                                 list[tuple[str, np.ndarray]]]:
-    """Titled RGB panels (image, ground truth, then each entry of ``preds``: ``linear``, ``cluster``,
-    ``linear_crf``, ``cluster_crf``; cluster ids mapped to classes by ``assignments[entry]``) and the
-    colour → class legend of the ids shown."""
-    ids = [("ground truth", label)]
+    """Titled RGB panels (image, ground truth unless ``label`` is None, then each entry of ``preds``:
+    ``linear``, ``cluster``, ``linear_crf``, ``cluster_crf``; cluster ids mapped to classes by
+    ``assignments[entry]`` where there is one, else shown as they are) and the colour → name legend of the
+    ids shown."""
+    ids = [] if label is None else [("ground truth", label)]
     for entry, pred in preds.items():
-        if entry.startswith("cluster"):
+        if entry.startswith("cluster") and entry in assignments:
             pred = metrics.map_clusters(pred.astype(np.int64), assignments[entry])
         ids.append((PANEL_TITLES[entry], pred))
     panels = [("image", image)] + [(title, colorize(x, colours)) for title, x in ids]
@@ -404,20 +405,24 @@ def _crf_merge(ctx: StageContext, ev: _Eval, conf: dict[str, np.ndarray], shown:
 
 def _write_examples(ctx: StageContext, ev: _Eval, examples: list[int], shown: dict[int, dict[str, np.ndarray]],
                     results: dict[str, Any], assignments: dict[str, np.ndarray]) -> None:
-    """One PNG per example image: image, ground truth and every scored prediction, with a legend."""
+    """One PNG per example image: image, ground truth and every scored prediction, with a legend. Without
+    labels (nothing scored): the image and the raw cluster ids (``cluster k``), as ``predict`` shows them."""
     store, attrs = ev.store, ev.store.attrs
     (ctx.out / "examples").mkdir(exist_ok=True)
     rgb = store.get_rgb(examples) if store.has_rgb else None
-    labels = store.get_labels(examples)
+    labels = store.get_labels(examples) if results else None
     names = ev.probes.meta.get("class_names") or attrs.get("class_names")
+    if not results:
+        names = [f"cluster {k}" for k in range(ev.probes.n_clusters)]
     backbone = backbone_label(attrs.get("backbone"), attrs.get("weights_tag"))
     caption = (f"{attrs.get('dataset')} {attrs.get('split', 'val')}, {ctx.config.projection.method} "
                f"(dim {ev.projection.dim})" + (f" on {backbone}" if backbone else ""))
-    colours = palette(ev.probes.n_classes)
+    colours = palette(ev.probes.n_classes if results else ev.probes.n_clusters)
     for row, i in enumerate(examples):
         image = rgb[row] if rgb is not None else np.zeros((*store.label_hw, 3), np.uint8)
-        preds = {entry: shown[i][entry] for entry in results}
-        panels, legend = example_panels(image, labels[row], preds, assignments, colours, names)
+        preds = {entry: shown[i][entry] for entry in results or ["cluster"]}
+        panels, legend = example_panels(image, None if labels is None else labels[row], preds, assignments,
+                                        colours, names)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", store.ids[i])
         save_panels(ctx.out / "examples" / f"{row}-{name}.png", panels, legend, title=f"{store.ids[i]}: {caption}")
 
@@ -466,7 +471,7 @@ def evaluate_stage(ctx: StageContext) -> None:
             hungarian = entry.startswith("cluster")
             results[entry], assignments[entry] = _score_entry(matrix, hungarian,
                                                               bool(e.drop_extra_clusters) and hungarian)
-    if examples and results:
+    if examples:
         _write_examples(ctx, ev, examples, shown, results, assignments)
     write_json_atomic(ctx.out / EvalArtifact.METRICS, {"protocol": _protocol(ctx, ev), "scores": results})
     throughput = {"eval_pixels_per_s": round(pixels / eval_s, 1) if eval_s > 0 else None}

@@ -49,6 +49,7 @@ def test_a_folder_without_labels(root: Path, tmp_path: Path, caplog: pytest.LogC
     metrics = json.loads((evaluation / "metrics.json").read_text())
     assert metrics["scores"] == {}  # no all-null metrics
     assert json.loads((evaluation / "manifest.json").read_text())["headline"].startswith("no labelled val pixels")
+    assert len(list((evaluation / "examples").glob("*.png"))) == 1  # the image and its clusters, still shown
 
     head = next(t.id for t in tasks if t.stage == "train-head")
     out = tmp_path / "pred"
