@@ -273,3 +273,13 @@ def test_a_malformed_array_zarr_json_is_one_error_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"t\.zarr: an array's zarr\.json is malformed") as exc:
         open_tokens(path)
     assert "\n" not in str(exc.value)
+
+
+def test_a_damaged_array_zarr_json_never_makes_the_array_look_absent(tmp_path: Path) -> None:
+    """Without this, a store whose rgb metadata is damaged would open as a store without rgb."""
+    path = tmp_path / "t.zarr"
+    _build(path)
+    f = path / "rgb" / "zarr.json"
+    f.write_text(f.read_text().replace('"zarr_format"', '"zarr_fo#mat"'))
+    with pytest.raises(InputError, match=r"t\.zarr: rgb/zarr\.json is not the metadata of a Zarr v3 array"):
+        open_tokens(path)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from pipeline.errors import ConfigError, InputError
@@ -129,6 +130,14 @@ def _check_layout(group: zarr.Group, where: str) -> tuple[dict[str, Any], dict[s
         raise InputError(f"token store {where}: an array's zarr.json is malformed ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:300]})") from exc
     arrays = {name: arrays[name] for name in _SAMPLE_ARRAYS if name in arrays}
+    for name in _SAMPLE_ARRAYS:  # a damaged zarr.json must not make an array look absent
+        key = f"{group.path}/{name}/zarr.json".lstrip("/")
+        if name not in arrays and sync(group.store.exists(key)):
+            raise InputError(f"token store {where}: {name}/zarr.json is not the metadata of a Zarr v3 array")
+    for name, arr in arrays.items():
+        if min(arr.chunks) < 1 or (arr.shards is not None and arr.shards[0] != meta["shard_size"]):
+            raise InputError(f"token store {where}: array {name!r} has chunks {arr.chunks} and shards {arr.shards}, "
+                             f"expected positive chunks and shards of {meta['shard_size']} samples")
     if "tokens" not in arrays:
         raise InputError(f"token store {where}: array 'tokens' is missing")
     n = arrays["tokens"].shape[0]
