@@ -105,12 +105,12 @@ class Explainer:
     def why(self, task: Task) -> str | None:
         """Why ``task`` (missing here) is built although its stage has cached artifacts: the differences
         to the nearest of them; None when the stage has none on this root."""
-        best: list[str] | None = None
-        for _, manifest in self.siblings(task.stage):
-            reasons = self.differences(task, manifest)
-            if best is None or len(reasons) < len(best):
-                best = reasons
-        return "; ".join(best) if best else None
+        found = [self.differences(task, manifest) for _, manifest in self.siblings(task.stage)]
+        if not found:
+            return None
+        # fewest differences; at a tie, one of code alone (what `stegopipe adopt` can carry forward)
+        best = min(found, key=lambda reasons: (len(reasons), not reasons or not reasons[0].startswith("code changed")))
+        return "; ".join(best) or None
 
     def drift(self, artifact: str) -> str | None:
         """For a cached artifact built under other versions of the numerics packages: which, else None."""

@@ -88,8 +88,8 @@ def test_comments_docstrings_and_formatting_change_no_fingerprint(package_copy: 
     base = _fingerprints(package_copy)
     path = package_copy / LOSS
     original = path.read_text()
-    edited = original.replace('    """L2-normalise along the channel dim 1', '    """Unit length along dim 1 (reworded)') \
-        .replace("_NORM_EPS = 1e-10", "_NORM_EPS = (\n    1e-10  # a comment\n)\n\n# another comment")
+    edited = original.replace("L2-normalise along the channel dim 1", "Unit length along dim 1 (reworded)")
+    edited = edited.replace("_NORM_EPS = 1e-10", "_NORM_EPS = (\n    1e-10  # a comment\n)\n\n# another comment")
     assert edited != original
     path.write_text(edited)
     try:
