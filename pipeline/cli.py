@@ -750,7 +750,7 @@ def gc_cmd(experiments: tuple[str, ...], keep: tuple[str, ...], yes: bool) -> No
     _load_plugins()  # stages, and the experiment folders the plugins register
     for name in experiments or experiment_names():
         problems: list[str] = []
-        tasks, _ = Experiment.load(name).plan(problems=problems)
+        tasks, _ = Experiment.load(name).plan(problems=problems, placeholders=False)  # no id: nothing to keep
         if problems:
             if experiments:  # named explicitly: it must be plannable
                 raise planner.problems_error(problems)

@@ -132,11 +132,13 @@ class Experiment:
                 raise ConfigError(f"{self.path}: target {target!r} must be a stage name or {{stage:, args:}}")
         return out
 
-    def plan(self, overrides: Iterable[str] = (), problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
+    def plan(self, overrides: Iterable[str] = (), problems: list[str] | None = None, *,
+             placeholders: bool = True) -> tuple[list[Task], list[str]]:
         """Tasks of the whole experiment (dependency order) and the ids of its final artifacts.
 
         Every bad config of every matrix point is reported at once (see :func:`pipeline.planner.plan`);
-        with a ``problems`` list, the points that cannot be planned are left out and nothing is collected.
+        with a ``problems`` list, what cannot be planned is a placeholder (or left out, without
+        ``placeholders``) and nothing is collected.
         """
         overrides = list(overrides)
         base = list(self.spec.get("overrides") or [])
@@ -146,7 +148,7 @@ class Experiment:
             requests += [Request(stage, cfg, args) for stage, args in self.targets()]
         collect = self.spec.get("collect")
         found: list[str] = []
-        tasks, targets = plan(requests, found)
+        tasks, targets = plan(requests, found, placeholders=placeholders)
         if found:
             if problems is None:
                 raise problems_error(found)

@@ -57,9 +57,11 @@ class _Memo:
     def __init__(self) -> None:
         self.trees: dict[int, tuple[Any, dict[str, Any]]] = {}
         self.params: dict[str, dict[str, Any] | ConfigError] = {}
+        self.placeholders = True  # plan tasks whose ids wait for something as placeholders
         self.fingerprints: dict[str, Fingerprint] = {}
 
     def fingerprint(self, stage: Stage) -> Fingerprint:
+        """The code fingerprint of ``stage`` (computed once per plan)."""
         if stage.name not in self.fingerprints:
             self.fingerprints[stage.name] = stage_fingerprint(stage)
         return self.fingerprints[stage.name]
@@ -114,7 +116,7 @@ def _resolve(request: Request, tasks: dict[str, Task], order: list[str], problem
     waits += [f"its input '{name}' ({dep.split(PLACEHOLDER)[0]}, which waits too)" for name, dep in inputs.items()
               if PLACEHOLDER in dep]
     if waits:
-        return _placeholder(stage, request, args, inputs, waits, tasks, order, memo)
+        return _placeholder(stage, request, args, inputs, waits, tasks, order, memo) if memo.placeholders else None
     tree = memo.tree(request.cfg)
     fingerprint = memo.fingerprint(stage)
     code = stage_code(stage, fingerprint.digest, with_packages=bool((tree.get("run") or {}).get("id_includes_packages")))
@@ -153,18 +155,21 @@ def problems_error(problems: list[str]) -> ConfigError:
     return ConfigError(f"{len(unique)} problems:\n" + "\n".join(f"  - {p}" for p in unique))
 
 
-def plan(requests: Iterable[Request], problems: list[str] | None = None) -> tuple[list[Task], list[str]]:
+def plan(requests: Iterable[Request], problems: list[str] | None = None, *,
+         placeholders: bool = True) -> tuple[list[Task], list[str]]:
     """Resolve requests into deduplicated tasks in dependency order, and the ids the requests map to.
 
     Every request is planned, and every bad config found on the way is reported at once: one
     ConfigError listing them all; or, when a ``problems`` list is given, the messages are appended to it,
     and a task whose id cannot be computed because of one (or because an input's cannot) is planned as a
-    placeholder (:data:`PLACEHOLDER` in its id, ``waits`` saying what for), so the whole DAG shows.
+    placeholder (:data:`PLACEHOLDER` in its id, ``waits`` saying what for), so the whole DAG shows; with
+    ``placeholders=False`` it is left out, with everything planned from it (what gc needs, faster).
     """
     tasks: dict[str, Task] = {}
     order: list[str] = []
     found: list[str] = []
     memo = _Memo()
+    memo.placeholders = placeholders
     targets = [_resolve(request, tasks, order, found, memo) for request in requests]
     if problems is None and found:
         raise problems_error(found)
