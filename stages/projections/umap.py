@@ -7,7 +7,7 @@ the free RAM before they are read, z-scored as ``reduce.standardize`` says, then
 
 - ``umap-learn`` on the CPU: ``UMAP(n_components, n_neighbors, min_dist, metric, n_epochs,
   random_state=projection.seed)``. Deterministic for a fixed seed; the price is speed: with a
-  ``random_state`` umap-learn runs its optimisation on one thread (make bench: ``bench_umap``);
+  ``random_state`` umap-learn runs its optimisation on one thread (docs/method.md §10.8, bench_reducers);
 - cuML's ``cuml.manifold.UMAP`` on the GPU (the ``gpu`` extra): same parameters, its own random state.
   Its embedding is not umap-learn's, so the backend is part of the id: ``umap.backend=auto`` resolves when
   the run is planned (cuml when cuML is installed, else umap-learn) and the params record the result;
