@@ -8,7 +8,13 @@ neighbours, ``standardize=fit`` for both) and transforms every train and val tok
 when it materialises codes; the child reports its wall time and its peak RSS above the RSS before the fit.
 A fresh process pays each library's numba compilation once, as a reduce stage does: included in the time.
 Rows (report only): UMAP's time and RSS with h-NNE's as the baseline (ratio = h-NNE ÷ UMAP), and, where cuML
-is installed (the ``gpu`` extra, on a GPU), cuML's UMAP next to umap-learn's.
+is installed (the ``gpu`` extra, on a GPU), cuML's UMAP next to umap-learn's, and cuML's PCA and nearest
+neighbours next to ours on the GPU (issue 20.4: use cuML where it beats our own): PCA of 1M × 384 float16
+tokens (ours: moments on the GPU through cupy/torch, then the eigendecomposition; cuML:
+``cuml.decomposition.PCA`` on the same tokens already on the device, float32) and cosine top-30 of
+100k × 384 descriptors (ours: :func:`stages.stego.knn.topk_neighbors` on cuda; cuML:
+``cuml.neighbors.NearestNeighbors(metric="cosine")``). Untested until a GPU is lent (none was while this
+was written).
 """
 from __future__ import annotations
 
@@ -105,10 +111,43 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             row("UMAP fit+transform peak RSS (demo tokens)", umap["peak_mb"], "MiB", baseline=hnne["peak_mb"],
                 higher_is_better=False, note="above the process RSS before the fit; baseline h-NNE")]
     if "umap-cuml" in got:
+        rows += cuml_rows(quick)
         cuml = got["umap-cuml"]
         rows.append(row("UMAP cuML fit+transform (demo tokens)", cuml["wall_s"], "s", baseline=umap["wall_s"],
                         higher_is_better=False, note="baseline umap-learn on the CPU (seeded, one thread)"))
     return rows
+
+
+def cuml_rows(quick: bool) -> list[dict[str, Any]]:
+    """cuML's PCA and nearest neighbours next to ours, on the GPU (see the module docstring)."""
+    import cupy
+    import numpy as np
+    import torch
+    from cuml.decomposition import PCA as CumlPCA
+    from cuml.neighbors import NearestNeighbors
+
+    from benchmarks.common import timed
+    from stages.projections.linear import accumulate_moments
+    from stages.projections.pca import PCAProjection
+    from stages.stego.knn import topk_neighbors
+
+    rng = np.random.default_rng(0)
+    n_pca, n_knn = (2**18, 2**14) if quick else (2**20, 100_000)
+    tokens = rng.standard_normal((n_pca, 384), dtype=np.float32).astype(np.float16)
+    chunks = [tokens[i : i + 65536] for i in range(0, n_pca, 65536)]
+    ours = timed(lambda: PCAProjection.from_moments(accumulate_moments(chunks, "auto")), repeat=2)
+    on_device = cupy.asarray(tokens, dtype=cupy.float32)
+    theirs = timed(lambda: (CumlPCA(n_components=384).fit(on_device), cupy.cuda.Device().synchronize()), repeat=2)
+    descriptors = rng.standard_normal((n_knn, 384), dtype=np.float32)
+    ours_knn = timed(lambda: topk_neighbors(descriptors, 30, device="cuda"), repeat=2)
+    gpu_descriptors = cupy.asarray(descriptors)
+    theirs_knn = timed(lambda: NearestNeighbors(n_neighbors=30, metric="cosine").fit(gpu_descriptors)
+                       .kneighbors(gpu_descriptors), repeat=2)
+    torch.cuda.synchronize()
+    return [row(f"PCA fit {n_pca:,} x 384 on the GPU", ours, "s", baseline=theirs, higher_is_better=False,
+                note="ours: moments (cupy/torch) + eigh from host float16 chunks; baseline cuML PCA on device float32"),
+            row(f"cosine top-30 of {n_knn:,} x 384 on the GPU", ours_knn, "s", baseline=theirs_knn,
+                higher_is_better=False, note="ours: blocked top-k (torch); baseline cuML NearestNeighbors")]
 
 
 if __name__ == "__main__":
