@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -189,8 +190,10 @@ def plugin_modules() -> list[str]:
 
 @cache
 def _top_locations(top: str) -> tuple[Path, ...]:
-    """Where top-level package (or module) ``top`` lives, found without importing it."""
-    spec = PathFinder.find_spec(top)
+    """Where top-level package (or module) ``top`` lives, found without importing it: on ``sys.path``, else
+    through the other finders (an editable install's, which the ``stegopipe`` console script relies on: its
+    ``sys.path`` does not hold the checkout)."""
+    spec = PathFinder.find_spec(top) or importlib.util.find_spec(top)
     if spec is None:
         return ()
     if spec.submodule_search_locations:

@@ -171,3 +171,18 @@ def test_a_worker_with_other_code_refuses_the_task(toy: Path) -> None:
     message = str(failure.error)
     assert socket.gethostname() in message and "tests/plugin_stages.py" in message and "\n" not in message
     assert ArtifactStore(toy).ids() == []  # nothing published
+
+
+def test_a_process_without_the_checkout_on_sys_path_fingerprints_the_same_code(tmp_path: Path) -> None:
+    """The ``stegopipe`` console script's ``sys.path`` does not hold the checkout (an editable install finds it
+    through its own finder): its fingerprint must cover the same files as one from the checkout, or a
+    SLURM worker started with ``python -m`` from the checkout refuses every task (and edits go unseen)."""
+    code = ("import sys, json; sys.path[:] = [p for p in sys.path if p not in ('', %r)]\n"
+            "import stages.plugin; from pipeline.registry import get_stage, stage_fingerprint\n"
+            "print(json.dumps(sorted(stage_fingerprint(get_stage('synthesize')).files)))" % str(REPO))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = json.loads(done.stdout)
+    assert files and files == sorted(stage_fingerprint(get_stage("synthesize")).files)
