@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import MANIFEST, SHARD_MARKERS, ArtifactStore, Staging, canonical_json, list_files, utc_now
+from pipeline.artifacts import (MANIFEST, SHARD_MARKERS, ArtifactStore, Staging, canonical_json, confined, list_files,
+                                utc_now)
 from pipeline.context import StageContext
 from pipeline.environment import resolve_device
 from pipeline.errors import ArtifactError, StegopipeError
@@ -96,15 +97,16 @@ def _copy_files(store: ArtifactStore, source: str, into: Path, *, link: bool) ->
     """The files ``source``'s manifest lists, into ``into``: hard links (``link``; copies across
     filesystems), else copies."""
     for entry in store.manifest(source).get("files", []):
+        origin = confined(store.path(source), entry["path"])  # never a file outside the artifact
         target = into / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         if link:
             try:
-                os.link(store.path(source) / entry["path"], target)
+                os.link(origin, target)
                 continue
             except OSError:  # another filesystem, or no hard links there
                 pass
-        shutil.copy2(store.path(source) / entry["path"], target)
+        shutil.copy2(origin, target)
 
 
 def _twin(store: ArtifactStore, task: Task, source: str, how: dict[str, Any]) -> None:

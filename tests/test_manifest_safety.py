@@ -118,3 +118,16 @@ def test_a_link_in_trash_is_removed_once(tmp_path: Path) -> None:
     assert 0 < first.trash_bytes < 1000  # the link and the file, never what the link points at
     assert not any(trash.iterdir()) and (target / "big.bin").exists()
     assert store.gc(set(), dry_run=False).trash_bytes == 0
+
+
+def test_adopt_never_copies_a_file_from_outside_the_artifact(tmp_path: Path) -> None:
+    from pipeline.adopt import _copy_files
+
+    store = ArtifactStore(tmp_path / "root")
+    artifact = _publish(store, "a")
+    (store.path(artifact) / "link").symlink_to("/etc")
+    _rewrite(store, artifact, files=[{"path": "link/passwd", "size": 1, "sha256": "0" * 64}])
+    into = tmp_path / "into"
+    with pytest.raises(ArtifactError, match="leading out of the artifact"):
+        _copy_files(store, artifact, into, link=False)
+    assert not (into / "link" / "passwd").exists()
