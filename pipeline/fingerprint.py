@@ -33,6 +33,8 @@ from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import StageError
+
 SCHEME = 1
 """Version of the fingerprint rules themselves (normalisation, what a file's hash covers)."""
 
@@ -256,6 +258,9 @@ def fingerprint(module: str, plugins: Iterable[str] | None = None) -> Fingerprin
     """The code fingerprint of ``module`` (a stage's module): its closure plus each plugin module's."""
     plugins = list(plugin_modules() if plugins is None else plugins)
     projects = set(PROJECT_PACKAGES) | {p.split(".")[0] for p in plugins}
+    if module_file(module) is None:  # never an empty fingerprint that no code edit could change
+        raise StageError(f"cannot fingerprint module {module}: its source file is not found "
+                         f"(sys.path: {os.pathsep.join(sys.path)})")
     files: dict[str, dict[str, Any]] = {}
     for name, (path, root) in closure([module, *plugins], projects).items():
         facts = file_facts(path, name)

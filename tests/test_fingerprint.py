@@ -186,3 +186,8 @@ def test_a_process_without_the_checkout_on_sys_path_fingerprints_the_same_code(t
     assert done.returncode == 0, done.stderr[-2000:]
     files = json.loads(done.stdout)
     assert files and files == sorted(stage_fingerprint(get_stage("synthesize")).files)
+
+
+def test_a_module_without_source_is_an_error_not_an_empty_fingerprint() -> None:
+    with pytest.raises(StageError, match="cannot fingerprint module no_such_pkg.stage: its source file is not found"):
+        fp.fingerprint("no_such_pkg.stage", plugins=[])
