@@ -89,3 +89,14 @@ def test_a_long_unsharded_stage_is_refused_and_a_quick_one_checked_whole(toy: Pa
     [whole] = adopt(store, tasks)  # the same process: even the pid in out.json is the same
     assert whole.status == "adopted" and whole.detail == "verified on the whole stage, files identical"
     assert store.manifest(tasks[0].id)["adopted"]["shards"] is None
+
+
+def test_a_downstream_artifact_is_matched_through_its_adopted_input(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, built = _plan("t_left")
+    old_source, old_left = (r.id for r in run_tasks(built, cfg.run))
+    monkeypatch.setattr(fingerprint, "SCHEME", fingerprint.SCHEME + 100)
+    _, tasks = _plan("t_left")
+    store = ArtifactStore(toy)
+    done = adopt(store, tasks)  # in this process even the pid in out.json is the same
+    assert [(d.status, d.source) for d in done] == [("adopted", old_source), ("adopted", old_left)]
+    assert store.manifest(tasks[1].id)["inputs"] == {"source": tasks[0].id}  # the new input id
