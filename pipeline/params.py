@@ -14,7 +14,7 @@ changes the params and an excluded one does not.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import get_path, section_class, section_fields
 
-Cond = Callable[[DictConfig, Mapping[str, Any]], bool]
+Cond = Callable[[Any, Mapping[str, Any]], bool]  # (a read-only view of the id fields, request args)
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Derive:
     only where ``when`` holds (always when None)."""
 
     name: str
-    value: Callable[[DictConfig, Mapping[str, Any]], Any]
+    value: Callable[[Any, Mapping[str, Any]], Any]
     replaces: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     when: Cond | None = None
@@ -73,7 +73,7 @@ class Params:
 
     exclude: Sequence[Exclude] | Callable[[], Sequence[Exclude]] = ()
     derive: Sequence[Derive] | Callable[[], Sequence[Derive]] = ()
-    check: Callable[[DictConfig, Mapping[str, Any]], None] | None = None
+    check: Callable[[Any, Mapping[str, Any]], None] | None = None
     contexts: Sequence[Context] | Callable[[], Sequence[Context]] = (Context(),)
 
     def exclusions(self) -> tuple[Exclude, ...]:
@@ -121,13 +121,46 @@ def view(values: Mapping[str, Any]) -> DictConfig:
     return cfg
 
 
+class _View(Mapping[str, Any]):
+    """What conditions, checks and derived values read while planning: nested values by attribute or key,
+    read-only; a key that is not there raises (as ``ctx.config`` does), naming its dotted path. Light:
+    planning resolves every stage run of a sweep."""
+
+    def __init__(self, data: Mapping[str, Any], path: str = "") -> None:
+        self._data, self._path = data, path
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._data:
+            raise KeyError(f"{self._path}{key}: not among the fields this stage may read here")
+        value = self._data[key]
+        return _View(value, f"{self._path}{key}.") if isinstance(value, dict) else value
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError as exc:
+            raise AttributeError(exc.args[0]) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _light(values: Mapping[str, Any]) -> _View:
+    return _View(_nested(values))
+
+
 def resolve(spec: Params | None, sections: Sequence[str], tree: Mapping[str, Any],
             args: Mapping[str, Any]) -> Resolved:
     """Params, included fields and exclusions of a stage declaring ``spec`` and ``sections`` under the
     plain config ``tree`` and request ``args`` (see the module docstring)."""
     spec = spec or Params()
     values = {key: get_path(tree, key) for key in id_fields(sections)}
-    full = view(values)
+    full = _light(values)
     excluded: dict[str, str] = {}
     for rule in spec.exclusions():
         if rule.when is None or rule.when(full, args):
@@ -136,12 +169,12 @@ def resolve(spec: Params | None, sections: Sequence[str], tree: Mapping[str, Any
                     excluded[key] = rule.reason
     included = {k: v for k, v in values.items() if k not in excluded}
     if spec.check is not None:
-        spec.check(view(included), args)
+        spec.check(_light(included), args)
     derived: dict[str, Any] = {}
     replaced: set[str] = set()
     for rule in spec.derived():
         if rule.when is None or rule.when(full, args):
-            derived[rule.name] = rule.value(view({k: values[k] for k in (*rule.replaces, *rule.uses)}), args)
+            derived[rule.name] = rule.value(_light({k: values[k] for k in (*rule.replaces, *rule.uses)}), args)
             replaced.update(rule.replaces)
     params = {**args, **{k: v for k, v in included.items() if k not in replaced}, **derived}
     return Resolved(params, _nested(included), excluded)
