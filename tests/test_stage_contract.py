@@ -79,15 +79,18 @@ def _overrides(context: Context, files: dict[str, str]) -> list[str]:
     return [override.format(**files) for override in context.overrides]
 
 
-def _resolved(stage: Stage, overrides: list[str], args: dict[str, Any]) -> tuple[Any, str] | None:
-    """(resolved params, what the artifact id is made of apart from code) of ``stage`` under ``overrides``:
-    the params of it and of every task upstream, in plan order. None where the config is invalid. (Ids
-    themselves also hash the code, which other work may edit while this test runs.)"""
+def _resolved(stage: Stage, overrides: list[str], args: dict[str, Any], *, upstream: bool) -> tuple[Any, str] | None:
+    """(resolved params, with ``upstream``: what the artifact id is made of apart from code, i.e. the params
+    of the stage and of every task upstream in plan order) of ``stage`` under ``overrides``; None where the
+    config is invalid. (Ids themselves also hash the code, which other work may edit while this runs.)"""
     try:
         cfg = load_config(None, overrides)
         args = {**stage.args, **args}
-        tasks, _ = plan([Request(stage.name, cfg, args)])  # checks choices and ranges first
+        id_params(stage, cfg, args)  # the sections' choices and ranges, the stage's check
         resolved = resolve(stage.params, stage.sections, to_container(cfg), args)
+        if not upstream:
+            return resolved, ""
+        tasks, _ = plan([Request(stage.name, cfg, args)])
     except ConfigError:
         return None
     return resolved, json.dumps([(t.stage, t.params, sorted(t.inputs)) for t in tasks], sort_keys=True, default=str)
@@ -111,7 +114,7 @@ def test_every_field_in_every_declared_context(name: str, k: int, files: dict[st
     stage = STAGES[name]
     context = (stage.params or Params()).test_contexts()[k]
     base = _overrides(context, files)
-    before = _resolved(stage, base, dict(context.args))
+    before = _resolved(stage, base, dict(context.args), upstream=True)
     assert before is not None, f"{name} cannot be planned in its declared context {context}"
     failures = []
     for key, typ, meta in _fields(stage):
@@ -119,7 +122,8 @@ def test_every_field_in_every_declared_context(name: str, k: int, files: dict[st
         for part in key.split("."):
             value = value[part]
         value = to_container(value)
-        after = _resolved(stage, base + [f"{key}={_yaml(_other(key, typ, meta, value, files))}"], dict(context.args))
+        after = _resolved(stage, base + [f"{key}={_yaml(_other(key, typ, meta, value, files))}"], dict(context.args),
+                          upstream=bool(meta.get("runtime")))
         if after is None:
             continue  # the flipped value is invalid here (e.g. a dataset that needs another root)
         if meta.get("runtime"):
@@ -140,7 +144,7 @@ def test_every_id_field_is_tested_somewhere(name: str, files: dict[str, str]) ->
     stage = STAGES[name]
     seen: dict[str, str] = {}
     for context in (stage.params or Params()).test_contexts():
-        resolved = _resolved(stage, _overrides(context, files), dict(context.args))
+        resolved = _resolved(stage, _overrides(context, files), dict(context.args), upstream=False)
         assert resolved is not None
         for key in id_fields(stage.sections):
             if key not in resolved[0].excluded:
