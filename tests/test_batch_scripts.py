@@ -79,7 +79,7 @@ def test_sbatch_directives_come_before_the_first_command() -> None:
     assert {"--requeue", "--signal", "--time", "--partition", "--account", "--output"} <= options
     assert "#SBATCH --signal=B:USR1@300" in directives
     text = SBATCH.read_text()
-    assert re.search(r'"\$STEGO" run "\$EXPERIMENT" "\$\{CLUSTER_ARGS\[@\]\}"', text) and "--cluster slurm" in text
+    assert re.search(r'"\$STEGO" run -v "\$EXPERIMENT" "\$\{CLUSTER_ARGS\[@\]\}"', text) and "--cluster slurm" in text
     assert "trap " in text and "scontrol requeue" in text
 
 
@@ -88,7 +88,7 @@ def test_sbatch_runs_the_experiment_on_slurm_and_passes_the_status(fakes: dict[s
     done = subprocess.run(["bash", str(SBATCH), "head.steps=10"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 3, done.stderr
     (call,) = calls(env)
-    assert call.startswith("run fig4 --cluster slurm run.device=cuda run.slurm.queue=gpu run.slurm.account=lab")
+    assert call.startswith("run -v fig4 --cluster slurm run.device=cuda run.slurm.queue=gpu run.slurm.account=lab")
     assert "run.slurm.gpus_per_job=1" in call and call.endswith(" head.steps=10")
     assert "stegopipe exited with status 3" in done.stdout
 
@@ -133,7 +133,7 @@ def test_cron_runs_then_lists_garbage_into_a_dated_log(fakes: dict[str, str]) ->
     env = dict(fakes, FAKE_STATUS="0")
     done = subprocess.run([str(CRON), "table2", "--workers", "2"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "", done.stderr
-    assert calls(env) == ["run table2 --workers 2", "gc"]  # gc without --yes: a dry run
+    assert calls(env) == ["run -v table2 --workers 2", "gc"]  # -v: a [hit] line per cached artifact; gc: a dry run
     log = Path(env["STEGOPIPE_LOG_DIR"]) / f"nightly-table2-{dt.date.today():%Y-%m-%d}.log"
     text = log.read_text()
     assert "stegopipe run table2 --workers 2" in text and "status 0" in text and "gc dry run" in text
@@ -143,7 +143,7 @@ def test_cron_failure_status_propagates_and_gc_still_runs(fakes: dict[str, str])
     env = dict(fakes, FAKE_STATUS="2")
     done = subprocess.run([str(CRON)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert calls(env) == ["run demo", "gc"]  # the default experiment
+    assert calls(env) == ["run -v demo", "gc"]  # the default experiment
 
 
 def test_cron_skips_while_a_previous_run_holds_the_lock(fakes: dict[str, str]) -> None:
