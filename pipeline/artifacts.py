@@ -176,8 +176,8 @@ def _check_manifest(path: Path, manifest: Any, *, sealed: bool = True) -> dict[s
     in, with well-formed ``files`` and ``inputs``; ArtifactError naming ``path`` and the first problem
     otherwise."""
     def bad(what: str) -> ArtifactError:
-        return ArtifactError(f"{path}: {what}; the artifact cannot be trusted (rebuild it with --force, or "
-                             f"delete its folder)")
+        return ArtifactError(f"{path}: {what}; the artifact is damaged and cannot be trusted (rebuild it with "
+                             f"--force, or delete its folder)")
 
     if not isinstance(manifest, dict):
         raise bad(f"manifest is a {type(manifest).__name__}, not a JSON object")

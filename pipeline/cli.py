@@ -699,7 +699,7 @@ def verify_cmd(artifacts: tuple[str, ...], verbose: bool) -> None:
     one and a summary. Exit 1 on damage."""
     store = store_from()
     ids = [store.resolve(a) for a in artifacts] or store.ids()
-    bad = 0
+    bad = rehashed = 0
     for artifact in ids:
         problems = store.verify(artifact)
         bad += bool(problems)
@@ -707,7 +707,11 @@ def verify_cmd(artifacts: tuple[str, ...], verbose: bool) -> None:
             click.echo(f"{'BAD ' if problems else 'ok  '} {artifact}")
         for problem in problems:
             click.echo(f"     {problem}")
-    total = human_bytes(sum(map(store.size, ids)))
+        try:
+            rehashed += store.size(artifact)
+        except ArtifactError:  # an unreadable manifest (reported above) lists no files to count
+            pass
+    total = human_bytes(rehashed)
     if bad:
         click.echo(f"{bad} of {len(ids)} artifacts are damaged ({total} re-hashed)", err=True)
         sys.exit(1)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import ArtifactStore
+from pipeline.errors import ArtifactError
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -50,7 +51,10 @@ def work_of(stage: str, params: Mapping[str, Any], input_bytes: int, output_byte
 
 def _artifact_bytes(store: ArtifactStore, artifact: str) -> int | None:
     if store.exists(artifact):
-        return store.size(artifact)
+        try:
+            return store.size(artifact)
+        except ArtifactError:  # a damaged manifest: the artifact is rebuilt (or refused) later, not here
+            pass
     return _BYTES.get((str(store.root), artifact))
 
 
