@@ -68,6 +68,7 @@ class SlurmConfig:
     gpus_per_job: int = 0
     job_extra_directives: list[str] = field(default_factory=list)
     local_directory: str | None = None
+    log_directory: str | None = None  # worker jobs' output files (dask-worker-<job>.out/.err); None: submit folder
 
 
 @dataclass

@@ -150,7 +150,7 @@ def slurm_cluster(slurm: Any) -> Iterator[Any]:
     worker_extra = ["--resources", f"GPU={slurm.gpus_per_job}"] if slurm.gpus_per_job else []
     with SLURMCluster(queue=slurm.queue, account=slurm.account, cores=slurm.cores, memory=slurm.memory,
                       walltime=slurm.walltime, job_extra_directives=extra, worker_extra_args=worker_extra,
-                      local_directory=slurm.local_directory) as cluster:
+                      local_directory=slurm.local_directory, log_directory=slurm.log_directory) as cluster:
         cluster.scale(jobs=slurm.jobs)
         seen: dict[str, str] = {}
         watch = PeriodicCallback(lambda: _replace_lost_jobs(cluster, slurm.jobs, seen), WATCH_INTERVAL_MS)

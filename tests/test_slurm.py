@@ -70,7 +70,7 @@ class Night:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted((self.dir / "logs").glob("*.log"))) + "\n" + self.slurm.logs()
+                         for p in sorted((self.dir / "logs").glob("*-*.*"))) + "\n" + self.slurm.logs()
 
     def submit(self, *, cpus: int = 1, worker_cores: int = 1, freeze: bool = False) -> str:
         """``sbatch scripts/nightly.sbatch`` with the one-node settings docs/batch.md shows."""
@@ -79,6 +79,7 @@ class Night:
         export = {"EXPERIMENT": str(self.experiment), "STEGOPIPE_ROOT": str(self.root), "DEVICE": "cpu",
                   "WORKER_PARTITION": PARTITION, "WORKER_ACCOUNT": "none", "WORKER_JOBS": "1",
                   "WORKER_CORES": str(worker_cores), "WORKER_MEMORY": "3GB", "WORKER_GPUS": "0", "GRACE_S": "60",
+                  "WORKER_LOG_DIR": str(self.dir / "logs"),
                   "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
                   # dask-jobqueue drops a lost worker job after this (default 15 s); the driver then replaces it
                   "DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT": "3s"}
@@ -87,8 +88,7 @@ class Night:
         out = self.slurm.run(
             "sbatch", "--parsable", f"--partition={PARTITION}", "--account=none", f"--cpus-per-task={cpus}",
             "--mem=3G", f"--output={self.dir / 'logs' / 'driver-%j.log'}",
-            "--export=ALL," + ",".join(f"{k}={v}" for k, v in export.items()), str(SBATCH),
-            f"run.slurm.job_extra_directives=[--output={self.dir / 'logs' / 'worker-%j.log'}]", cwd=REPO)
+            "--export=ALL," + ",".join(f"{k}={v}" for k, v in export.items()), str(SBATCH), cwd=REPO)
         self.job = out.strip().split(";")[0]
         return self.job
 
@@ -141,7 +141,7 @@ def test_nightly_script_runs_an_experiment_on_worker_jobs(slurm: Slurm, tmp_path
     log = night.finish()
     assert_finished_cleanly(night, log)
     assert f"({ARTIFACTS} built, 0 cached)" in log and log.count("[done] ") == ARTIFACTS
-    workers = list((night.dir / "logs").glob("worker-*.log"))
+    workers = list((night.dir / "logs").glob("dask-worker-*.err"))  # run.slurm.log_directory (WORKER_LOG_DIR)
     assert len(workers) == 1 and "Starting Worker" in workers[0].read_text(), night.logs()
 
 
@@ -189,7 +189,7 @@ def test_a_cancelled_worker_job_is_replaced(slurm: Slurm, tmp_path: Path) -> Non
     log = night.finish()
     assert f"worker job {lost} ended before the run did" in log, night.logs()
     assert_finished_cleanly(night, log)
-    assert len(list((night.dir / "logs").glob("worker-*.log"))) == 2
+    assert len(list((night.dir / "logs").glob("dask-worker-*.err"))) == 2
 
 
 @pytest.mark.slurm
@@ -204,7 +204,7 @@ def test_a_worker_that_cannot_fit_next_to_the_driver_is_refused_before_submittin
     assert "stegopipe exited with status 2" in log, night.logs()
     [line] = [line for line in log.splitlines() if line.startswith("error:")]
     assert f"fits on no node of partition '{PARTITION}'" in line and f"driver job {night.job} holds {cpus} CPUs" in line
-    assert not list((night.dir / "logs").glob("worker-*.log"))
+    assert not list((night.dir / "logs").glob("dask-worker-*"))
 
 
 def test_a_worker_job_must_fit_next_to_the_driver() -> None:
