@@ -7,14 +7,14 @@ default 4N is sized to 1.2× this machine's RAM (``--n auto``); ``--n 256`` is a
 
 For each size, in one artifact root (``--root``, default a folder under the system temp dir), every stage
 runs as its own ``stegopipe run`` process (peak RSS of that process from ``wait4``; CRF pool workers not
-included): extract train (with synthesize + prepare), extract val (N/16 samples, min 64), knn, reduce
+included): extract train (with synthesize + prepare), extract val (N/16 samples, min 32), knn, reduce
 pca (every token) / rp / hnne, train-head (fixed steps), probe (pca), evaluate (pca, no CRF), and the CRF
 alone (``crf_map``, 2 workers) on a sample of 32 val images. Wall times are the manifests'
 ``wall_time_s``. Limits, measured in the same run:
 
 - disk: ``cat`` of the train store's files after dropping the page cache (``/proc/sys/vm/drop_caches``,
   root only; when it cannot be dropped the rate says "warm");
-- sgemm: numpy float32 matmul rate (kNN's N²·384·2 flops; half that is what kNN computes) and the float64
+- sgemm (measured after each size's stages, as the disk rate): numpy float32 matmul rate (kNN's N²·384·2 flops; half that is what kNN computes) and the float64
   XᵀX rate for PCA (N·784·384² flops);
 - decode: PIL decode + resize of the synthetic PNGs (extract's bound on CPU besides the forward).
 
@@ -46,14 +46,14 @@ from benchmarks.common import REPO, RESULTS_DIR
 
 TOKEN_BYTES = 28 * 28 * 384 * 2
 BACKBONE = "vit_small_patch8_embed.rehearsal"
-STEPS = 200
+STEPS = 200  # head and probe steps (--steps): fixed, so their time should not grow with N
 CRF_SAMPLE = 32
 
 
-def _overrides(n: int, n_val: int) -> list[str]:
+def _overrides(n: int, n_val: int, steps: int = STEPS) -> list[str]:
     return [f"dataset.synthetic.n_train={n}", f"dataset.synthetic.n_val={n_val}", "dataset.synthetic.height=240",
             "dataset.synthetic.width=320", f"backbone.name={BACKBONE}", "backbone.weights=random",
-            "extract.train_res=224", "extract.val_res=224", f"head.steps={STEPS}", f"probe.steps={STEPS}",
+            "extract.train_res=224", "extract.val_res=224", f"head.steps={steps}", f"probe.steps={steps}",
             "head.val_every=0", "reduce.fit_subset=all"]
 
 
@@ -168,9 +168,9 @@ def crf_sample_seconds(n: int = CRF_SAMPLE, size: int = 224) -> float:
     return (time.perf_counter() - start) / n
 
 
-def rehearse(n: int, n_val: int, root: Path, estimates: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def rehearse(n: int, n_val: int, steps: int, root: Path, estimates: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run every stage at one size; per stage: wall (manifest), peak RSS, estimate (if planned)."""
-    overrides = _overrides(n, n_val)
+    overrides = _overrides(n, n_val, steps)
     stages: dict[str, dict[str, Any]] = {}
     built: dict[str, str] = {}
     for label, target, extra in STAGE_RUNS:
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", default="auto", help="base size N (train samples); auto: 4N = 1.2× RAM")
     parser.add_argument("--root", type=Path, help="artifact root (default: a new folder in the temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (they are large)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="head and probe training steps")
     opts = parser.parse_args(argv)
     ram = psutil.virtual_memory().total
     n = math.ceil(1.2 * ram / TOKEN_BYTES / 4) if opts.n == "auto" else int(opts.n)
@@ -263,26 +264,26 @@ def main(argv: list[str] | None = None) -> None:
     need = 4 * n * TOKEN_BYTES * 1.3  # the 4N stores and images (smaller sizes deleted by then)
     if need > 0.9 * free:
         raise SystemExit(f"bench-scale: N={n} needs about {need / 1e9:.0f} GB on {root} but {free / 1e9:.0f} GB are free")
-    meta: dict[str, Any] = {"load_before": [round(v, 1) for v in os.getloadavg()], "cpus": os.cpu_count(),
+    meta: dict[str, Any] = {"load_before": [round(v, 1) for v in os.getloadavg()], "cpus": os.cpu_count(), "steps": opts.steps,
                             "ram_gb": ram / 1e9, "root": str(root)}
-    sgemm32, gemm64 = gemm_rates()
-    meta.update(sgemm32_gflops=sgemm32, gemm64_gflops=gemm64)
     sizes: list[dict[str, Any]] = []
     try:
         previous: dict[str, Any] | None = None
         for factor in (1, 2, 4):
-            size_n, n_val = factor * n, max(64, factor * n // 16)
+            size_n, n_val = factor * n, max(32, factor * n // 16)
             estimates: dict[str, dict[str, Any]] = {}
             if previous is not None:  # estimate from the manifests of the smaller size, then free its disk
                 for _, target, extra in STAGE_RUNS:
-                    estimates.update(plan_estimates(root, target, _overrides(size_n, n_val) + extra))
+                    estimates.update(plan_estimates(root, target, _overrides(size_n, n_val, opts.steps) + extra))
                 for stage in ("synthesize", "extract"):  # the smaller size's images and token stores
                     shutil.rmtree(root / stage, ignore_errors=True)
             print(f"N = {size_n:,} ({size_n * TOKEN_BYTES / 1e9:.1f} GB of train tokens)", flush=True)
-            size = rehearse(size_n, n_val, root, estimates)
+            size = rehearse(size_n, n_val, opts.steps, root, estimates)
             if factor == 1:
                 meta["decode_img_s"] = decode_rate(Path(size["dataset_path"]) / "imgs" / "train")
                 meta["crf_s_per_img"] = crf_sample_seconds()
+            sgemm32, gemm64 = gemm_rates()  # per size: the load on a shared machine changes during the run
+            meta.update(sgemm32_gflops=sgemm32, gemm64_gflops=gemm64)
             disk, cold = cat_rate(Path(size["tokens_path"]))
             meta.update(disk_gb_s=disk / 1e9, cold=cold)
             size["limits"] = _limits(size, disk, sgemm32, gemm64, meta["decode_img_s"])
