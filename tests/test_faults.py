@@ -367,9 +367,10 @@ def test_flipped_byte_in_a_token_shard(chain: dict[str, Path]) -> None:
     assert shard.is_file()
     offset = flip_byte(shard, 100)
     try:
-        bad = _cli(root, "verify")
+        bad = _cli(root, "verify", "-v")
         assert bad.exit_code == 1 and f"BAD  {tokens.name}" in bad.output and str(shard) in bad.output
         assert "sha256 differs" in bad.output and f"ok   {chain['head'].name}" in bad.output
+        assert "1 of 7 artifacts are damaged" in _cli(root, "verify").output
         _probe_refuses(root, shard, f"input 'tokens' ({tokens.name}) is damaged")
     finally:
         flip_byte(shard, offset)
