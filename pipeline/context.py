@@ -24,7 +24,8 @@ from pipeline.config import split_sections
 from pipeline.errors import StageError
 from pipeline.faults import fault_point
 from pipeline.planner import Task
-from pipeline.registry import config_view, get_stage, stage_config
+from pipeline.params import view
+from pipeline.registry import get_stage, stage_config
 
 log = logging.getLogger("stegopipe")
 
@@ -71,7 +72,7 @@ class StageContext:
     @property
     def runtime(self) -> DictConfig:
         """The runtime-only fields of the declared sections, and ``run`` (none of it changes the id)."""
-        return config_view(split_sections(OmegaConf.create(self.task.cfg), self.sections)[1])
+        return view(split_sections(OmegaConf.create(self.task.cfg), self.sections)[1])
 
     @property
     def out(self) -> Path:

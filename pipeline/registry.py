@@ -26,7 +26,7 @@ from pipeline.config import check_section, get_path, to_container
 from pipeline.environment import numeric_package_versions
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.fingerprint import Fingerprint, fingerprint
-from pipeline.params import Params, resolve
+from pipeline.params import Params, resolve, view
 
 if TYPE_CHECKING:
     from pipeline.context import StageContext
@@ -102,21 +102,6 @@ def stage_code(stage: Stage, digest: str, *, with_packages: bool = False) -> dic
     return code
 
 
-def config_view(tree: dict[str, Any]) -> DictConfig:
-    """A read-only, struct-mode config of ``{section path: values}`` (missing keys raise)."""
-    nested: dict[str, Any] = {}
-    for path, values in tree.items():
-        node = nested
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = values
-    view = OmegaConf.create(nested)
-    OmegaConf.set_struct(view, True)
-    OmegaConf.set_readonly(view, True)
-    return view
-
-
 _MORE_SECTIONS: dict[str, tuple[str, ...]] = {}
 
 
@@ -139,7 +124,7 @@ def id_params(stage: Stage, cfg: DictConfig | dict[str, Any], args: Mapping[str,
 
 def stage_config(stage: Stage, tree: dict[str, Any], args: Mapping[str, Any]) -> DictConfig:
     """What ``stage`` may read of the plain config ``tree`` (``ctx.config``): its id fields not excluded."""
-    return config_view(resolve(stage.params, stage.sections, tree, args).config)
+    return view(resolve(stage.params, stage.sections, tree, args).config)
 
 
 def plugin_names() -> list[str]:
