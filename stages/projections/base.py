@@ -127,6 +127,18 @@ def load_projection(directory: Path) -> "BaseProjection":
     return cls.load(directory)
 
 
+def check_fit_rows(x: np.ndarray, dim: int, method: str) -> tuple[int, int]:
+    """``(n, D)`` of the fit rows ``x`` after checking them (finite float ``[n, D]``, else ``InputError``)
+    and ``1 <= dim <= D`` (else ``ConfigError`` naming ``projection.dim`` and ``method``)."""
+    if x.ndim != 2:
+        raise InputError(f"tokens must be 2-D [n, D], got shape {x.shape}")
+    n, d = x.shape
+    check_tokens(x, d)
+    if not 1 <= dim <= d:
+        raise ConfigError(f"projection.dim={dim} is out of range: {method} needs 1 <= dim <= {d}")
+    return n, d
+
+
 def check_tokens(tokens: np.ndarray | torch.Tensor, in_dim: int, name: str = "tokens") -> None:
     """Raise ``InputError`` unless ``tokens`` is a finite float ``[N, in_dim]`` array/tensor."""
     if tokens.ndim != 2:

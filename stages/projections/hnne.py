@@ -9,7 +9,7 @@ import psutil
 
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
-from stages.projections.base import BaseProjection, check_tokens, register_projection
+from stages.projections.base import BaseProjection, check_fit_rows, register_projection
 from stages.projections.fitdata import FitData
 from stages.projections.methods import Method, register_method
 from stages.projections.linear import STANDARDIZE_MODES, Standardize, _batch_standardize, _check_choice, _safe_scale
@@ -177,12 +177,7 @@ class HNNEProjection(BaseProjection):
         _check_choice("standardize", standardize, STANDARDIZE_MODES)
         _check_choice("version", version, HNNE_VERSIONS)
         x = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
-        if x.ndim != 2:
-            raise InputError(f"tokens must be 2-D [n, D], got shape {x.shape}")
-        n, d = x.shape
-        check_tokens(x, d)
-        if not 1 <= dim <= d:
-            raise ConfigError(f"dim={dim} is out of range: h-NNE needs 1 <= dim <= {d}")
+        n, d = check_fit_rows(x, dim, "h-NNE")
         check_hnne_memory(n, d, available_bytes)
         mean = scale = None
         if standardize == "none":

@@ -39,7 +39,7 @@ from pipeline.config import setting
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 from pipeline.params import Derive
-from stages.projections.base import BaseProjection, check_tokens, register_projection
+from stages.projections.base import BaseProjection, check_fit_rows, register_projection
 from stages.projections.fitdata import FitData
 from stages.projections.linear import STANDARDIZE_MODES, _batch_standardize, _check_choice, _safe_scale
 from stages.projections.methods import Method, register_method
@@ -144,12 +144,7 @@ class UMAPProjection(BaseProjection):
         """Embed ``tokens [n, D]`` with ``backend`` (``umap-learn`` or ``cuml``); see the module docstring."""
         _check_choice("standardize", standardize, STANDARDIZE_MODES)
         x = np.asarray(tokens, dtype=np.float32)
-        if x.ndim != 2:
-            raise InputError(f"tokens must be 2-D [n, D], got shape {x.shape}")
-        n, d = x.shape
-        check_tokens(x, d)
-        if not 1 <= dim <= d:
-            raise ConfigError(f"projection.dim={dim} is out of range: UMAP needs 1 <= dim <= {d}")
+        n, d = check_fit_rows(x, dim, "UMAP")
         if n <= n_neighbors:
             raise InputError(f"UMAP needs more than n_neighbors={n_neighbors} tokens, got {n}")
         mean = scale = None
