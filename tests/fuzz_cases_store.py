@@ -3,6 +3,7 @@ indexes alone, ids chunks and ``zarr.json`` (group and array), read through :cla
 direct path and (a shard index at the start, which the direct path declines) through zarr-python."""
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -79,62 +80,21 @@ def _index_at_end(data: bytes) -> tuple[bytes, bytes]:
     return data[:-INDEX_NBYTES], data[-INDEX_NBYTES:]
 
 
-@fuzz_case("store-shard-tokens")
-def shard_tokens(workdir: Path) -> FuzzCase:
-    """A raw float16 tokens shard (chunks, crc32cs, index) read directly."""
-    return _store_case(workdir, "store-shard-tokens", "tokens/c/1/0/0/0")
-
-
-@fuzz_case("store-shard-labels")
-def shard_labels(workdir: Path) -> FuzzCase:
-    """A blosc-lz4 labels shard read directly (decodes capped at the sample's size)."""
-    return _store_case(workdir, "store-shard-labels", "labels/c/0/0/0")
-
-
-@fuzz_case("store-shard-rgb")
-def shard_rgb(workdir: Path) -> FuzzCase:
-    """A zstd rgb shard read directly (decodes capped at the sample's size)."""
-    return _store_case(workdir, "store-shard-rgb", "rgb/c/1/0/0/0")
-
-
-@fuzz_case("store-index-tokens")
-def index_tokens(workdir: Path) -> FuzzCase:
-    """The shard index alone (offsets, lengths, its crc32c) of a tokens shard: aliasing, bounds, overflow."""
-    return _store_case(workdir, "store-index-tokens", "tokens/c/0/0/0/0", cut=_index_at_end)
-
-
-@fuzz_case("store-index-rgb")
-def index_rgb(workdir: Path) -> FuzzCase:
-    """The shard index alone of a zstd rgb shard (variable chunk lengths)."""
-    return _store_case(workdir, "store-index-rgb", "rgb/c/0/0/0/0", cut=_index_at_end)
-
-
-@fuzz_case("store-shard-zarr-python")
-def shard_zarr_python(workdir: Path) -> FuzzCase:
-    """A tokens shard with its index at the start, read through zarr-python (the fallback's checks)."""
-    return _store_case(workdir, "store-shard-zarr-python", "tokens/c/1/0/0/0", index_at_start=True)
-
-
-@fuzz_case("store-shard-zarr-python-zstd")
-def shard_zarr_python_zstd(workdir: Path) -> FuzzCase:
-    """A zstd rgb shard with its index at the start, read through zarr-python (headers checked before it
-    decodes)."""
-    return _store_case(workdir, "store-shard-zarr-python-zstd", "rgb/c/0/0/0/0", index_at_start=True)
-
-
-@fuzz_case("store-ids-chunk")
-def ids_chunk(workdir: Path) -> FuzzCase:
-    """An ids chunk (vlen UTF-8 + crc32c)."""
-    return _store_case(workdir, "store-ids-chunk", "ids/c/1")
-
-
-@fuzz_case("store-zarr-json-group")
-def zarr_json_group(workdir: Path) -> FuzzCase:
-    """The group's ``zarr.json`` (the store's own metadata: format, version, shard size, grid, dim, sizes)."""
-    return _store_case(workdir, "store-zarr-json-group", "zarr.json")
-
-
-@fuzz_case("store-zarr-json-array")
-def zarr_json_array(workdir: Path) -> FuzzCase:
-    """The rgb array's ``zarr.json`` (shape, chunk and shard shapes, codecs, fill value)."""
-    return _store_case(workdir, "store-zarr-json-array", "rgb/zarr.json")
+# (case name, the store file fuzzed, _store_case options): what each case reads
+_CASES: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("store-shard-tokens", "tokens/c/1/0/0/0", {}),  # a raw float16 tokens shard (chunks, crc32cs, index), direct
+    ("store-shard-labels", "labels/c/0/0/0", {}),  # a blosc-lz4 labels shard, direct (decodes capped)
+    ("store-shard-rgb", "rgb/c/1/0/0/0", {}),  # a zstd rgb shard, direct (decodes capped)
+    # a shard index alone (offsets, lengths, its crc32c): aliasing, bounds, overflow; fixed and variable lengths
+    ("store-index-tokens", "tokens/c/0/0/0/0", {"cut": _index_at_end}),
+    ("store-index-rgb", "rgb/c/0/0/0/0", {"cut": _index_at_end}),
+    # shards with their index at the start, read through zarr-python (the fallback's checks, zstd headers
+    # checked before it decodes)
+    ("store-shard-zarr-python", "tokens/c/1/0/0/0", {"index_at_start": True}),
+    ("store-shard-zarr-python-zstd", "rgb/c/0/0/0/0", {"index_at_start": True}),
+    ("store-ids-chunk", "ids/c/1", {}),  # an ids chunk (vlen UTF-8 + crc32c)
+    ("store-zarr-json-group", "zarr.json", {}),  # the store's own metadata: format, shard size, grid, dim, sizes
+    ("store-zarr-json-array", "rgb/zarr.json", {}),  # shape, chunk and shard shapes, codecs, fill value
+)
+for _name, _member, _options in _CASES:
+    fuzz_case(_name)(functools.partial(_store_case, name=_name, member=_member, **_options))
