@@ -72,7 +72,7 @@ def umap_backend(requested: str) -> str:
     has_cuml = importlib.util.find_spec("cuml") is not None
     if requested == "cuml" and not has_cuml:
         raise ConfigError("umap.backend=cuml needs cuML on an NVIDIA GPU: pip install 'stegopipe[gpu]' "
-                          "(cuml-cu12, cupy-cuda12x), or set umap.backend=umap-learn")
+                          "(cuml-cu13, cupy-cuda13x), or set umap.backend=umap-learn")
     return ("cuml" if has_cuml else "umap-learn") if requested == "auto" else requested
 
 
