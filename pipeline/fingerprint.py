@@ -10,7 +10,7 @@ relative ones resolved), and every string constant that names a project module (
 Each file is hashed as its AST with docstrings removed and no positions (``ast.dump`` without
 attributes), so comments, docstrings and formatting never change a fingerprint; every top-level
 function, class and assignment gets a hash of its own, so a change can be named down to the function.
-Files are parsed once per ``(path, size, mtime_ns)`` in this process and cached on disk
+Files are parsed once per ``(path, sha256 of the bytes)`` in this process and cached on disk
 (``$STEGOPIPE_CACHE_DIR``, default ``~/.cache/stegopipe``) across processes.
 
 Framework modules that cannot change what a stage writes are left out through :data:`EXCLUDED` only
@@ -118,9 +118,9 @@ def _mentions(tree: ast.Module, module: str, is_package: bool) -> tuple[str, ...
     return tuple(dict.fromkeys(found))
 
 
-def parse_file(path: Path, module: str) -> FileFacts:
-    """The :class:`FileFacts` of one file (uncached; see :func:`file_facts`)."""
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+def parse_source(source: bytes, path: Path, module: str) -> FileFacts:
+    """The :class:`FileFacts` of one file's ``source`` (uncached; see :func:`file_facts`)."""
+    tree = ast.parse(source, filename=str(path))
     _strip_docstrings(tree)
     mentions = _mentions(tree, module, path.name == "__init__.py")
     parts: dict[str, list[str]] = {}
@@ -131,11 +131,12 @@ def parse_file(path: Path, module: str) -> FileFacts:
 
 
 class _FileCache:
-    """Parsed files by absolute path, valid while ``(size, mtime_ns)`` holds; loaded from and saved to
-    one JSON file per Python version (the AST differs between versions)."""
+    """Parsed files by absolute path, valid while the file's bytes hash the same (a sha256 of a source file
+    costs microseconds; its size and mtime could hold across an edit); loaded from and saved to one JSON file
+    per Python version (the AST differs between versions)."""
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[list[int], FileFacts]] = {}
+        self.entries: dict[str, tuple[str, FileFacts]] = {}
         self.loaded = False
         self.dirty = False
 
@@ -167,12 +168,12 @@ class _FileCache:
     def facts(self, path: Path, module: str) -> FileFacts:
         if not self.loaded:
             self.load()
-        stat = path.stat()
-        key = [stat.st_size, stat.st_mtime_ns]
+        source = path.read_bytes()
+        key = hashlib.sha256(source).hexdigest()
         name = str(path)
         held = self.entries.get(name)
         if held is None or held[0] != key:
-            held = self.entries[name] = (key, parse_file(path, module))
+            held = self.entries[name] = (key, parse_source(source, path, module))
             self.dirty = True
         return held[1]
 
@@ -181,7 +182,7 @@ _CACHE = _FileCache()
 
 
 def file_facts(path: Path, module: str) -> FileFacts:
-    """The facts of ``path`` (module ``module``), cached by the file's size and mtime."""
+    """The facts of ``path`` (module ``module``), cached by the hash of its bytes."""
     return _CACHE.facts(path, module)
 
 
@@ -235,10 +236,11 @@ class Fingerprint:
         return {"scheme": SCHEME, "digest": self.digest, "files": self.files}
 
 
-def closure(roots: Iterable[str], projects: Iterable[str]) -> dict[str, tuple[Path, Path]]:
-    """Every project module reachable from ``roots`` (module name → (file, root)), minus :data:`EXCLUDED`."""
+def closure(roots: Iterable[str], projects: Iterable[str]) -> dict[str, tuple[Path, Path, FileFacts]]:
+    """Every project module reachable from ``roots`` (module name → (file, root, its facts)), minus
+    :data:`EXCLUDED`."""
     tops = set(projects)
-    found: dict[str, tuple[Path, Path]] = {}
+    found: dict[str, tuple[Path, Path, FileFacts]] = {}
     todo = list(roots)
     while todo:
         name = todo.pop()
@@ -247,10 +249,11 @@ def closure(roots: Iterable[str], projects: Iterable[str]) -> dict[str, tuple[Pa
         located = module_file(name)
         if located is None:
             continue
-        found[name] = located
+        facts = file_facts(located[0], name)
+        found[name] = (*located, facts)
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
-        todo += [m for m in file_facts(located[0], name).mentions if m.split(".")[0] in tops]
+        todo += [m for m in facts.mentions if m.split(".")[0] in tops]
     return found
 
 
@@ -262,8 +265,7 @@ def fingerprint(module: str, plugins: Iterable[str] | None = None) -> Fingerprin
         raise StageError(f"cannot fingerprint module {module}: its source file is not found "
                          f"(sys.path: {os.pathsep.join(sys.path)})")
     files: dict[str, dict[str, Any]] = {}
-    for name, (path, root) in closure([module, *plugins], projects).items():
-        facts = file_facts(path, name)
+    for path, root, facts in closure([module, *plugins], projects).values():
         files[path.relative_to(root).as_posix()] = {"sha256": facts.digest, "defs": facts.defs}
     _CACHE.save()
     payload = json.dumps([SCHEME, sorted((rel, entry["sha256"]) for rel, entry in files.items())])

@@ -129,6 +129,20 @@ def test_the_closure_follows_every_kind_of_import(tmp_path: Path, monkeypatch: p
     assert found.files["fpdemo/rel_a.py"]["defs"].keys() == {"X"}
 
 
+def test_an_edit_that_keeps_size_and_mtime_changes_the_fingerprint(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parse cache is keyed by the file's bytes, not by its size and mtime (both can survive an edit)."""
+    _package(tmp_path, monkeypatch, "fpsame", {"__init__.py": "", "plugin.py": "", "stage.py": "SCALE = 1\n"})
+    stage = tmp_path / "fpsame" / "stage.py"
+    before = fp.fingerprint("fpsame.stage", plugins=["fpsame.plugin"])
+    stat = stage.stat()
+    stage.write_text("SCALE = 3\n")
+    os.utime(stage, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stage.stat().st_size == stat.st_size and stage.stat().st_mtime_ns == stat.st_mtime_ns
+    after = fp.fingerprint("fpsame.stage", plugins=["fpsame.plugin"])
+    assert fp.changed_code(before.files, after.files) == ["fpsame/stage.py (SCALE)"]
+
+
 def test_every_exclusion_names_a_module_and_a_reason() -> None:
     for module, reason in fp.EXCLUDED.items():
         assert fp.module_file(module) is not None, module
