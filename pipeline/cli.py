@@ -39,7 +39,7 @@ from pipeline.config import (SECTIONS, check_section, get_path, load_config, par
                              to_container, to_yaml)
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
 from pipeline.experiments import Experiment, experiment_names, experiment_path, sweep_values  # noqa: E402
-from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, manifest_reader,  # noqa: E402
+from pipeline.labels import (COLUMNS, Labeller, chain, distinguishing, format_cell, leaves, manifest_reader,  # noqa: E402
                              store_lookup)
 from pipeline.progress import duration  # noqa: E402
 from pipeline.adopt import FULL_BELOW_S, SAMPLE_SHARDS, adopt  # noqa: E402
@@ -183,12 +183,6 @@ def _complete_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -
 _FIRST_KEYS = ("method", "dataset", "split", "dim", "backbone", "res", "seed", "experiment")
 
 
-def _leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{prefix}{key}.")]
-    return [(prefix[:-1], value)]
-
-
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -200,12 +194,12 @@ def _short(value: Any) -> str:
 
 def params_summary(params: dict[str, Any], width: int = 72) -> str:
     """A one-line ``key=value`` summary of an artifact's params, the telling keys first."""
-    leaves = [(k, v) for k, v in _leaves(params) if v is not None and k]
+    shown_leaves = [(k, v) for k, v in leaves(params) if v is not None and k]
     order = {key: n for n, key in enumerate(_FIRST_KEYS)}
-    leaves.sort(key=lambda kv: order.get(kv[0].rsplit(".", 1)[-1], len(order)))
-    names = [k.rsplit(".", 1)[-1] for k, _ in leaves]
-    shown = [name if name in order and names.count(name) == 1 else k for name, (k, _) in zip(names, leaves)]
-    text = " ".join(f"{key}={_short(v)}" for key, (_, v) in zip(shown, leaves))
+    shown_leaves.sort(key=lambda kv: order.get(kv[0].rsplit(".", 1)[-1], len(order)))
+    names = [k.rsplit(".", 1)[-1] for k, _ in shown_leaves]
+    shown = [name if name in order and names.count(name) == 1 else k for name, (k, _) in zip(names, shown_leaves)]
+    text = " ".join(f"{key}={_short(v)}" for key, (_, v) in zip(shown, shown_leaves))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

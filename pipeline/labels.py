@@ -240,13 +240,11 @@ def _without(params: Mapping[str, Any], paths: set[str], prefix: str = "") -> di
             for k, v in params.items() if f"{prefix}{k}" not in paths}
 
 
-def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+def leaves(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted path, value)`` of every leaf of nested mappings, in their order (an empty mapping has none)."""
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_leaves(sub, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: value}
+        return [leaf for key, sub in value.items() for leaf in leaves(sub, f"{prefix}{key}.")]
+    return [(prefix[:-1], value)]
 
 
 def distinguishing(labels: Sequence[str], params: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -259,9 +257,9 @@ def distinguishing(labels: Sequence[str], params: Sequence[Mapping[str, Any]]) -
     for members in groups.values():
         if len(members) < 2:
             continue
-        leaves = [_leaves(params[n]) for n in members]
-        keys = sorted({k for leaf in leaves for k in leaf})
-        varying = [k for k in keys if len({repr(leaf.get(k)) for leaf in leaves}) > 1]
-        for n, leaf in zip(members, leaves, strict=True):
+        rows = [dict(leaves(params[n])) for n in members]
+        keys = sorted({k for leaf in rows for k in leaf})
+        varying = [k for k in keys if len({repr(leaf.get(k)) for leaf in rows}) > 1]
+        for n, leaf in zip(members, rows, strict=True):
             out[n] = " ".join(f"{k}={leaf.get(k)}" for k in varying)
     return out
