@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import google_crc32c
 import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
@@ -51,7 +50,7 @@ from pipeline.artifacts import (
 from pipeline.errors import InputError
 from pipeline.prefetch import prefetch
 from stages.store.artifact import TOKENS_STORE
-from stages.store.fastpath import _EMPTY, shard_index_problem
+from stages.store.fastpath import _EMPTY, _crc, shard_index_problem
 from stages.store.reader import TokenStore
 
 _BLOCK = 8 << 20
@@ -89,8 +88,8 @@ class _Layout:
 
 
 def _crc_ok(data: np.ndarray) -> bool:
-    """Whether ``data`` (uint8) ends in the crc32c of the rest, little-endian (zarr's crc32c codec)."""
-    return len(data) >= 4 and int(google_crc32c.value(data[:-4])) == int.from_bytes(data[-4:].tobytes(), "little")
+    """Whether ``data`` (uint8) ends in the crc32c of the rest (zarr's crc32c codec)."""
+    return len(data) >= 4 and _crc(data[:-4]) == data[-4:].tobytes()
 
 
 class _CheckedStore(WrapperStore[FsspecStore]):
