@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from stages.stego.knn import _LOW as _HIGH  # the key's column part: one definition of the key layout
+
 _CHUNK = 64  # similarities per vectorised max before a scalar scan
-_HIGH = 4294967296  # 2**32
 _SELF_MONO = 0x7F800000  # mono(+inf)
 _INT32_MIN = -2147483648
 
