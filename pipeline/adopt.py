@@ -33,7 +33,7 @@ from pipeline.context import StageContext
 from pipeline.environment import resolve_device
 from pipeline.errors import ArtifactError, StegopipeError
 from pipeline.executor import LOG_FILE, load_inputs
-from pipeline.fingerprint import changed_code
+from pipeline.fingerprint import Fingerprint, changed_code
 from pipeline.planner import Task
 from pipeline.registry import get_stage, stage_fingerprint
 
@@ -93,10 +93,10 @@ def _differences(work: Path, cached: Path) -> list[str]:
     return differ
 
 
-def _copy_files(store: ArtifactStore, source: str, into: Path, *, link: bool) -> None:
-    """The files ``source``'s manifest lists, into ``into``: hard links (``link``; copies across
+def _copy_files(store: ArtifactStore, source: str, files: list[dict[str, Any]], into: Path, *, link: bool) -> None:
+    """``files`` (``source``'s manifest entries) into ``into``: hard links (``link``; copies across
     filesystems), else copies."""
-    for entry in store.manifest(source).get("files", []):
+    for entry in files:
         origin = confined(store.path(source), entry["path"])  # never a file outside the artifact
         target = into / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,12 +109,12 @@ def _copy_files(store: ArtifactStore, source: str, into: Path, *, link: bool) ->
         shutil.copy2(origin, target)
 
 
-def _twin(store: ArtifactStore, task: Task, source: str, how: dict[str, Any]) -> None:
-    """Publish ``task.id`` as hard links of ``source``'s files with a manifest that says it was adopted."""
-    old = store.manifest(source)
+def _twin(store: ArtifactStore, task: Task, source: str, old: dict[str, Any], fingerprint: Fingerprint,
+          how: dict[str, Any]) -> None:
+    """Publish ``task.id`` as hard links of ``source``'s files (``old``: its manifest) with a manifest that
+    says it was adopted, under the current code's ``fingerprint``."""
     staging = store.staging(task.id, fresh=True)
-    _copy_files(store, source, staging.dir, link=True)
-    fingerprint = stage_fingerprint(get_stage(task.stage))
+    _copy_files(store, source, old.get("files", []), staging.dir, link=True)
     manifest = {key: value for key, value in old.items() if key not in ("id", "files", "manifest_sha256")}
     manifest.update(version=task.code, fingerprint=fingerprint.record(), inputs=task.inputs, created=utc_now(),
                     adopted={"from": source, **how})
@@ -133,7 +133,8 @@ def verify_and_adopt(store: ArtifactStore, task: Task, source: str, *, device: s
                         f"stage {task.stage} has no shards to sample and its cached run took {took:.0f} s "
                         f"(more than --full-below-s {full_below_s:.0f}); rebuild it with `stegopipe run`")
     start = time.perf_counter()
-    code = changed_code((old.get("fingerprint") or {}).get("files") or {}, stage_fingerprint(stage).files)
+    fingerprint = stage_fingerprint(stage)
+    code = changed_code((old.get("fingerprint") or {}).get("files") or {}, fingerprint.files)
     work = Staging(store.root / ".staging" / f"{task.id}.adopt")
     shutil.rmtree(work.dir, ignore_errors=True)
     work.dir.mkdir(parents=True)
@@ -141,7 +142,7 @@ def verify_and_adopt(store: ArtifactStore, task: Task, source: str, *, device: s
     lock.acquire()
     try:
         if not whole:  # resume from the cached files: only the sampled shards are redone
-            _copy_files(store, source, work.dir, link=False)
+            _copy_files(store, source, old.get("files", []), work.dir, link=False)
         ctx = StageContext(task, store, work, load_inputs(store, task), resolve_device(device), stage.sections,
                            sample=None if whole else samples)
         try:
@@ -162,7 +163,7 @@ def verify_and_adopt(store: ArtifactStore, task: Task, source: str, *, device: s
                             time.perf_counter() - start)
         how = {"verified": verified, "result": "files identical",
                "shards": None if whole else ctx.sampled, "code_changes": code}
-        _twin(store, task, source, how)
+        _twin(store, task, source, old, fingerprint, how)
         return Adoption(task.id, "adopted", source, f"verified on {verified}, files identical",
                         time.perf_counter() - start)
     finally:
