@@ -104,8 +104,12 @@ def fit_parts(fit: FitRows, samples_per_part: int) -> list[tuple[np.ndarray, np.
 
 
 def read_part(store_path: str, samples: np.ndarray, local_rows: np.ndarray | None) -> np.ndarray:
+    """:func:`part_rows` of the store at ``store_path`` (a dask task opens the store itself)."""
+    return part_rows(token_store.open_token_store(store_path), samples, local_rows)
+
+
+def part_rows(store: TokenStore, samples: np.ndarray, local_rows: np.ndarray | None) -> np.ndarray:
     """Float16 token rows ``[m, D]`` of one fit part (reads only the parts' samples)."""
-    store = token_store.open_token_store(store_path)
     block = store.get("tokens", samples)
     block = block.reshape(-1, block.shape[-1])
     return block if local_rows is None else block[local_rows]
@@ -116,9 +120,10 @@ def _part_rows(part: tuple[np.ndarray, np.ndarray | None], hw: int) -> int:
     return len(samples) * hw if local is None else len(local)
 
 
-def iter_parts(store_path: str, parts: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[np.ndarray]:
-    """Read the parts in order, the next one prefetched in a background thread (:mod:`pipeline.prefetch`)."""
-    with prefetch(lambda part: read_part(store_path, *part), parts, workers=1, name="reduce-read") as blocks:
+def iter_parts(store: TokenStore, parts: list[tuple[np.ndarray, np.ndarray | None]]) -> Iterator[np.ndarray]:
+    """Read the parts in order from the open ``store`` (its checked shard indexes reused), the next one
+    prefetched in a background thread (:mod:`pipeline.prefetch`)."""
+    with prefetch(lambda part: part_rows(store, *part), parts, workers=1, name="reduce-read") as blocks:
         yield from blocks
 
 
@@ -141,7 +146,7 @@ def fit_moments(store: TokenStore, fit: FitRows, backend: str, device: str, chun
         backend = "gpu" if device == "cuda" else "dask"
     if backend == "dask":
         return pca_moments_dask(dask_fit_array(store.path, parts, h * w, store.dim)), "dask"
-    blocks = tqdm(iter_parts(store.path, parts), total=len(parts), unit="part", desc="reduce: moments", leave=False)
+    blocks = tqdm(iter_parts(store, parts), total=len(parts), unit="part", desc="reduce: moments", leave=False)
     if backend == "gpu":  # cupy when it sees the GPU, else torch on cuda (the check comes before any read)
         try:
             return accumulate_moments(blocks, "cupy"), "cupy"
@@ -154,7 +159,7 @@ def read_rows(store: TokenStore, fit: FitRows, chunk_samples: int = 256) -> np.n
     """Every fit row as one float32 ``[rows, D]`` array (for fits that need the data in memory)."""
     out = np.empty((fit.n_rows, store.dim), np.float32)
     at = 0
-    for block in iter_parts(store.path, fit_parts(fit, chunk_samples)):
+    for block in iter_parts(store, fit_parts(fit, chunk_samples)):
         out[at : at + len(block)] = block
         at += len(block)
     return out
