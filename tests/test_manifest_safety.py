@@ -129,5 +129,5 @@ def test_adopt_never_copies_a_file_from_outside_the_artifact(tmp_path: Path) -> 
     _rewrite(store, artifact, files=[{"path": "link/passwd", "size": 1, "sha256": "0" * 64}])
     into = tmp_path / "into"
     with pytest.raises(ArtifactError, match="leading out of the artifact"):
-        _copy_files(store, artifact, into, link=False)
+        _copy_files(store, artifact, store.manifest(artifact)["files"], into, link=False)
     assert not (into / "link" / "passwd").exists()
