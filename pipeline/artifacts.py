@@ -171,14 +171,27 @@ def confined(directory: Path, rel: Any, *, follow: bool = True) -> Path:
     return path
 
 
-def _check_manifest(path: Path, manifest: Any, *, sealed: bool = True) -> dict[str, Any]:
-    """``manifest`` if it is a sealed manifest (``sealed``: its checksum is checked) of the folder it sits
-    in, with well-formed ``files`` and ``inputs``; ArtifactError naming ``path`` and the first problem
-    otherwise."""
-    def bad(what: str) -> ArtifactError:
-        return ArtifactError(f"{path}: {what}; the artifact is damaged and cannot be trusted (rebuild it with "
-                             f"--force, or delete its folder)")
+LOCAL_HINT = "the artifact is damaged and cannot be trusted (rebuild it with --force, or delete its folder)"
+"""What to do about a damaged manifest in an artifact root (the ``hint`` of :func:`parse_manifest`)."""
 
+
+def parse_manifest(data: bytes, where: str, *, directory: Path | None, sealed: bool = True,
+                   hint: str = LOCAL_HINT) -> dict[str, Any]:
+    """The manifest in ``data``, the bytes of the file ``where``, exactly as it was published, or
+    ArtifactError naming ``where``, the first problem and ``hint``. Checked: at most MAX_MANIFEST_BYTES,
+    strict JSON (no NaN or Infinity), sealed by its own checksum (skipped when not ``sealed``), its id the
+    name of the artifact folder it sits in (``directory``), or, where there is none (an object store),
+    present and the one its own stage, version, params and inputs give; ``inputs`` map names to ids,
+    ``files`` are ``{path, size >= 0, sha256}`` entries inside the artifact."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {what}; {hint}")
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{where}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+    try:
+        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise bad(f"manifest is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(manifest, dict):
         raise bad(f"manifest is a {type(manifest).__name__}, not a JSON object")
     stored = manifest.get(MANIFEST_CHECKSUM)
@@ -186,9 +199,8 @@ def _check_manifest(path: Path, manifest: Any, *, sealed: bool = True) -> dict[s
         raise bad(f"manifest has no {MANIFEST_CHECKSUM}")
     if sealed and stored != manifest_checksum(manifest):
         raise bad(f"content differs from its {MANIFEST_CHECKSUM} (corrupted or edited)")
-    folder = path.parent.name
-    if "id" in manifest and manifest["id"] != folder:
-        raise bad(f"manifest id {manifest['id']!r} differs from its folder name {folder!r}")
+    if directory is not None and "id" in manifest and manifest["id"] != directory.name:
+        raise bad(f"manifest id {manifest['id']!r} differs from its folder name {directory.name!r}")
     inputs = manifest.get("inputs", {})
     if not isinstance(inputs, dict) or not all(isinstance(k, str) and isinstance(v, str) and ID_PATTERN.match(v)
                                                for k, v in inputs.items()):
@@ -198,13 +210,20 @@ def _check_manifest(path: Path, manifest: Any, *, sealed: bool = True) -> dict[s
             isinstance(e, dict) and isinstance(e.get("path"), str) and type(e.get("size")) is int
             and e["size"] >= 0 and isinstance(e.get("sha256"), str) for e in files):
         raise bad("'files' must be a list of {path, size, sha256} entries")
+    if directory is None:
+        artifact = manifest.get("id")
+        if not isinstance(artifact, str) or not ID_PATTERN.match(artifact):
+            raise bad(f"manifest id {artifact!r} is not an artifact id")
+        if id_from_manifest(manifest) != artifact:
+            raise bad(f"its stage, version, params and inputs give the id {id_from_manifest(manifest)}, "
+                      f"not {artifact} (the manifest was edited)")
     for entry in files:
-        confined(path.parent, entry["path"], follow=False)
+        confined(directory or Path(manifest["id"]), entry["path"], follow=False)
     return manifest
 
 
 def read_manifest(directory: Path, *, sealed: bool = True) -> dict[str, Any]:
-    """The manifest of the artifact folder ``directory``, checked (:func:`_check_manifest`): exactly what
+    """The manifest of the artifact folder ``directory``, checked (:func:`parse_manifest`): exactly what
     was published, or ArtifactError naming the file (MissingArtifactError when there is none).
     ``sealed=False`` skips only the checksum (the cache check's look at file sizes: a damaged checksum is
     then reported by the input check, which refuses to run, rather than rebuilt over)."""
@@ -212,19 +231,15 @@ def read_manifest(directory: Path, *, sealed: bool = True) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            data = handle.read() if size <= MAX_MANIFEST_BYTES else b""
+            if size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+            data = handle.read(MAX_MANIFEST_BYTES + 1)  # a file growing meanwhile is still cut off
     except (FileNotFoundError, NotADirectoryError):
         raise MissingArtifactError(f"artifact {directory.name} does not exist under "
                                    f"{directory.parent.parent}") from None
     except OSError as exc:
         raise ArtifactError(f"{path}: unreadable ({exc.strerror or exc})") from None
-    if max(size, len(data)) > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
-    try:
-        manifest = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({str(exc)[:200]})") from None
-    return _check_manifest(path, manifest, sealed=sealed)
+    return parse_manifest(data, str(path), directory=directory, sealed=sealed)
 
 
 def _no_constant(name: str) -> Any:

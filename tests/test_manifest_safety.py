@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.artifacts import MANIFEST, ArtifactStore, artifact_id, id_from_manifest, seal_manifest
+from pipeline.artifacts import MANIFEST, ArtifactStore, artifact_id, id_from_manifest, parse_manifest, seal_manifest
 from pipeline.cli import main
 from pipeline.errors import ArtifactError
 from tests.test_cli import tmpfs  # noqa: F401  (fixture)
@@ -45,6 +45,27 @@ def test_file_entries_outside_the_artifact_are_refused(tmp_path: Path, entry: st
     problems = store.verify(artifact)  # names the entry, hashes nothing outside
     assert str(store.path(artifact)) in problems[0]
     assert "leading out of the artifact" in problems[0] or "not a plain relative path" in problems[0]
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"score": float("nan")}, "not valid JSON"),  # NaN is not JSON, even when sealed
+    ({"files": [{"path": "data.bin", "size": -1, "sha256": "0" * 64}]}, "'files' must be a list"),
+    ({"inputs": {"a": "not-an-id"}}, "'inputs' must map names to artifact ids"),
+    ({"params": {"name": "forged"}}, "give the id"),  # the id no longer follows from the fields
+    ({"files": [{"path": "../x", "size": 1, "sha256": "0" * 64}]}, "not a plain relative path"),
+])
+def test_a_manifest_without_its_folder_is_checked_like_one_with_it(tmp_path: Path, change: dict[str, object],
+                                                                   problem: str) -> None:
+    """An object store's manifest (no folder name vouches for its id) gets every check a local one gets, and
+    its id is recomputed from its fields."""
+    store = ArtifactStore(tmp_path / "root")
+    artifact = _publish(store, "a")
+    manifest = json.loads((store.path(artifact) / MANIFEST).read_text())
+    assert parse_manifest(json.dumps(manifest).encode(), "s3://b/m.json", directory=None)["id"] == artifact
+    data = json.dumps(seal_manifest({**manifest, **change})).encode()
+    with pytest.raises(ArtifactError, match=problem) as caught:
+        parse_manifest(data, "s3://b/m.json", directory=None, hint="the export is damaged")
+    assert "\n" not in str(caught.value)
 
 
 def test_verify_recomputes_the_id_from_the_manifest(tmp_path: Path) -> None:

@@ -37,17 +37,8 @@ from zarr.codecs import Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
-from pipeline.artifacts import (
-    ID_PATTERN,
-    MANIFEST,
-    MANIFEST_CHECKSUM,
-    MAX_MANIFEST_BYTES,
-    ArtifactStore,
-    confined,
-    id_from_manifest,
-    manifest_checksum,
-)
-from pipeline.errors import InputError
+from pipeline.artifacts import MANIFEST, ArtifactStore, parse_manifest
+from pipeline.errors import ArtifactError, InputError
 from pipeline.prefetch import prefetch
 from stages.store.artifact import TOKENS_STORE
 from stages.store.fastpath import _EMPTY, _crc, shard_index_problem
@@ -173,29 +164,14 @@ class _CheckedStore(WrapperStore[FsspecStore]):
 
 
 def _manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """A tokens artifact's manifest from its bytes, checked as a local one is: sealed by its own checksum,
-    its id the one its fields give, every file entry a ``{path, size, sha256}`` inside the artifact."""
-    if len(raw) > MAX_MANIFEST_BYTES:
-        raise InputError(f"{where}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
+    """A tokens artifact's manifest from its bytes, checked as a local one is (:func:`parse_manifest`, the id
+    recomputed from its fields since no folder name vouches for it); InputError naming ``where`` otherwise."""
     try:
-        manifest = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise InputError(f"{where}: not valid JSON ({str(exc)[:200]})") from exc
-    if not isinstance(manifest, dict) or manifest.get(MANIFEST_CHECKSUM) != manifest_checksum(manifest):
-        raise InputError(f"{where}: content differs from its {MANIFEST_CHECKSUM}, or has none (corrupt or edited)")
-    artifact = str(manifest.get("id"))
-    if manifest.get("kind") != "tokens" or not ID_PATTERN.match(artifact):
-        raise InputError(f"{where}: not the manifest of a tokens artifact (kind {manifest.get('kind')!r}, "
-                         f"id {artifact!r})")
-    if id_from_manifest(manifest) != artifact:
-        raise InputError(f"{where}: its stage, version, params and inputs give the id {id_from_manifest(manifest)}, "
-                         f"not {artifact} (the manifest was edited)")
-    files = manifest.get("files")
-    if not isinstance(files, list) or not all(isinstance(e, dict) and type(e.get("size")) is int
-                                              and isinstance(e.get("sha256"), str) for e in files):
-        raise InputError(f"{where}: 'files' must be a list of {{path, size, sha256}} entries")
-    for entry in files:
-        confined(Path(artifact), entry.get("path"), follow=False)
+        manifest = parse_manifest(raw, where, directory=None, hint="the export is damaged or was edited")
+    except ArtifactError as exc:
+        raise InputError(str(exc)) from None
+    if manifest.get("kind") != "tokens":
+        raise InputError(f"{where}: not the manifest of a tokens artifact (kind {manifest.get('kind')!r})")
     return manifest
 
 
