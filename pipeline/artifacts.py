@@ -40,7 +40,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,6 +118,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file_cached(path: Path) -> str:
+    """:func:`sha256_file` of ``path``, remembered in this process while the file keeps its device, inode,
+    size, mtime and ctime. An edit that restores size and mtime (``touch -d``, ``os.utime``) still moves
+    the ctime, which no user call can set back, so a changed file is always hashed again."""
+    stat = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                                                  stat.st_ctime_ns))
+
+
+@lru_cache(maxsize=64)
+def _sha256_of(path: str, identity: tuple[int, ...]) -> str:
+    return sha256_file(Path(path))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

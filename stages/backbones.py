@@ -15,12 +15,12 @@ import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import sha256_file_cached
 from pipeline.errors import ConfigError, InputError
 from pipeline.lazy import lazy_module
 
@@ -373,24 +373,17 @@ __all__ = [
 ]
 
 
-@cache
-def _file_tag(prefix: str, path: str, size: int, mtime_ns: int) -> str:
-    """``prefix:<sha256[:16]>`` of a weights file (cached per path, size and mtime)."""
-    return f"{prefix}:{sha256_file(Path(path))[:16]}"
-
-
 def _weights_file_tag(prefix: str, path: Path, key: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{key}: weights file {path} does not exist")
-    stat = path.stat()
-    return _file_tag(prefix, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return f"{prefix}:{sha256_file_cached(path)[:16]}"
 
 
 def weights_tag(backbone: Any) -> str:
     """The tag :func:`load_backbone` will report for ``backbone.*``, computed without loading it.
 
     ``random-seed<k>``, ``timm``, ``dino:<sha16>`` or ``file:<sha16>`` of the weights file's content, so
-    the artifact id follows the weights, not their path. File hashes are cached per (path, size, mtime).
+    the artifact id follows the weights, not their path. File hashes are cached while the file is unchanged.
     """
     name, weights = backbone.name, backbone.weights
     if weights == "random":

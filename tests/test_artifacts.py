@@ -314,3 +314,19 @@ def test_a_lock_held_by_a_zombie_is_broken_at_once(tmp_path: Path) -> None:
         lock.release()
     finally:
         child.wait()
+
+
+def test_cached_file_hash_follows_an_edit_that_keeps_size_and_mtime(tmp_path: Path) -> None:
+    """A weights or checkpoint file rewritten in place with its size and mtime put back (``touch -d``) must be
+    hashed again: keyed by size and mtime alone, the cache named the old bytes."""
+    from pipeline.artifacts import sha256_file, sha256_file_cached
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"a" * 4096)
+    before = path.stat()
+    first = sha256_file_cached(path)
+    assert first == sha256_file(path) and sha256_file_cached(path) == first
+    path.write_bytes(b"b" * 4096)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert sha256_file_cached(path) == sha256_file(path) != first

@@ -21,7 +21,6 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import sha256_file_cached
 from pipeline.errors import InputError
 from stages.stego.head import StegoHead
 
@@ -326,15 +325,9 @@ def _backbone(path: Path, cfg: Mapping[str, Any], vit: Mapping[str, torch.Tensor
     return model_type, int(patch_size)
 
 
-@lru_cache(maxsize=32)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
-
 def checkpoint_sha256(path: Path) -> str:
-    """sha256 of a checkpoint file (cached per path, size and mtime); ``InputError`` if it is missing."""
+    """sha256 of a checkpoint file (cached while the file is unchanged); ``InputError`` if it is missing."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file (head.checkpoint / import-stego)")
-    stat = path.stat()
-    return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
+    return sha256_file_cached(path)
