@@ -31,11 +31,12 @@ from pipeline.artifacts import (MANIFEST, SHARD_MARKERS, ArtifactStore, Staging,
                                 utc_now)
 from pipeline.context import StageContext
 from pipeline.environment import resolve_device
-from pipeline.errors import ArtifactError, StegopipeError
+from pipeline.errors import StegopipeError
 from pipeline.executor import LOG_FILE, load_inputs
 from pipeline.fingerprint import Fingerprint, changed_code
 from pipeline.planner import Task
 from pipeline.registry import get_stage, stage_fingerprint
+from pipeline.why import Explainer
 
 SAMPLE_SHARDS = 3
 FULL_BELOW_S = 300.0
@@ -57,18 +58,15 @@ def _same_json(a: Any, b: Any) -> bool:
     return canonical_json(a) == canonical_json(b)
 
 
-def find_source(store: ArtifactStore, task: Task, same: Mapping[str, str]) -> str | None:
-    """A cached artifact of ``task``'s stage that differs from it only in code: same params, args, format
-    version and package versions (when the id holds them), inputs the same after ``same`` (new id → the
-    cached id it stands for). Artifacts published before code fingerprints qualify too."""
+def find_source(siblings: list[tuple[str, dict[str, Any]]], task: Task, same: Mapping[str, str]) -> str | None:
+    """Of ``siblings`` (the cached artifacts of ``task``'s stage with their manifests), one that differs
+    from ``task`` only in code: same params, args, format version and package versions (when the id holds
+    them), inputs the same after ``same`` (new id → the cached id it stands for). Artifacts published before
+    code fingerprints qualify too."""
     wanted = {name: same.get(dep) for name, dep in task.inputs.items()}
     if None in wanted.values():
         return None
-    for artifact in store.ids(task.stage):
-        try:
-            manifest = store.manifest(artifact)
-        except ArtifactError:
-            continue
+    for artifact, manifest in siblings:
         code = manifest.get("version")
         if isinstance(code, Mapping) and (code.get("format") != task.code.get("format")
                                           or code.get("packages") != task.code.get("packages")):
@@ -177,12 +175,13 @@ def adopt(store: ArtifactStore, tasks: list[Task], *, device: str = "auto", full
     its code (see the module docstring). A task downstream of one not adopted is not matched."""
     same: dict[str, str] = {}
     done = []
+    cached = Explainer(store)  # each stage's manifests read once
     for task in tasks:
         if store.exists(task.id):
             same[task.id] = task.id
             done.append(Adoption(task.id, "cached"))
             continue
-        source = find_source(store, task, same)
+        source = find_source(cached.siblings(task.stage), task, same)
         if source is None:
             done.append(Adoption(task.id, "no-match", detail="no cached artifact differs from it only in code"))
             continue
