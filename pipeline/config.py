@@ -14,11 +14,11 @@ import json
 from functools import cache, lru_cache
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, get_type_hints
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from pipeline.errors import ConfigError, did_you_mean
@@ -200,9 +200,9 @@ def check_section(path: str, values: Any) -> None:
 
 
 def get_path(tree: Any, dotted: str) -> Any:
-    """The value at a dotted key of plain nested dicts (None where missing)."""
+    """The value at a dotted key of plain nested mappings (None where missing)."""
     for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
     return tree
 
 
@@ -375,18 +375,120 @@ def _preset_config(preset: str) -> DictConfig:
     return _PRESETS[key]
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The root config: defaults ← preset (and what it extends) ← overrides, validated (a new object)."""
+def _merged(preset: str | None, overrides: list[str] | tuple[str, ...]) -> tuple[DictConfig, bool]:
+    """defaults ← preset (and what it extends) ← overrides, unresolved, and whether it is a new object (else
+    the cached preset config: copy it before changing it)."""
     base = _preset_config(preset) if preset else schema()
     cfg = apply_overrides(base, overrides)  # merging copies
-    if cfg is base:
-        cfg = copy.deepcopy(base)
+    return cfg, cfg is not base
+
+
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with its interpolations resolved in place."""
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         where = f" at {exc.full_key}" if getattr(exc, "full_key", None) else ""
         raise ConfigError(f"config interpolation failed{where}: {_one_line(exc)}") from None
     return cfg
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The root config: defaults ← preset (and what it extends) ← overrides, validated (a new object)."""
+    cfg, new = _merged(preset, overrides)
+    return _resolved(cfg if new else copy.deepcopy(cfg))
+
+
+_PRIMITIVES = (bool, int, float, str)
+
+
+class Variants:
+    """Configs of one preset and its overrides ``before`` and ``after`` with a few more leaf overrides
+    between them (an experiment's cells: ``before`` its base overrides, ``after`` the command line's), as
+    plain resolved trees: one OmegaConf merge for them all, each variant a copy of the paths it changes.
+
+    :meth:`tree` gives the tree of ``load_config(preset, before + overrides + after)`` exactly, or None
+    where a cell is not that simple (then call :func:`load_config`: its errors name what is wrong): an
+    override of a section or a new key, a value the field would convert (``1`` for a float) or an
+    interpolation, a key an ``after`` override also sets, or a base config with an interpolation other
+    than ``${oc.env:...}`` (it could read an overridden key).
+    """
+
+    def __init__(self, preset: str | None, before: Iterable[str] = (), after: Iterable[str] = ()) -> None:
+        self.overrides = [*before, *after]
+        self.after_keys = [parse_override(text)[0] for text in after]
+        unresolved, new = _merged(preset, self.overrides)
+        self.simple = all(text.startswith("${oc.env:") for text in _interpolations(
+            OmegaConf.to_container(unresolved, resolve=False)))
+        self.cfg = _resolved(unresolved if new else copy.deepcopy(unresolved))
+        self.base = to_container(self.cfg)
+        self._values: dict[str, tuple[str, Any] | None] = {}
+
+    def _value(self, text: str) -> tuple[str, Any] | None:
+        """(key, value as a merge stores it) of a leaf override, None when it is not one (cached)."""
+        if text not in self._values:
+            key, value = parse_override(text)
+            stored = _leaf_value(self.cfg, key, value) if _is_leaf(self.cfg, key) and _plain(value) else _NOT_PLAIN
+            self._values[text] = None if stored is _NOT_PLAIN else (key, stored)
+        return self._values[text]
+
+    def tree(self, overrides: Iterable[str]) -> dict[str, Any] | None:
+        """The plain resolved tree with ``overrides`` applied (shares every unchanged sub-dict with the
+        other variants: read it, never change it), or None (see the class)."""
+        if not self.simple:
+            return None
+        tree = dict(self.base)
+        for text in overrides:
+            found = self._value(text)
+            if found is None:
+                return None
+            key, value = found
+            if any(key == k or key.startswith(f"{k}.") or k.startswith(f"{key}.") for k in self.after_keys):
+                return None
+            *parents, leaf = key.split(".")
+            node = tree
+            for part in parents:
+                node[part] = dict(node[part])
+                node = node[part]
+            node[leaf] = value
+        return tree
+
+
+_NOT_PLAIN = object()
+
+
+def _is_leaf(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and isinstance(node._get_node(leaf), ValueNode)
+
+
+def _plain(value: Any) -> bool:
+    """A value a merge stores as it is: a scalar that is not an interpolation or ``???``."""
+    if isinstance(value, str):
+        return "${" not in value and value != "???"
+    return value is None or isinstance(value, _PRIMITIVES)
+
+
+def _leaf_value(cfg: DictConfig, key: str, value: Any) -> Any:
+    """``value`` as the leaf ``key`` stores it, or :data:`_NOT_PLAIN` when the leaf would convert or
+    refuse it (a merge then warns or raises: :func:`load_config` does that)."""
+    parent, _, leaf = key.rpartition(".")
+    node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(leaf)
+    try:
+        converted = node.validate_and_convert(value)
+    except OmegaConfBaseException:
+        return _NOT_PLAIN
+    return converted if type(converted) is type(value) else _NOT_PLAIN
+
+
+def _interpolations(tree: Any) -> list[str]:
+    """Every string of a plain unresolved tree that holds an interpolation."""
+    if isinstance(tree, dict):
+        return [s for value in tree.values() for s in _interpolations(value)]
+    if isinstance(tree, list):
+        return [s for value in tree for s in _interpolations(value)]
+    return [tree] if isinstance(tree, str) and "${" in tree else []
 
 
 def to_container(cfg: Any) -> Any:

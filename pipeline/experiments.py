@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PRESET_DIRS, load_config, load_yaml, parse_override
+from pipeline.config import PRESET_DIRS, Variants, load_config, load_yaml, parse_override
 from pipeline.errors import ConfigError, did_you_mean
+from pipeline.params import View
 from pipeline.planner import Request, Task, plan, problems_error
 from pipeline.registry import get_stage
 
@@ -142,9 +143,13 @@ class Experiment:
         """
         overrides = list(overrides)
         base = list(self.spec.get("overrides") or [])
+        variants: dict[str | None, Variants] = {}
         requests = []
         for preset, point in self.points():
-            cfg = load_config(preset, base + point + overrides)
+            if preset not in variants:  # one merge per preset; each point's overrides set leaves of a copy
+                variants[preset] = Variants(preset, base, overrides)
+            tree = variants[preset].tree(point)
+            cfg = View(tree) if tree is not None else load_config(preset, base + point + overrides)
             requests += [Request(stage, cfg, args) for stage, args in self.targets()]
         collect = self.spec.get("collect")
         found: list[str] = []

@@ -121,10 +121,11 @@ def view(values: Mapping[str, Any]) -> DictConfig:
     return cfg
 
 
-class _View(Mapping[str, Any]):
-    """What conditions, checks and derived values read while planning: nested values by attribute or key,
-    read-only; a key that is not there raises (as ``ctx.config`` does), naming its dotted path. Light:
-    planning resolves every stage run of a sweep."""
+class View(Mapping[str, Any]):
+    """What conditions, checks and derived values read while planning, and the config of an experiment's
+    cell (:class:`pipeline.config.Variants`): nested values by attribute or key, read-only; a key that is
+    not there raises (as ``ctx.config`` does), naming its dotted path. Light: planning resolves every stage
+    run of a sweep."""
 
     def __init__(self, data: Mapping[str, Any], path: str = "") -> None:
         self._data, self._path = data, path
@@ -133,7 +134,7 @@ class _View(Mapping[str, Any]):
         if key not in self._data:
             raise KeyError(f"{self._path}{key}: not among the fields this stage may read here")
         value = self._data[key]
-        return _View(value, f"{self._path}{key}.") if isinstance(value, dict) else value
+        return View(value, f"{self._path}{key}.") if isinstance(value, dict) else value
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):
@@ -149,9 +150,13 @@ class _View(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def plain(self) -> Mapping[str, Any]:
+        """The nested values it reads (not a copy: do not change them)."""
+        return self._data
 
-def _light(values: Mapping[str, Any]) -> _View:
-    return _View(_nested(values))
+
+def _light(values: Mapping[str, Any]) -> View:
+    return View(_nested(values))
 
 
 def resolve(spec: Params | None, sections: Sequence[str], tree: Mapping[str, Any],

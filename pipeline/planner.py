@@ -15,6 +15,7 @@ from pipeline.artifacts import artifact_id
 from pipeline.config import get_path, to_container
 from pipeline.errors import ConfigError
 from pipeline.fingerprint import Fingerprint
+from pipeline.params import View
 from pipeline.registry import NEEDS, Need, Stage, get_stage, id_params, stage_code, stage_fingerprint
 
 
@@ -26,7 +27,7 @@ class Request:
     """
 
     stage: str
-    cfg: DictConfig = field(compare=False, hash=False)
+    cfg: DictConfig | View = field(compare=False, hash=False)  # a View: a plain resolved tree (experiments' cells)
     args: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     extra_inputs: Mapping[str, Request | str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -66,10 +67,10 @@ class _Memo:
             self.fingerprints[stage.name] = stage_fingerprint(stage)
         return self.fingerprints[stage.name]
 
-    def tree(self, cfg: DictConfig) -> dict[str, Any]:
+    def tree(self, cfg: DictConfig | View) -> dict[str, Any]:
         held = self.trees.get(id(cfg))
         if held is None or held[0] is not cfg:
-            held = self.trees[id(cfg)] = (cfg, to_container(cfg))
+            held = self.trees[id(cfg)] = (cfg, cfg.plain() if isinstance(cfg, View) else to_container(cfg))
         return held[1]
 
     def id_params(self, stage: Stage, cfg: DictConfig, args: Mapping[str, Any]) -> dict[str, Any]:

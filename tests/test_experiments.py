@@ -4,12 +4,16 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
+from pipeline import experiments
 from pipeline.cli import main
+from pipeline.config import Variants
 from pipeline.experiments import Experiment
 from stages.report import CSV_COLUMNS
 from tests.faults_util import TINY
@@ -73,3 +77,45 @@ def test_a_fig3_style_report_draws_the_pca_explained_variance(root: Path, tmp_pa
     text = (report / "report.md").read_text()
     assert "## Figure 3" in text and "| synthetic | vit_small_patch16_224, random init (seed 0) | 384 |" in text
     assert (report / "fig3.png").stat().st_size > 1000
+
+
+def _planned(name: str, overrides: tuple[str, ...] = ()) -> list[tuple[str, dict[str, object], dict[str, object]]]:
+    problems: list[str] = []
+    tasks, _ = Experiment.load(name).plan(overrides, problems)
+    return [(t.id, t.params, t.cfg) for t in tasks]
+
+
+@pytest.mark.parametrize("name", ["demo", "table2", "fig4"])
+def test_cells_planned_without_a_merge_each_equal_a_full_load_config_each(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An experiment merges its preset once and sets each cell's leaves on a copy of the plain tree: every
+    task (id, params, config) equals the plan that loads every cell's config in full."""
+    calls = Counter[str]()
+    real = experiments.load_config
+
+    def counted(preset: str | None = None, overrides: Sequence[str] = ()) -> object:
+        calls[str(preset)] += 1
+        return real(preset, overrides)
+
+    monkeypatch.setattr(experiments, "load_config", counted)
+    fast = _planned(name)
+    assert sum(calls.values()) <= 1  # the collecting report's config only; not one per cell
+    monkeypatch.setattr(Variants, "tree", lambda self, overrides: None)  # every cell through load_config
+    assert _planned(name) == fast and len(fast) > 10
+
+
+def test_a_cell_falls_back_to_load_config_where_a_leaf_copy_could_differ() -> None:
+    variants = Variants("synthetic", ["evaluate.crf=true"], ["projection.dim=8"])
+    assert variants.tree(["projection.method=pca"])["projection"] == {"method": "pca", "dim": 8, "seed": 0}
+    assert variants.tree(["projection.dim=4"]) is None  # the command line's projection.dim wins: load_config
+    assert variants.tree(["projection.method=nope"])["projection"]["method"] == "nope"  # str field; plan checks choices
+    assert variants.tree(["evaluate.crf=maybe"]) is None  # a bool field refuses it: load_config names it
+    assert variants.tree(["head.lr=1"]) is None  # a float field would convert 1: load_config does
+    assert variants.tree(["projection.dimm=4"]) is None and variants.tree(["projection={}"]) is None
+    assert variants.tree(["dataset.root=${oc.env:HOME}"]) is None
+    assert variants.base["projection"]["method"] == "identity"  # variants never change the base tree
+
+
+def test_experiment_overrides_equal_per_cell_load_config_with_command_line_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = _planned("demo", ("projection.dim=8", "head.steps=3"))
+    monkeypatch.setattr(Variants, "tree", lambda self, overrides: None)
+    assert _planned("demo", ("projection.dim=8", "head.steps=3")) == fast
