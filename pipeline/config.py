@@ -356,17 +356,24 @@ def load_preset_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Pa
     return layers + [(path, data)]
 
 
-_PRESETS: dict[tuple[str, tuple[tuple[str, type], ...]], DictConfig] = {}
+_PresetKey = tuple[str, tuple[tuple[str, type], ...]]
+_PRESETS: dict[_PresetKey, DictConfig] = {}
+
+
+def _preset_layers(preset: str) -> tuple[_PresetKey, list[tuple[Path, dict[str, Any]]]]:
+    """A preset's layers (base first) and what its config is made of: their content and the registered
+    sections."""
+    layers = load_preset_layers(resolve_preset(preset))
+    for _, data in layers:
+        data.pop("experiment", None)
+    return (json.dumps([[str(path), data] for path, data in layers], sort_keys=True, default=repr),
+            tuple(SECTIONS.items())), layers
 
 
 def _preset_config(preset: str) -> DictConfig:
     """defaults ← the preset's layers, merged once per layers' content and registered sections (the
     cached config itself: callers copy it before changing it)."""
-    layers = load_preset_layers(resolve_preset(preset))
-    for _, data in layers:
-        data.pop("experiment", None)
-    key = (json.dumps([[str(path), data] for path, data in layers], sort_keys=True, default=repr),
-           tuple(SECTIONS.items()))
+    key, layers = _preset_layers(preset)
     if key not in _PRESETS:
         cfg = schema()
         for path, data in layers:
@@ -400,6 +407,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 
 _PRIMITIVES = (bool, int, float, str)
+_VARIANTS: dict[tuple[Any, ...], Variants] = {}
 
 
 class Variants:
@@ -423,6 +431,16 @@ class Variants:
         self.cfg = _resolved(unresolved if new else copy.deepcopy(unresolved))
         self.base = to_container(self.cfg)
         self._values: dict[str, tuple[str, Any] | None] = {}
+
+    @classmethod
+    def of(cls, preset: str | None, before: Iterable[str] = (), after: Iterable[str] = ()) -> Variants:
+        """The variants of ``preset`` and overrides, made once per preset content and overrides (``gc``
+        plans every experiment; several share a preset)."""
+        before, after = tuple(before), tuple(after)
+        key = (_preset_layers(preset)[0] if preset else None, tuple(SECTIONS.items()), before, after)
+        if key not in _VARIANTS:
+            _VARIANTS[key] = cls(preset, before, after)
+        return _VARIANTS[key]
 
     def _value(self, text: str) -> tuple[str, Any] | None:
         """(key, value as a merge stores it) of a leaf override, None when it is not one (cached)."""

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from pipeline.config import PRESET_DIRS, Variants, load_config, load_yaml, parse_override
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.params import View
@@ -144,13 +146,16 @@ class Experiment:
         overrides = list(overrides)
         base = list(self.spec.get("overrides") or [])
         variants: dict[str | None, Variants] = {}
-        requests = []
-        for preset, point in self.points():
-            if preset not in variants:  # one merge per preset; each point's overrides set leaves of a copy
-                variants[preset] = Variants(preset, base, overrides)
+
+        def config(preset: str | None, point: list[str]) -> View | DictConfig:
+            """One merge per preset; each point's overrides set leaves of a copy (else load_config)."""
+            if preset not in variants:
+                variants[preset] = Variants.of(preset, base, overrides)
             tree = variants[preset].tree(point)
-            cfg = View(tree) if tree is not None else load_config(preset, base + point + overrides)
-            requests += [Request(stage, cfg, args) for stage, args in self.targets()]
+            return View(tree) if tree is not None else load_config(preset, base + point + overrides)
+
+        requests = [Request(stage, cfg, args) for preset, point in self.points() for cfg in [config(preset, point)]
+                    for stage, args in self.targets()]
         collect = self.spec.get("collect")
         found: list[str] = []
         tasks, targets = plan(requests, found, placeholders=placeholders)
@@ -162,7 +167,7 @@ class Experiment:
         if not collect:
             return tasks, targets
         get_stage(collect)
-        cfg = load_config(self.spec.get("preset"), base + overrides)
+        cfg = config(self.spec.get("preset"), [])
         extra = {f"{n:04d}": target for n, target in enumerate(dict.fromkeys(targets))}
         collect_tasks, collect_ids = plan([Request(collect, cfg, {"experiment": self.name}, extra)], problems)
         return tasks + collect_tasks, collect_ids
