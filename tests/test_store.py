@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from stages.store import (
     shard_ranges,
     write_shard,
 )
+from stages.store.reader import _Recycled
 
 N, GRID, DIM, LHW, SHARD = 7, (2, 3), 4, (4, 6), 3
 
@@ -126,6 +128,32 @@ def test_iter_batches(tmp_path):
         list(s.iter_batches(2, start=5, stop=9))
     with pytest.raises(ConfigError, match="batch_size"):
         list(s.iter_batches(0))
+
+
+def test_iter_batches_reuses_only_arrays_nobody_holds(tmp_path):
+    """A stream's arrays are taken back (:class:`_Recycled`) once the consumer dropped them, never while
+    anything (a kept batch, a view, a torch tensor sharing its memory) still references them."""
+    pool = _Recycled(keep=8)
+    first = pool.take((2, 3), np.dtype(np.float32))
+    ref = weakref.ref(first)
+    del first
+    assert pool.take((2, 3), np.dtype(np.float32)) is ref()  # dropped: reused
+    assert pool.take((2, 3), np.dtype(np.float16)) is not ref()  # another dtype: another array
+    for holder in (lambda a: a[1:], lambda a: torch.from_numpy(a), lambda a: [a]):
+        taken = pool.take((4,), np.dtype(np.int16))
+        ref, held = weakref.ref(taken), holder(taken)
+        del taken
+        assert pool.take((4,), np.dtype(np.int16)) is not ref()
+        del held
+    path = tmp_path / "t.zarr"
+    d = _build(path)
+    s = open_token_store(path)
+    want = d["tokens"].astype(np.float16).astype(np.float32)
+    kept = [(b["index"][0], b["tokens"][:, :1], torch.from_numpy(b["labels"]))
+            for b in s.iter_batches(1, arrays=("tokens", "labels"))]
+    for i, view, labels in kept:
+        np.testing.assert_array_equal(view, want[i:i + 1, :1])
+        np.testing.assert_array_equal(labels.numpy(), d["labels"][i:i + 1])
 
 
 def test_dask_tokens(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -236,41 +238,32 @@ class TokenStore:
     ) -> Iterator[dict[str, np.ndarray]]:
         """Stream samples ``[start, stop)`` in order as dicts of ``arrays`` plus ``"index"`` (int64).
 
-        Reads one shard (clipped to the range) per task, two tasks at a time in background threads (one
-        checksums and casts while the other waits on the disk; a shard file read whole is read with
-        ``POSIX_FADV_SEQUENTIAL``, the kernel's larger read-ahead); batches span shard boundaries, the
-        last one may be short. Token arrays are cast to ``tokens_dtype`` (float32 by default).
+        Each batch is read by :meth:`get` straight into its arrays, two batches at a time in background
+        threads (one checksums and casts while the other waits on the disk; a shard file read mostly whole
+        is read with ``POSIX_FADV_SEQUENTIAL``, the kernel's larger read-ahead); the last one may be short.
+        Token arrays are cast to ``tokens_dtype`` (float32 by default). A batch's arrays are reused for a
+        later batch once nothing references them any more (:class:`_Recycled`), so a consumer keeping a
+        batch (or a view of it) keeps its values, and one dropping it saves the allocation's page faults.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: must be a positive integer")
         stop = self.n if stop is None else stop
         if not 0 <= start <= stop <= self.n:
             raise InputError(f"token store {self.path}: range [{start}, {stop}) is not within [0, {self.n}]")
-        names = list(arrays)
-        for name in names:
-            self._array(name)
-        size = self.shard_size
-        shards = range(start // size, -(-stop // size))
+        dtypes = {name: np.dtype(tokens_dtype if name.startswith("tokens") else self._array(name).dtype)
+                  for name in arrays}
+        shapes = {name: tuple(self._array(name).shape[1:]) for name in dtypes}
+        buffers = _Recycled(keep=4 * len(dtypes))  # two being read, one with the consumer, one being dropped
 
-        def read(shard: int) -> dict[str, np.ndarray]:
-            a, b = max(shard * size, start), min((shard + 1) * size, stop)
-            out = {name: self.get(name, np.arange(a, b), tokens_dtype if name.startswith("tokens") else None)
-                   for name in names}
-            out["index"] = np.arange(a, b, dtype=np.int64)
+        def read(a: int) -> dict[str, np.ndarray]:
+            index = np.arange(a, min(a + batch_size, stop), dtype=np.int64)
+            out = {name: self.get(name, index, out=buffers.take((len(index), *shapes[name]), dtype))
+                   for name, dtype in dtypes.items()}
+            out["index"] = index
             return out
 
-        buffer: list[dict[str, np.ndarray]] = []
-        buffered = 0
-        with prefetch(read, shards, workers=2, name="store-stream") as chunks:
-            for chunk in chunks:
-                buffer.append(chunk)
-                buffered += len(chunk["index"])
-                while buffered >= batch_size:
-                    batch, buffer = _split(buffer, batch_size)
-                    buffered -= batch_size
-                    yield batch
-            if buffered:
-                yield _split(buffer, buffered)[0]
+        with prefetch(read, range(start, stop, batch_size), workers=2, name="store-stream") as batches:
+            yield from batches
 
     def dask_tokens(self, flatten: bool = True, *, flip: bool = False):  # -> dask.array.Array
         """Lazy float16 dask array of tokens, one dask chunk per shard.
@@ -305,24 +298,26 @@ def _read_samples(ref: str, stamp: tuple[Any, ...] | None, name: str, a: int, b:
     return _opened(ref, stamp).get(name, np.arange(a, b))
 
 
-def _split(buffer: list[dict[str, np.ndarray]], k: int) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """First ``k`` samples of the buffered pieces as one batch, and the remaining pieces."""
-    taken: list[dict[str, np.ndarray]] = []
-    rest: list[dict[str, np.ndarray]] = []
-    need = k
-    for piece in buffer:
-        m = len(piece["index"])
-        if need >= m:
-            taken.append(piece)
-            need -= m
-        elif need > 0:
-            taken.append({key: v[:need] for key, v in piece.items()})
-            rest.append({key: v[need:] for key, v in piece.items()})
-            need = 0
-        else:
-            rest.append(piece)
-    batch = taken[0] if len(taken) == 1 else {key: np.concatenate([p[key] for p in taken]) for key in taken[0]}
-    return batch, rest
+class _Recycled:
+    """Arrays handed out by :meth:`take` and taken back once only this pool references them (CPython's
+    reference count: a consumer's array, a view of it or a tensor sharing its memory all hold a reference),
+    up to ``keep`` of them; thread-safe."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined) that no one else references."""
+        with self._lock:
+            for array in self._arrays:  # referenced here by the list, ``array`` and getrefcount's argument
+                if sys.getrefcount(array) == 3 and array.shape == shape and array.dtype == dtype:
+                    return array
+            array = np.empty(shape, dtype=dtype)
+            if len(self._arrays) < self._keep:
+                self._arrays.append(array)
+            return array
 
 
 def open_token_store(path: str | os.PathLike[str]) -> TokenStore:
