@@ -4,10 +4,13 @@ Data: seeded blocky RGB images (random colour rectangles) with smooth, noisy cla
 reference eval size: 32 images of 320×320 and 27 classes (quick: 8 images of 160×160). Rows:
 
 * CRF pool speed-up: ``stages.evaluation.crf.crf_map`` with 2 spawn-mode workers vs 1 (serial, in-process), same
-  items; wall time of the whole map, pool start-up (workers import the ``stages`` package) included.
-  Goal ≥ 1.8× (on a machine with 2 idle cores).
-* CRF pool speed-up, loader-fed: the same with ``crf_map(load, n_items=...)`` (workers load their own items,
-  as the evaluate stage does, and hold two at a time). Goal ≥ 1.8×.
+  items sent by value (as the evaluate stage sends its unaries); wall time of the whole map, pool start-up
+  included; serial and pool interleaved, best of 2. Goal ≥ 1.8× (on a machine with 2 idle cores).
+* CRF pool speed-up, loader-fed: the same with ``crf_map(load, n_items=...)`` (workers load their own items
+  and hold two at a time), once each. Goal ≥ 1.8×.
+* CRF 2 independent processes vs 1: two fresh processes each running half the loader items (start-up
+  excluded) vs the serial loader-fed map: the speed-up the 2 cores offer right now (report). The load
+  average is noted, since other processes on the machine take their share of the cores.
 * CRF pool start-up: ``crf_map(workers=2)`` on two 8×8 images (report), and the speed-up without it.
 * CRF per-image overhead: ``crf_map(workers=1)`` over the images (our wrapper: checks, bilinear resize,
   softmax, clipping, result records) vs a direct pydensecrf2 loop (softmax → ``unary_from_softmax`` →
@@ -19,6 +22,9 @@ reference eval size: 32 images of 320×320 and 27 classes (quick: 8 images of 16
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,32 +106,67 @@ def _probe_throughput(batches: int, size: int) -> float:
     return batches * labels.size / seconds
 
 
+def child_crf(start: int, stop: int, size: int) -> None:
+    """``--child-crf START STOP SIZE``: run loader items ``[start, stop)`` serially with :func:`dense_crf` in
+    this fresh process and print the wall time of that loop (its start-up excluded) as JSON."""
+    from stages.evaluation.crf import dense_crf
+
+    dense_crf(*_images(1, 8, seed=1)[0])  # imports outside the timing
+    begin = time.perf_counter()
+    for i in range(start, stop):
+        dense_crf(*_one_image(i, size))
+    print(json.dumps({"seconds": time.perf_counter() - begin}))
+
+
+def _two_processes(n: int, size: int) -> float:
+    """Wall time of two independent processes running half of the loader items each (the larger of the
+    two loops, start-up excluded): what 2 cores give right now, whatever else the machine runs."""
+    script = str(Path(__file__).resolve())
+    halves = [(0, n // 2), (n // 2, n)]
+    procs = [subprocess.Popen([sys.executable, script, "--child-crf", str(a), str(b), str(size)],
+                              stdout=subprocess.PIPE, text=True) for a, b in halves]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"--child-crf exited {[p.returncode for p in procs]}")
+    return max(json.loads(out.strip().splitlines()[-1])["seconds"] for out in outs)
+
+
+def _load() -> str:
+    return "load avg " + "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     from stages.evaluation.crf import crf_map, dense_crf
 
     n, size = (8, 160) if quick else (32, 320)
     items = _images(n, size)
-    start = time.perf_counter()
-    serial = crf_map(items, workers=1, timeout_s=600, progress=False)
-    t_serial = time.perf_counter() - start
-    start = time.perf_counter()
-    pooled = crf_map(items, workers=2, timeout_s=600, progress=False)
-    t_pool = time.perf_counter() - start
+    load_before = _load()
+
+    def wall(fn: Any) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    t_serial = t_pool = float("inf")
+    for _ in range(2):  # interleaved, best of 2: the machine is shared, interference only adds time
+        seconds, serial = wall(lambda: crf_map(items, workers=1, timeout_s=600, progress=False))
+        t_serial = min(t_serial, seconds)
+        seconds, pooled = wall(lambda: crf_map(items, workers=2, timeout_s=600, progress=False))
+        t_pool = min(t_pool, seconds)
+    same = all(a.ok and b.ok and np.array_equal(a.marginals, b.marginals)
+               for a, b in zip(serial, pooled, strict=True))
     loader = functools.partial(_one_image, size=size)
-    start = time.perf_counter()
-    serial_loaded = crf_map(loader, n_items=n, workers=1, timeout_s=600, progress=False)
-    t_serial_loader = time.perf_counter() - start
-    start = time.perf_counter()
-    pooled_loaded = crf_map(loader, n_items=n, workers=2, timeout_s=600, progress=False)
-    t_pool_loader = time.perf_counter() - start
+    t_serial_loader, serial_loaded = wall(lambda: crf_map(loader, n_items=n, workers=1, timeout_s=600,
+                                                          progress=False))
+    t_pool_loader, pooled_loaded = wall(lambda: crf_map(loader, n_items=n, workers=2, timeout_s=600,
+                                                        progress=False))
+    t_two = _two_processes(n, size)
     same_loaded = all(a.ok and b.ok and np.array_equal(a.marginals, b.marginals)
                       for a, b in zip(serial_loaded, pooled_loaded, strict=True))
     tiny = _images(2, 8, seed=1)
-    start = time.perf_counter()
-    crf_map(tiny, workers=2, timeout_s=600, progress=False)
-    t_startup = time.perf_counter() - start
-    same = all(a.ok and b.ok and np.array_equal(a.marginals.argmax(0), b.marginals.argmax(0))
-               for a, b in zip(serial, pooled, strict=True))
+    t_startup, _ = wall(lambda: crf_map(tiny, workers=2, timeout_s=600, progress=False))
+    load_after = _load()
+    capacity = t_serial_loader / t_two
 
     few = items[:4]
     t_ours = timed(lambda: crf_map(few, workers=1, timeout_s=600, progress=False), repeat=3, warmup=1)
@@ -137,13 +178,19 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     return [
         row(f"CRF 2 workers vs 1 ({label})", t_pool, "s", baseline=t_serial, higher_is_better=False,
             goal=">= 1.8",
-            note=f"crf_map wall time, spawn pool start-up included; ratio = serial/pool (speed-up); "
-                 f"identical argmax maps: {same}"),
+            note=f"crf_map wall time, spawn pool start-up included, serial and pool interleaved, best of 2; "
+                 f"ratio = serial/pool (speed-up); byte-identical marginals: {same}; {load_before} before, "
+                 f"{load_after} after the CRF rows (other processes share the 2 cores)"),
         row(f"CRF 2 workers vs 1, loader-fed ({label})", t_pool_loader, "s", baseline=t_serial_loader,
             higher_is_better=False, goal=">= 1.8",
             note=f"as the evaluate stage calls it: crf_map(load, n_items) so workers load their own items and "
-                 f"hold two at a time (the next one waits in the pipe); ratio = serial/pool; byte-identical "
-                 f"marginals: {same_loaded}"),
+                 f"hold two at a time (the next one waits in the pipe); ratio = serial/pool, once each; "
+                 f"byte-identical marginals: {same_loaded}"),
+        row(f"CRF 2 independent processes vs 1 ({label})", t_two, "s", baseline=t_serial_loader,
+            higher_is_better=False, goal="report",
+            note=f"what 2 cores give now: two fresh processes each looping dense_crf over half the loader items "
+                 f"(start-up excluded) vs the serial loader-fed map; the pool rows cannot beat this "
+                 f"({capacity:.2f}×) whatever the goal says"),
         row("CRF pool start-up (2 spawn workers, 2 tiny images)", t_startup, "s", goal="report",
             note="wall time of crf_map(workers=2) on two 8×8 images: what the pool pays before the first "
                  f"result (workers import the stages package); the pool row without it: "
@@ -159,4 +206,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    script_main(run)
+    if len(sys.argv) == 5 and sys.argv[1] == "--child-crf":
+        child_crf(*map(int, sys.argv[2:]))
+    else:
+        script_main(run)

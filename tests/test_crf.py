@@ -250,6 +250,22 @@ def test_pool_equals_serial_and_survives_hang_crash_and_error():
         np.testing.assert_array_equal(res[i].marginals, dense_crf(*_item(i)))
 
 
+def test_pool_is_byte_identical_to_serial_for_any_logits_layout():
+    """Items larger than a pipe buffer (the sender thread must not stall the pool), with transposed,
+    non-C-contiguous logits: a worker gets them unpickled in C order, so the softmax must not depend on
+    the layout (it did: the class sums rounded differently)."""
+    rng = np.random.default_rng(7)
+    items = [(_blocky_image(i, 64, 48), rng.normal(scale=2.0, size=(48, 64, 6)).astype(np.float32).transpose(2, 1, 0))
+             for i in range(5)]
+    assert not items[0][1].flags["C_CONTIGUOUS"] and items[0][1].nbytes > 65536
+    serial = crf_map(items, workers=1, timeout_s=30, progress=False, iterations=3)
+    pooled = crf_map(items, workers=2, timeout_s=30, progress=False, iterations=3)
+    for (image, logits), s, p in zip(items, serial, pooled, strict=True):
+        assert s.ok and p.ok, (s.error, p.error)
+        np.testing.assert_array_equal(s.marginals, p.marginals)
+        np.testing.assert_array_equal(s.marginals, dense_crf(image, np.ascontiguousarray(logits), iterations=3))
+
+
 def _first_hangs_load(i: int) -> tuple[np.ndarray, np.ndarray]:
     """Test hook: item 0 hangs (the worker holding it also holds item 1 queued behind it)."""
     if i == 0:

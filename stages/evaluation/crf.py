@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -129,7 +131,9 @@ def dense_crf(image: Any, logits: Any, *, pixels: str = "reference", iterations:
         raise InputError("logits: contains NaN or infinite values")
     height, width = img.shape[:2]
     n_classes = scores.shape[0]
-    probs = _softmax0(resize_bilinear(scores, (height, width)))
+    # C order first: the class sums of the softmax round differently over another memory layout, and a
+    # pool worker receives its (unpickled) item C-contiguous whatever the caller's layout was
+    probs = _softmax0(np.ascontiguousarray(resize_bilinear(scores, (height, width))))
     unary = np.ascontiguousarray(-np.log(np.clip(probs, UNARY_CLIP, 1.0)).reshape(n_classes, -1),
                                  dtype=np.float32)
     crf = dcrf.DenseCRF2D(width, height, n_classes)
@@ -168,54 +172,84 @@ def _run_one(index: int, pair: tuple[Any, Any] | None, loader: Callable | None,
         return CrfResult(index, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
 
 
-def _worker_main(conn: Any, loader: Callable | None, params: dict[str, Any]) -> None:
-    """Pool worker: announce readiness, then run ``(index, pair)`` tasks until ``None``."""
-    conn.send("ready")
+def _worker_main(tasks: Any, results: Any, loader: Callable | None, params: dict[str, Any]) -> None:
+    """Pool worker: import what an item needs, announce readiness, then run ``(index, pair)`` tasks
+    until ``None``."""
+    import pydensecrf.densecrf  # noqa: F401  (before "ready": the import is start-up, not an item's time)
+
+    results.send("ready")
     while True:
-        task = conn.recv()
+        task = tasks.recv()
         if task is None:
             return
         index, pair = task
-        conn.send(_run_one(index, pair, loader, params))
+        results.send(_run_one(index, pair, loader, params))
 
 
 class _Worker:
+    """One spawned worker: tasks go down one pipe through a sender thread (a large item never blocks
+    the pool loop, and the next item waits in the pipe while the current one runs), results come up
+    another."""
+
     def __init__(self, ctx: Any, loader: Callable | None, params: dict[str, Any]) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, loader, params), daemon=True)
+        task_out, task_in = ctx.Pipe(duplex=False)
+        self.conn, result_in = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_worker_main, args=(task_out, result_in, loader, params), daemon=True)
         self.proc.start()
-        child.close()
+        task_out.close()
+        result_in.close()
+        self._tasks = task_in
+        self._outbox: SimpleQueue[Any] = SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="crf-send", daemon=True)
+        self._sender.start()
         self.started = time.monotonic()
         self.ready = False
         self.queue: deque[int] = deque()  # items sent, in order; the first is in progress
         self.deadline = 0.0  # of the item in progress
 
+    def _send_loop(self) -> None:
+        while True:
+            task = self._outbox.get()
+            try:
+                self._tasks.send(task)
+            except OSError:  # the worker is gone: the pool loop sees it on the result pipe
+                return
+            if task is None:
+                return
+
+    def submit(self, task: Any) -> None:
+        """Queue ``task`` (``None``: stop) for the sender thread."""
+        self._outbox.put(task)
+
+    def _close(self) -> None:
+        self._sender.join(5)
+        self._tasks.close()
+        self.conn.close()
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.join(5)
-        self.conn.close()
+        self.submit(None)  # a sender blocked on the dead worker's pipe fails and returns
+        self._close()
 
     def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
+        self.submit(None)
         self.proc.join(2)
         if self.proc.is_alive():
             self.kill()
         else:
-            self.conn.close()
+            self._close()
 
 
 def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, Any], workers: int,
               timeout_s: float, startup_timeout_s: float, emit: Callable[[CrfResult], None]) -> set[int]:
     """Process items in spawned workers; returns the indices it could not start (pool failure).
 
-    With a loader a worker holds two items (the next one waits in its pipe, so it starts the moment the
-    previous result is sent); an item's timeout runs from when it starts. Pairs sent by value go one at a
-    time (a large send would block this loop until the worker reads it)."""
+    A worker holds two items (the next one waits in its pipe, so it starts the moment the previous
+    result is sent) while more items are pending than there are workers; the last ones go one at a
+    time to whichever worker is free first, so no worker idles while another still has a queue. An
+    item's timeout runs from when it starts."""
     ctx = mp.get_context("spawn")
-    depth = 2 if loader is not None else 1
     pending = deque(range(n))
     pool: list[_Worker] = []
 
@@ -230,9 +264,9 @@ def _run_pool(n: int, items: Items, loader: Callable | None, params: dict[str, A
         pool = [_Worker(ctx, loader, params) for _ in range(min(workers, n))]
         while pending or any(w.queue for w in pool):
             for w in pool:
-                while w.ready and len(w.queue) < depth and pending:
+                while w.ready and pending and (not w.queue or (len(w.queue) < 2 and len(pending) > len(pool))):
                     index = pending.popleft()
-                    w.conn.send((index, None if loader is not None else items[index]))
+                    w.submit((index, None if loader is not None else items[index]))
                     if not w.queue:
                         w.deadline = time.monotonic() + timeout_s
                     w.queue.append(index)
