@@ -26,23 +26,37 @@ register_spec_dir(Path(__file__).resolve().parent / "specs")
 class ToyConfig:
     value: int = 1
     sleep: float = setting(0.0, runtime=True)
-    log: str = setting("", runtime=True)  # file that records every computation: "<stage> <start> <end>"
+    log: str = setting("", runtime=True)  # file that records every computation: "<stage> <start> <end> <pid> <met>"
+    meet: str = setting("", runtime=True)  # folder where the two branches wait (up to 60 s) for each other
     scale: float = 1.0
 
 
 register_section("toy", ToyConfig)
 
 
-def _work(ctx: StageContext, value: Any) -> None:
+def _meet(folder: str, stage: str) -> bool:
+    """Whether the other branch was running at the same time: each branch marks its start in ``folder`` and
+    waits up to 60 s for the other's mark (an overlap shown by rendezvous, not by timing)."""
+    Path(folder, stage).touch()
+    deadline = time.monotonic() + 60
+    while len(list(Path(folder).iterdir())) < 2:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _work(ctx: StageContext, value: Any, *, branch: bool = False) -> None:
     start = time.time()
     if value < 0:
         raise ValueError("negative toy value")
     (ctx.out / "partial.txt").write_text("half")  # a file that exists before the stage is complete
+    met = _meet(ctx.runtime.toy.meet, ctx.task.stage) if branch and ctx.runtime.toy.meet else None
     time.sleep(ctx.runtime.toy.sleep)
     (ctx.out / "out.json").write_text(json.dumps({"value": value, "pid": os.getpid()}))
     if ctx.runtime.toy.log:
         with open(ctx.runtime.toy.log, "a") as handle:
-            handle.write(f"{ctx.task.stage} {start} {time.time()} {os.getpid()}\n")
+            handle.write(f"{ctx.task.stage} {start} {time.time()} {os.getpid()} {met}\n")
     ctx.record(counts={"value": value})
 
 
@@ -59,13 +73,13 @@ def _branch_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:
 @register_stage("t_left", kind="toy", sections=("toy",), inputs=_branch_inputs)
 def t_left(ctx: StageContext) -> None:
     """Toy branch A."""
-    _work(ctx, ctx.config.toy.value * 2)
+    _work(ctx, ctx.config.toy.value * 2, branch=True)
 
 
 @register_stage("t_right", kind="toy", sections=("toy",), inputs=_branch_inputs)
 def t_right(ctx: StageContext) -> None:
     """Toy branch B."""
-    _work(ctx, ctx.config.toy.value * 3)
+    _work(ctx, ctx.config.toy.value * 3, branch=True)
 
 
 def _join_inputs(cfg: Any, args: dict[str, Any]) -> dict[str, Request]:

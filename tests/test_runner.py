@@ -92,13 +92,14 @@ def test_two_processes_same_stage_compute_once(toy: Path, tmp_path: Path) -> Non
 
 
 def test_dask_runs_independent_stages_in_parallel_and_respects_dependencies(toy: Path, tmp_path: Path) -> None:
-    log = tmp_path / "toy.log"
-    results = _run("t_join", [f"toy.log={log}", "toy.sleep=3.0", "run.executor=dask", "run.workers=2"])
+    log, meet = tmp_path / "toy.log", tmp_path / "meet"
+    meet.mkdir()
+    results = _run("t_join", [f"toy.log={log}", f"toy.meet={meet}", "run.executor=dask", "run.workers=2"])
     assert [r.status for r in results] == ["ran"] * 4
-    spans = {line.split()[0]: (float(line.split()[1]), float(line.split()[2]), line.split()[3])
+    spans = {line.split()[0]: (float(line.split()[1]), float(line.split()[2]), line.split()[3], line.split()[4])
              for line in _log_lines(log)}
-    (ls, le, lpid), (rs, re_, rpid) = spans["t_left"], spans["t_right"]
-    assert ls < re_ and rs < le, "left and right did not overlap"
+    (ls, le, lpid, lmet), (rs, re_, rpid, rmet) = spans["t_left"], spans["t_right"]
+    assert lmet == rmet == "True", "left and right did not run at the same time"  # each waited for the other
     assert lpid != rpid
     assert spans["t_source"][1] <= min(ls, rs)
     assert spans["t_join"][0] >= max(le, re_)
