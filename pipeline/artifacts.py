@@ -256,6 +256,11 @@ def read_manifest(directory: Path, *, sealed: bool = True) -> dict[str, Any]:
     return parse_manifest(data, str(path), directory=directory, sealed=sealed)
 
 
+def manifest_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes of the files a (checked) manifest lists."""
+    return sum(int(entry["size"]) for entry in manifest.get("files", []))
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -598,8 +603,8 @@ class ArtifactStore:
         return [p.name for p in found]
 
     def size(self, artifact: str) -> int:
-        """Bytes of the files an artifact's manifest lists."""
-        return sum(int(entry["size"]) for entry in self.manifest(artifact).get("files", []))
+        """Bytes of the files an artifact's manifest lists (:func:`manifest_bytes`; reads the manifest)."""
+        return manifest_bytes(self.manifest(artifact))
 
     # -- pins ---------------------------------------------------------------------------------
     def pins(self) -> list[str]:
