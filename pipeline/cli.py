@@ -327,7 +327,7 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
     (split=val). Every config problem and every missing data root or weights file is reported at once,
     before any work starts (`stegopipe plan TARGET` shows them without running). With -m, comma lists
     sweep (`run -m evaluate projection.method=pca,rp projection.dim=4,16 seed=0,1`). An experiment or a
-    multirun ends with its results table (mean ± std over seeds).
+    multirun ends with its results in the report's Table 2 shape (mean ± std over seeds).
     """
     cli_overrides = [f"run.{k}={v}" for k, v in (("executor", executor), ("scheduler", scheduler),
                                                    ("cluster", cluster), ("workers", workers)) if v is not None]
@@ -345,8 +345,9 @@ def run_cmd(target: str, overrides: tuple[str, ...], preset: str | None, force_s
         sys.exit(130)
     ran = sum(r.status == "ran" for r in done)
     click.echo(f"{len(done)} artifacts ({ran} built, {len(done) - ran} cached) under {cfg.run.root}", err=True)
-    if experiment:
-        table, _ = _result_table(store, [t.id for t in tasks])
+    if experiment:  # its results: the registered table (the report's Table 2 shape), else one row per configuration
+        ids = [t.id for t in tasks]
+        table = results.run_table(store, ids) or _result_table(store, ids)[0]
         if table:
             click.echo(table)
     by_id = {r.id: r for r in done}

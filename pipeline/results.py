@@ -23,6 +23,21 @@ METRIC_NAMES: dict[str, str] = {}  # metric -> header text, in order
 FORMATS = ("table", "csv", "json", "md")
 
 
+RunTable = Callable[[Any, Sequence[str]], "str | None"]
+_RUN_TABLE: list[RunTable] = []
+
+
+def register_run_table(table: RunTable) -> None:
+    """How a run of an experiment ends: ``table(store, artifact_ids)`` gives the text of its results table
+    (None when there is nothing to show); a plugin's, e.g. the report's Table 2 shape."""
+    _RUN_TABLE[:] = [table]
+
+
+def run_table(store: Any, artifacts: Sequence[str]) -> str | None:
+    """The registered run table of ``artifacts`` (None when none is registered or it has nothing)."""
+    return _RUN_TABLE[0](store, artifacts) if _RUN_TABLE else None
+
+
 def register_result_names(entries: Mapping[str, str], metrics: Mapping[str, str]) -> None:
     """Header texts (and column order) of summary entries and metrics, e.g. ``{"linear_crf": "linear+CRF"}``
     and ``{"miou": "mIoU"}``; unregistered ones follow, as they are, in sorted order."""

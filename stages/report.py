@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import register_section, setting
-from pipeline.artifacts import stage_of, write_json_atomic
+from pipeline.artifacts import ArtifactStore, stage_of, write_json_atomic
 from pipeline.context import StageContext
 from pipeline.labels import Labeller, store_lookup
 from pipeline.registry import register_stage
+from pipeline.results import register_run_table
 from stages.artifacts import EvalArtifact, ReduceArtifact
 from stages.evaluation.figures import DPI, backbone_label
 from stages.projections.methods import METHODS, methods
@@ -140,6 +141,7 @@ def eval_rows(eval_id: str, metrics: Mapping[str, Any], configs: Mapping[bool, s
             "weights_tag": protocol.get("weights_tag") or weights_tag, "miou": score["miou"],
             "accuracy": score["accuracy"], "resolution": "x".join(map(str, protocol.get("resolution", []))),
             "n_images": protocol.get("n_images"), "config": (configs or {}).get(crf),
+            "plain_config": (configs or {}).get(False),  # the evaluation's, apart from its CRF settings
             "eval_id": eval_id, "probe_id": protocol.get("probe_id"), "projection_id": projection.get("id"),
             "tokens_id": protocol.get("tokens_id"),
         })
@@ -252,29 +254,37 @@ def _dims_text(dims: Sequence[Any]) -> str:
     return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
 
 
-def table2_markdown(rows: list[dict[str, Any]]) -> str:
+def table2_markdown(rows: list[dict[str, Any]], *, every_method: bool = False) -> str:
     """Table 2 shape: cluster/linear × acc/mIoU per dataset, paper rows labelled; our STEGO and DINO rows
     (and those of methods beyond the paper, e.g. UMAP, marked so) with CRF when any evaluation ran it.
     Every cell is one configuration's mean ± std over seeds: the preset's dim where it was evaluated, else
     one row per dim; rows split by the protocol choices that vary (flip-TTA, CRF pixels, extra clusters)
-    and, where still ambiguous, by configuration. The best of our rows per column is bold."""
+    and, where still ambiguous, by configuration. The best of our rows per column is bold.
+
+    ``every_method``: the table a run ends with: no paper rows, every method in the paper's row order
+    (DINO, PCA, RP, h-NNE, STEGO, then the others), and both the scores without and with CRF."""
     all_cells = cells(rows)
     datasets = _datasets(all_cells)
     use_crf = any(c.key["crf"] for c in all_cells)
+    crf_modes = (False, True) if every_method and use_crf else (use_crf,)
     beyond = [m.name for m in methods() if not m.paper and any(c.key["method"] == m.name for c in all_cells)]
-    header = "| method | dim | " + " | ".join(f"{d} cluster Acc | {d} cluster mIoU | {d} linear Acc | {d} linear mIoU"
-                                                for d in datasets) + " |"
-    lines = [header, "|" + " --- |" * (2 + 4 * len(datasets))]
-    for label, values in PAPER_TABLE2.items():
+    shown = sorted({c.key["method"] for c in all_cells}, key=lambda m: (PAPER_ORDER.index(m) if m in PAPER_ORDER
+                                                                       else len(PAPER_ORDER), m)) \
+        if every_method else ["stego", "identity", *beyond]
+    probes = [f"{probe}{'+CRF' if crf and every_method else ''}" for crf in crf_modes for probe in ("cluster", "linear")]
+    header = "| method | dim | " + " | ".join(f"{d} {probe} Acc | {d} {probe} mIoU" for d in datasets
+                                                for probe in probes) + " |"
+    lines = [header, "|" + " --- |" * (2 + 2 * len(probes) * len(datasets))]
+    for label, values in PAPER_TABLE2.items() if not every_method else ():
         if any(d in PAPER_DATASETS for d in datasets):
             dims = PAPER_DIMS[label.split(" ", 1)[0]]
             cells_text = [("-" if v is None else f"{v:.1f}") for d in datasets for v in values.get(d, (None,) * 4)]
             lines.append(f"| {label} *(paper)* | {_dims_text([dims.get(d) for d in datasets])} | "
                          + " | ".join(cells_text) + " |")
-    chosen_all = [c for c in all_cells if c.key["method"] in ("stego", "identity", *beyond) and c.key["crf"] == use_crf]
+    chosen_all = [c for c in all_cells if c.key["method"] in shown and c.key["crf"] in crf_modes]
     choices = _varying(chosen_all, CHOICE_FLAGS)
-    best = {m: best_cells(chosen_all, m, ("dataset", "probe")) for m in ("miou", "accuracy")}
-    for method in ("stego", "identity", *beyond):
+    best = {m: best_cells(chosen_all, m, ("dataset", "probe", "crf")) for m in ("miou", "accuracy")}
+    for method in shown:
         chosen = [c for c in chosen_all if c.key["method"] == method]
         with_preset = {c.key["dataset"] for c in chosen if c.preset_dim}
         chosen = [c for c in chosen if c.preset_dim or c.key["dataset"] not in with_preset]
@@ -283,27 +293,31 @@ def table2_markdown(rows: list[dict[str, Any]]) -> str:
         def line_key(c: Cell, several: bool = several) -> tuple[Any, ...]:
             return ((c.key["dim"],) if several else ()) + tuple(c.key[k] for k in choices)
 
-        per_slot = Counter((line_key(c), c.key["dataset"], c.key["probe"]) for c in chosen)
-        lines_of: dict[tuple[Any, ...], dict[tuple[str, str], Cell]] = defaultdict(dict)
+        per_slot = Counter((line_key(c), c.key["dataset"], c.key["crf"], c.key["probe"]) for c in chosen)
+        lines_of: dict[tuple[Any, ...], dict[tuple[str, bool, str], Cell]] = defaultdict(dict)
         for c in chosen:
             key = line_key(c)
-            if per_slot[(key, c.key["dataset"], c.key["probe"])] > 1:
-                key += (("config", c.key["config"]),)
-            lines_of[key][(c.key["dataset"], c.key["probe"])] = c
+            if per_slot[(key, c.key["dataset"], c.key["crf"], c.key["probe"])] > 1:  # one line: with and without CRF
+                key += (("config", c.rows[0]["plain_config"] if len(crf_modes) > 1 else c.key["config"]),)
+            lines_of[key][(c.key["dataset"], c.key["crf"], c.key["probe"])] = c
         for key, slots in sorted(lines_of.items(), key=lambda kv: _order(kv[0])):
             some = next(iter(slots.values()))
             notes = [_flag_text(k, some.key[k]) for k in choices]
             if key and isinstance(key[-1], tuple):  # split by configuration
                 notes.append(_flag_text("config", key[-1][1]))
             notes = [n for n in notes if n]
-            label = f"{method_label(method, table=True)} (stegopipe{', CRF' if use_crf else ''}{''.join(', ' + n for n in notes)})"
-            dims = [next((c.key["dim"] for (d, _), c in slots.items() if d == dataset), None) for dataset in datasets]
+            if every_method:
+                label = method_label(method, table=True) + (f" ({', '.join(notes)})" if notes else "")
+            else:
+                label = f"{method_label(method, table=True)} (stegopipe{', CRF' if use_crf else ''}{''.join(', ' + n for n in notes)})"
+            dims = [next((c.key["dim"] for (d, _, _), c in slots.items() if d == dataset), None) for dataset in datasets]
             cells_text = []
             for dataset in datasets:
-                for probe in ("cluster", "linear"):
-                    c = slots.get((dataset, probe))
-                    cells_text += [c.text("accuracy", id(c) in best["accuracy"]),
-                                   c.text("miou", id(c) in best["miou"])] if c else ["-", "-"]
+                for crf in crf_modes:
+                    for probe in ("cluster", "linear"):
+                        c = slots.get((dataset, crf, probe))
+                        cells_text += [c.text("accuracy", id(c) in best["accuracy"]),
+                                       c.text("miou", id(c) in best["miou"])] if c else ["-", "-"]
             lines.append(f"| {label} | {_dims_text(dims)} | " + " | ".join(cells_text) + " |")
     return "\n".join(lines)
 
@@ -495,28 +509,51 @@ FIG4_CAPTION = (
     "Features: {backbone}.")
 
 
+def metric_rows(store: ArtifactStore, artifacts: Iterable[str]) -> list[dict[str, Any]]:
+    """The rows (:func:`eval_rows`) of the published evaluations among ``artifacts``, with the configuration
+    fingerprints of their scores without and with CRF."""
+    memo: dict[str, str] = {}
+
+    def manifest_of(artifact: str) -> Mapping[str, Any] | None:
+        return store.manifest(artifact) if store.exists(artifact) else None
+
+    rows: list[dict[str, Any]] = []
+    for artifact in artifacts:
+        if stage_of(artifact) != "evaluate" or not store.exists(artifact):
+            continue
+        metrics = EvalArtifact(store.path(artifact)).metrics
+        plain = (*EVAL_PRESENTATION_PARAMS, *EVAL_CRF_PARAMS)
+        configs = {False: config_fingerprint(manifest_of, artifact, memo, ignore=plain),
+                   True: config_fingerprint(manifest_of, artifact, memo, ignore=EVAL_PRESENTATION_PARAMS)}
+        tokens_id = metrics.get("protocol", {}).get("tokens_id")
+        tokens = manifest_of(tokens_id) if tokens_id else None
+        rows += eval_rows(artifact, metrics, configs, ((tokens or {}).get("params") or {}).get("weights_tag"))
+    return rows
+
+
+def run_table(store: ArtifactStore, artifacts: Sequence[str]) -> str | None:
+    """What a run of an experiment ends with: the Table 2 shape of its evaluations
+    (:func:`table2_markdown` with ``every_method``), columns aligned; None without evaluations."""
+    rows = metric_rows(store, artifacts)
+    if not rows:
+        return None
+    table = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+             for line in table2_markdown(rows, every_method=True).splitlines()]
+    widths = [max(len(line[i]) for line in table if i < len(line)) for i in range(len(table[0]))]
+    table[1] = ["-" * w for w in widths]
+    return "\n".join("| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     + " |" for line in table)
+
+
+register_run_table(run_table)
+
+
 @register_stage("report", kind="report", sections=("report",), args={"experiment": "adhoc"},
                 make_target="make report EXPERIMENT=<name>")
 def report(ctx: StageContext) -> None:
     """Tables, CSV and figures of an experiment's artifacts."""
-    rows: list[dict[str, Any]] = []
-    lineage: dict[str, Any] = {}
-    memo: dict[str, str] = {}
-
-    def manifest_of(artifact: str) -> Mapping[str, Any] | None:
-        return ctx.store.manifest(artifact) if ctx.store.exists(artifact) else None
-
-    for name in sorted(ctx.inputs):
-        artifact = ctx.input(name)
-        lineage[artifact.id] = ctx.store.lineage(artifact.id)
-        if stage_of(artifact.id) == "evaluate":
-            metrics = EvalArtifact(artifact.path).metrics
-            plain = (*EVAL_PRESENTATION_PARAMS, *EVAL_CRF_PARAMS)
-            configs = {False: config_fingerprint(manifest_of, artifact.id, memo, ignore=plain),
-                       True: config_fingerprint(manifest_of, artifact.id, memo, ignore=EVAL_PRESENTATION_PARAMS)}
-            tokens_id = metrics.get("protocol", {}).get("tokens_id")
-            tokens = manifest_of(tokens_id) if tokens_id else None
-            rows += eval_rows(artifact.id, metrics, configs, ((tokens or {}).get("params") or {}).get("weights_tag"))
+    rows = metric_rows(ctx.store, [ctx.input(name).id for name in sorted(ctx.inputs)])
+    lineage = {ctx.input(name).id: ctx.store.lineage(ctx.input(name).id) for name in sorted(ctx.inputs)}
     curves: dict[tuple[str, str], Any] = {}
     for artifact in sorted(ctx.store.closure({a.id for a in ctx.inputs.values()})):  # PCA fits in the lineage
         if stage_of(artifact) != "reduce":

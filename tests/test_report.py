@@ -173,3 +173,42 @@ def test_fig4_draws_few_seeds_as_points(tmp_path: Path, monkeypatch: pytest.Monk
     panel = drawn[0].axes[0]
     points = [c for c in panel.collections if c.get_offsets().shape[0] == 4]  # 2 dims x 2 seeds
     assert points and not [c for c in panel.collections if type(c).__name__ == "FillBetweenPolyCollection"]
+
+
+def test_a_run_ends_with_the_table2_shape_of_every_method_in_the_paper_order(tmp_path: Path) -> None:
+    """The table an experiment's run prints is the report's Table 2 (one implementation): rows method/dim in
+    the paper's order, cluster/linear Acc and mIoU without and with CRF, mean ± std over seeds, n=1 marked."""
+    import json
+
+    from pipeline import results
+    from pipeline.artifacts import MANIFEST, ArtifactStore, manifest_checksum
+
+    runs = [("stego", 4, 0, 80.0), ("stego", 4, 1, 60.0), ("pca", 4, 0, 50.0), ("identity", 384, 0, 70.0),
+            ("rp", 4, 0, 40.0), ("rp", 4, 1, 44.0)]
+    ids = []
+    for i, (method, dim, seed, acc) in enumerate(runs):
+        artifact = f"evaluate-{i:016x}"
+        folder = tmp_path / "evaluate" / artifact
+        folder.mkdir(parents=True)
+        metrics = _metrics(method, dim, seed, acc, preset=method == "identity")
+        metrics["scores"]["cluster_crf"] = {"miou": acc / 2 + 1, "accuracy": acc + 1}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        manifest = {"id": artifact, "stage": "evaluate", "version": "1", "kind": "eval", "files": [],
+                    "params": {"projection.method": method, "projection.seed": seed}, "inputs": {}}
+        manifest["manifest_sha256"] = manifest_checksum(manifest)
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+        ids.append(artifact)
+    table = results.run_table(ArtifactStore(str(tmp_path)), [*ids, "probe-0000000000000000"])
+    assert table is not None
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()]
+    assert lines[0] == ["method", "dim", "synthetic cluster Acc", "synthetic cluster mIoU", "synthetic linear Acc",
+                        "synthetic linear mIoU", "synthetic cluster+CRF Acc", "synthetic cluster+CRF mIoU",
+                        "synthetic linear+CRF Acc", "synthetic linear+CRF mIoU"]
+    assert [line[0] for line in lines[2:]] == ["DINO", "PCA", "RP", "STEGO"]  # the paper's row order
+    by_method = {line[0]: line for line in lines[2:]}
+    assert by_method["STEGO"][1] == "4" and by_method["STEGO"][2] == "**70.0 ± 10.0**"  # best cluster Acc, bold
+    assert by_method["STEGO"][6] == "**71.0 ± 10.0**"  # with CRF
+    assert by_method["PCA"][2] == "50.0 (n=1)" and by_method["RP"][3] == "21.0 ± 1.0"
+    assert by_method["DINO"][1] == "384"
+    assert len({len(line) for line in table.splitlines()}) == 1  # columns aligned
+    assert results.run_table(ArtifactStore(str(tmp_path)), ["probe-0000000000000000"]) is None
