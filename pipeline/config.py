@@ -230,8 +230,28 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+ALIASES: dict[str, tuple[str, ...]] = {}
+"""Top-level override names that set several config keys at once (``seed`` → the run seed's keys)."""
+
+
+def register_alias(name: str, keys: Iterable[str]) -> None:
+    """Let ``name=value`` (and a sweep ``name=a,b``) stand for ``key=value`` for every key of ``keys``,
+    e.g. ``seed`` for the run seed an experiment's seeds vary."""
+    ALIASES[name] = tuple(keys)
+
+
+def expand_aliases(overrides: Iterable[str]) -> list[str]:
+    """``overrides`` with every alias override (:func:`register_alias`) replaced by the keys it stands for."""
+    out = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        name = key.strip().lstrip("+")
+        out += [f"{k}={raw}" for k in ALIASES[name]] if sep and name in ALIASES else [text]
+    return out
+
+
 def _nearest(key: str, cfg: DictConfig) -> str:
-    candidates = all_keys(cfg)
+    candidates = all_keys(cfg) + list(ALIASES)
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
     if not close:
         leaf = key.rsplit(".", 1)[-1]
@@ -311,6 +331,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     """Merge dotted overrides (later ones win); on a bad one, name that override."""
     if not overrides:
         return cfg
+    overrides = expand_aliases(overrides)
     combined: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
@@ -424,7 +445,7 @@ class Variants:
 
     def __init__(self, preset: str | None, before: Iterable[str] = (), after: Iterable[str] = ()) -> None:
         self.overrides = [*before, *after]
-        self.after_keys = [parse_override(text)[0] for text in after]
+        self.after_keys = [parse_override(text)[0] for text in expand_aliases(after)]
         unresolved, new = _merged(preset, self.overrides)
         self.simple = all(text.startswith("${oc.env:") for text in _interpolations(
             OmegaConf.to_container(unresolved, resolve=False)))
@@ -456,7 +477,7 @@ class Variants:
         if not self.simple:
             return None
         tree = dict(self.base)
-        for text in overrides:
+        for text in expand_aliases(overrides):
             found = self._value(text)
             if found is None:
                 return None

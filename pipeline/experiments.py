@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.config import PRESET_DIRS, Variants, load_config, load_yaml, parse_override
+from pipeline.config import PRESET_DIRS, Variants, expand_aliases, load_config, load_yaml, parse_override
 from pipeline.errors import ConfigError, did_you_mean
 from pipeline.params import View
 from pipeline.planner import Request, Task, plan, problems_error
@@ -78,7 +78,7 @@ class Experiment:
         (copied to ``reports/<report>``)."""
         axes: dict[str, list[Any]] = {}
         fixed = []
-        for text in overrides:
+        for text in expand_aliases(overrides):
             values = sweep_values(text)
             if values is None:
                 fixed.append(text)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import register_section, setting
+from pipeline.config import register_alias, register_section, setting
 from pipeline.artifacts import ArtifactStore, stage_of, write_json_atomic
 from pipeline.context import StageContext
 from pipeline.labels import Labeller, store_lookup
@@ -61,6 +61,7 @@ PAPER_DIMS = {"STEGO": {"cocostuff27": 90, "cityscapes": 100, "potsdam": 70},
 PAPER_DATASETS = ("cocostuff27", "cityscapes", "potsdam")
 METRIC_NAMES = {"miou": "mIoU", "accuracy": "accuracy"}
 RUN_SEED = "projection.seed"  # the run seed: left out of configuration fingerprints, in every stage's params
+register_alias("seed", (RUN_SEED,))  # `seed=0,1` on the command line sweeps the run seed
 # Protocol flags of an evaluation; the first four describe the dataset's tokens, the rest are choices.
 DATA_FLAGS = ("backbone", "weights_tag", "resolution", "n_images")
 CHOICE_FLAGS = ("crf_pixels", "flip_tta", "drop_extra_clusters")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -98,3 +99,16 @@ def test_plan_shows_the_whole_dag_and_every_problem_without_weights_or_data(tmp_
     assert problems.count("data root") == 3  # weights AND data roots, at once
     text = _invoke(tmp_path, "plan", "table2").stdout
     assert "waits for: its input 'tokens' (extract, which waits too)" in text and " blocked" in text
+
+
+def test_seed_is_the_run_seed_in_sweeps_overrides_and_config(tmp_path: Path) -> None:
+    """`seed=0,1` sweeps the run seed (the report's, projection.seed): the same plan as spelling it out."""
+    short = _invoke(tmp_path, "plan", "-m", "evaluate", *SWEEP[:-1], "seed=0,1", "--json")
+    assert short.exit_code == 0, short.output
+    long = _invoke(tmp_path, "plan", "-m", "evaluate", *SWEEP, "--json")
+    assert [r["id"] for r in json.loads(short.stdout)["rows"]] == [r["id"] for r in json.loads(long.stdout)["rows"]]
+    assert yaml.safe_load(_invoke(tmp_path, "config", "synthetic", "seed=3").stdout)["projection"]["seed"] == 3
+    one = _invoke(tmp_path, "plan", "evaluate", "--preset", "synthetic", "seed=1", "--json")
+    assert {r["label_fields"].get("seed") for r in json.loads(one.stdout)["rows"] if r["stage"] == "evaluate"} == {1}
+    wrong = _invoke(tmp_path, "plan", "-m", "evaluate", "--preset", "synthetic", "sed=0,1")
+    assert wrong.exit_code == 2 and "unknown config key 'sed'" in wrong.stderr and "seed" in wrong.stderr
