@@ -13,7 +13,14 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.sync import sync
 
 from pipeline.errors import InputError
-from stages.store.fastpath import _EMPTY, _numcodec, declared_size, max_encoded_length, shard_index_problem
+from stages.store.fastpath import (
+    _EMPTY,
+    _numcodec,
+    declared_size,
+    max_encoded_length,
+    shard_index_nbytes,
+    shard_index_problem,
+)
 from stages.store.layout import _local_root
 
 
@@ -101,7 +108,7 @@ class FallbackCheck:
         except Exception as exc:  # zarr raises ValueError/RuntimeError for a bad index (crc32c, size)
             raise InputError(f"{self.where}: array {self.name!r} is corrupt (shard {part}, file {path}: shard "
                              f"index unreadable: {exc}); run `stegopipe verify` and rebuild the artifact") from exc
-        size, index_nbytes = path.stat().st_size, self.sharding._shard_index_size(per_shard)
+        size, index_nbytes = path.stat().st_size, shard_index_nbytes(self.sharding, shard_shape)
         at_end = self.sharding.index_location == ShardingCodecIndexLocation.end
         entries = index.offsets_and_lengths.reshape(-1, 2)
         problem = shard_index_problem(entries, 0 if at_end else index_nbytes, size - index_nbytes if at_end else size,

@@ -115,6 +115,13 @@ def max_encoded_length(nbytes: int, compressed: bool) -> int:
     return nbytes + (nbytes // 128 + 1024 if compressed else 0) + 4
 
 
+def shard_index_nbytes(sharding: ShardingCodec, shard_shape: tuple[int, ...]) -> int:
+    """Bytes of the index of a shard of ``shard_shape`` under ``sharding``: an offset and a length (uint64)
+    per inner chunk, then a crc32c when the index codecs end in one (the only fixed-size index codecs)."""
+    entries = prod(s // c for s, c in zip(shard_shape, sharding.chunk_shape, strict=True))
+    return 16 * entries + (4 if isinstance(sharding.index_codecs[-1], Crc32cCodec) else 0)
+
+
 def shard_index_problem(index: np.ndarray, data_start: int, data_end: int,
                         lengths: tuple[int, int]) -> tuple[int, str] | None:
     """The first entry of a shard index (``[k, 2]`` uint64 offsets and lengths) that is neither empty (both
@@ -265,7 +272,7 @@ class _ShardFile:
         self.shard_size = int(array.shards[0])
         inner = array.metadata.codecs[0].codecs
         self.codec = _numcodec(inner[1]) if len(inner) == 3 else None
-        self.index_nbytes = 16 * self.shard_size + 4
+        self.index_nbytes = shard_index_nbytes(array.metadata.codecs[0], tuple(array.shards))
         self.chunk_lengths = ((self.nbytes + 4,) * 2 if self.codec is None
                               else (5, max_encoded_length(self.nbytes, compressed=True)))
         self.run_samples = max(1, min(_RUN_BYTES // self.nbytes, _IOV_MAX // 2))

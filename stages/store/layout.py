@@ -138,8 +138,9 @@ def _check_layout(group: zarr.Group, where: str) -> tuple[dict[str, Any], dict[s
         if min(arr.chunks) < 1 or (arr.shards is not None and arr.shards[0] != meta["shard_size"]):
             raise InputError(f"token store {where}: array {name!r} has chunks {arr.chunks} and shards {arr.shards}, "
                              f"expected positive chunks and shards of {meta['shard_size']} samples")
-    if "tokens" not in arrays:
-        raise InputError(f"token store {where}: array 'tokens' is missing")
+    for name in ("tokens", "labels", "ids"):
+        if name not in arrays:
+            raise InputError(f"token store {where}: array {name!r} is missing")
     n = arrays["tokens"].shape[0]
     expected = {
         "tokens": ((n, h, w, D), np.dtype("float16")),
@@ -147,9 +148,6 @@ def _check_layout(group: zarr.Group, where: str) -> tuple[dict[str, Any], dict[s
         "labels": ((n, H, W), np.dtype("int16")),
         "rgb": ((n, H, W, 3), np.dtype("uint8")),
     }
-    for name in ("tokens", "labels", "ids"):
-        if name not in arrays:
-            raise InputError(f"token store {where}: array {name!r} is missing")
     for name, (shape, dtype) in expected.items():
         if name not in arrays:
             continue

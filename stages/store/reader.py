@@ -33,6 +33,16 @@ def _read_runs(arr: zarr.Array, runs: list[tuple[int, int]]) -> list[np.ndarray]
     return [np.asarray(part) for part in sync(gather())]
 
 
+def _meta_property(key: str, doc: str) -> Any:
+    """A read-only :class:`TokenStore` property: its metadata's ``key`` (checked at open), an int or a tuple of ints."""
+
+    def value(self: TokenStore) -> int | tuple[int, ...]:
+        item = self._meta[key]
+        return tuple(int(v) for v in item) if isinstance(item, list) else int(item)
+
+    return property(value, doc=doc)
+
+
 class TokenStore:
     """Read-only view of a token store (open with :func:`open_token_store` or :func:`open_tokens`).
 
@@ -70,27 +80,10 @@ class TokenStore:
         """Number of samples."""
         return self._n
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Token grid ``(h, w)``."""
-        h, w = self._meta["grid"]
-        return int(h), int(w)
-
-    @property
-    def dim(self) -> int:
-        """Token dimension ``D``."""
-        return int(self._meta["dim"])
-
-    @property
-    def label_hw(self) -> tuple[int, int]:
-        """Label / rgb size ``(H, W)``."""
-        H, W = self._meta["label_hw"]
-        return int(H), int(W)
-
-    @property
-    def shard_size(self) -> int:
-        """Samples per shard."""
-        return int(self._meta["shard_size"])
+    grid = _meta_property("grid", "Token grid ``(h, w)``.")
+    dim = _meta_property("dim", "Token dimension ``D``.")
+    label_hw = _meta_property("label_hw", "Label / rgb size ``(H, W)``.")
+    shard_size = _meta_property("shard_size", "Samples per shard.")
 
     @property
     def arrays(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from pipeline.artifacts import MANIFEST, ArtifactStore, parse_manifest
 from pipeline.errors import ArtifactError, InputError
 from pipeline.prefetch import prefetch
 from stages.store.artifact import TOKENS_STORE
-from stages.store.fastpath import _EMPTY, _crc, shard_index_problem
+from stages.store.fastpath import _EMPTY, _crc, shard_index_nbytes, shard_index_problem
 from stages.store.reader import TokenStore
 
 _BLOCK = 8 << 20
@@ -58,6 +58,7 @@ class _Layout:
 
     sharded: bool
     index_entries: int  # inner chunks per shard (sharded arrays)
+    index_nbytes: int  # bytes of a shard index (sharded arrays)
     samples: int  # samples of the array (its first dimension)
     shard_samples: int  # samples per shard object (or per chunk object, unsharded)
     chunk_crc: bool  # every (inner) chunk ends in a crc32c
@@ -67,15 +68,11 @@ class _Layout:
     def of(cls, array: zarr.Array) -> _Layout:
         codecs = tuple(array.metadata.codecs)
         if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-            sharding = codecs[0]
-            return cls(True, prod(s // c for s, c in zip(array.shards, sharding.chunk_shape, strict=True)),
-                       int(array.shape[0]), int(array.shards[0]), isinstance(sharding.codecs[-1], Crc32cCodec),
-                       isinstance(sharding.index_codecs[-1], Crc32cCodec))
-        return cls(False, 0, int(array.shape[0]), int(array.chunks[0]), isinstance(codecs[-1], Crc32cCodec), False)
-
-    @property
-    def index_nbytes(self) -> int:
-        return 16 * self.index_entries + (4 if self.index_crc else 0)
+            sharding, shard = codecs[0], tuple(array.shards)
+            return cls(True, prod(s // c for s, c in zip(shard, sharding.chunk_shape, strict=True)),
+                       shard_index_nbytes(sharding, shard), int(array.shape[0]), int(array.shards[0]),
+                       isinstance(sharding.codecs[-1], Crc32cCodec), isinstance(sharding.index_codecs[-1], Crc32cCodec))
+        return cls(False, 0, 0, int(array.shape[0]), int(array.chunks[0]), isinstance(codecs[-1], Crc32cCodec), False)
 
 
 def _crc_ok(data: np.ndarray) -> bool:
