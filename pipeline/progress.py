@@ -6,14 +6,20 @@ its label and how long it has run (a stage's own progress bar shows under it); e
 above as one ``[done]`` line with its label and headline result. Off a terminal (a log file, CI): one
 ``[run]`` line when a stage starts and one ``[done]`` line when it finishes. Cached artifacts are one line
 (``54 cached``); ``verbose`` lists them (``[hit] id label``).
+
+A stage on a Dask worker has no terminal: :func:`relay_bars` counts the tqdm bars its thread opens and sends
+their state as events (``TOPIC``) that the client's display shows in the stage's running line
+(:meth:`RunDisplay.follow`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from tqdm import tqdm
@@ -22,12 +28,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 log = logging.getLogger("stegopipe")
 
 REFRESH_S = 1.0
+TOPIC = "stegopipe-progress"  # Dask event topic of the bars of stages on workers: {"artifact", "text"}
 
 
 def live_terminal() -> bool:
     """True when stderr is a terminal that shows bars (``--quiet`` and non-terminals set TQDM_DISABLE)."""
-    import os
-
     return sys.stderr.isatty() and os.environ.get("TQDM_DISABLE", "") in ("", "0")
 
 
@@ -40,6 +45,66 @@ def duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def bar_text(bar: tqdm) -> str:
+    """A bar in a few words: ``extract synthetic/train@64: 45/128 img`` (``45 img`` without a total)."""
+    state = bar.format_dict
+    n, total, unit = state["n"], state["total"], state["unit"]
+    size = (lambda v: tqdm.format_sizeof(v, divisor=state["unit_divisor"])) if state["unit_scale"] else (lambda v: f"{v:g}")
+    count = f"{size(n)}/{size(total)}" if total else size(n)
+    return f"{state['prefix'] or ''}{': ' if state['prefix'] else ''}{count} {unit}".strip()
+
+
+_RELAYED: dict[int, list[tqdm]] = {}  # thread id -> the bars it opened while relayed
+_TQDM_INIT = tqdm.__dict__["__init__"]  # a partialmethod with the TQDM_* environment's defaults, or a function
+
+
+def _relayed_init(self: tqdm, *args: Any, **kwargs: Any) -> None:
+    bars = _RELAYED.get(threading.get_ident())
+    if bars is not None:  # counted even where TQDM_DISABLE hides bars (a worker's stderr is no terminal)
+        kwargs.setdefault("disable", False)
+        kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 (closed by the relay)
+    getattr(_TQDM_INIT, "func", _TQDM_INIT)(self, *args, **{**getattr(_TQDM_INIT, "keywords", {}), **kwargs})
+    if bars is not None:
+        bars.append(self)
+
+
+@contextlib.contextmanager
+def relay_bars(artifact: str, send: Callable[[dict[str, str]], None], interval: float = REFRESH_S) -> Iterator[None]:
+    """While a stage runs in this thread (on a Dask worker): every ``interval`` seconds, and once at the end,
+    ``send({"artifact": artifact, "text": ...})`` the state of the last bar it opened that is still open
+    (:func:`bar_text`); nothing while it has none. A failing ``send`` (a lost client) is ignored."""
+    tqdm.__init__ = _relayed_init  # type: ignore[method-assign]  # bars of other threads: unchanged
+    bars: list[tqdm] = []
+    _RELAYED[threading.get_ident()] = bars
+    stop = threading.Event()
+    sent = ""
+
+    def report() -> None:
+        nonlocal sent
+        open_bars = [b for b in list(bars) if not b.disable]
+        text = bar_text(open_bars[-1]) if open_bars else ""
+        if text and text != sent:
+            with contextlib.suppress(Exception):
+                send({"artifact": artifact, "text": text})
+            sent = text
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            report()
+
+    thread = threading.Thread(target=loop, name=f"stegopipe-relay-{artifact}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        report()
+        del _RELAYED[threading.get_ident()]
+        for bar in bars:
+            bar.fp.close()
 
 
 class _HideStartLines(logging.Filter):
@@ -65,6 +130,7 @@ class RunDisplay:
         self.hits = 0
         self.finished: dict[str, float] = {}  # id -> wall seconds
         self.running: dict[str, float] = {}  # id -> start time
+        self.progress: dict[str, str] = {}  # id -> its stage's progress sent from a Dask worker (bar_text)
         self.started_at = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -98,8 +164,18 @@ class RunDisplay:
         elif announce:
             log.info("[run] %s %s", artifact, self.label(artifact))
 
+    def follow(self, event: Any) -> None:
+        """A progress event of a stage on a Dask worker (:func:`relay_bars`; a ``(time, message)`` pair as
+        ``Client.subscribe_topic`` hands it over): shown in its running line on a terminal, else dropped
+        (off a terminal a stage is one line when it starts and one when it finishes)."""
+        message = event[1] if isinstance(event, tuple) else event
+        with self._lock:
+            if message.get("artifact") in self.running:
+                self.progress[message["artifact"]] = str(message.get("text", ""))
+
     def done(self, artifact: str, wall_s: float, headline: str = "") -> None:
         with self._lock:
+            self.progress.pop(artifact, None)
             self.running.pop(artifact, None)
             self.finished[artifact] = wall_s
             bar = self._bars.pop(artifact, None)
@@ -143,10 +219,10 @@ class RunDisplay:
     def _refresh(self) -> None:
         now = time.monotonic()
         with self._lock:
-            bars = [(a, b, now - self.running.get(a, now)) for a, b in self._bars.items()]
-        for artifact, bar, seconds in bars:
+            bars = [(a, b, now - self.running.get(a, now), self.progress.get(a)) for a, b in self._bars.items()]
+        for artifact, bar, seconds, progress in bars:
             bar.set_description_str(f"{self.pending.get(artifact, ''):<10} {self.label(artifact)}  "
-                                    f"running {duration(seconds)}", refresh=True)
+                                    f"running {duration(seconds)}{f'  {progress}' if progress else ''}", refresh=True)
         if self._overall is not None:
             self._overall.set_postfix_str(self.eta(), refresh=True)
 

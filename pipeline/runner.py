@@ -25,7 +25,7 @@ from pipeline.environment import resolve_device
 from pipeline.errors import ConfigError, StageError, StegopipeError
 from pipeline.executor import TaskResult, execute, is_cached, report_skipped
 from pipeline.labels import Labeller, chain, store_lookup
-from pipeline.progress import RunDisplay
+from pipeline.progress import TOPIC, RunDisplay, relay_bars
 from pipeline.planner import Task, missing_needs, problems_error
 from pipeline.registry import get_stage, load_plugins, plugin_names
 
@@ -42,14 +42,19 @@ class RemoteFailure:
 
 def _execute_remote(task: Task, root: str, plugins: list[str], force: bool, device: str,
                     lock_timeout_s: float | None) -> TaskResult | RemoteFailure:
-    """Dask entry point: a worker process imports the stage plugins, then runs the task.
+    """Dask entry point: a worker process imports the stage plugins, then runs the task, sending the state of
+    its progress bars to the client (:func:`pipeline.progress.relay_bars`).
 
     A failure is returned, not raised: a raising task makes every worker (local or remote) log its full
     traceback ("Compute Failed"); the client raises the error as one line (``--debug``: the traceback).
     """
+    from distributed import get_worker
+
+    worker = get_worker()
     try:
         load_plugins(plugins)
-        return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
+        with relay_bars(task.id, lambda message: worker.log_event(TOPIC, message)):  # the client shows them
+            return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
     except Exception as exc:
         error = exc if isinstance(exc, StegopipeError) else StageError(
             f"stage {task.stage} ({task.id}) failed on a Dask worker: {type(exc).__name__}: {exc}")
@@ -89,17 +94,21 @@ def _run_on_dask(client: Any, pending: list[Task], run_cfg: DictConfig, forced: 
                     resources=(dict(stage.resources) or None) if gpu else None))
                 display.start(task.id, announce=True)  # the worker's log lines do not reach this console
 
-    submit_ready()
-    for future in completed:
-        result = future.result()
-        if isinstance(result, RemoteFailure):
-            log.debug("traceback on the Dask worker:\n%s", result.traceback)
-            raise result.error
-        results[result.id] = result
-        if result.status == "ran":
-            report_skipped(result.id, ArtifactStore(run_cfg.root).manifest(result.id).get("skipped"))
-        display.done(result.id, result.wall_s, result.headline)
+    client.subscribe_topic(TOPIC, display.follow)  # the stages' progress, sent by relay_bars on the workers
+    try:
         submit_ready()
+        for future in completed:
+            result = future.result()
+            if isinstance(result, RemoteFailure):
+                log.debug("traceback on the Dask worker:\n%s", result.traceback)
+                raise result.error
+            results[result.id] = result
+            if result.status == "ran":
+                report_skipped(result.id, ArtifactStore(run_cfg.root).manifest(result.id).get("skipped"))
+            display.done(result.id, result.wall_s, result.headline)
+            submit_ready()
+    finally:
+        client.unsubscribe_topic(TOPIC)
 
 
 def run_tasks(tasks: list[Task], run_cfg: DictConfig, *, force_stages: Iterable[str] = (),

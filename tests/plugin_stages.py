@@ -102,3 +102,13 @@ def t_shards(ctx: StageContext) -> None:
         (ctx.out / f"shard-{key}.txt").write_text(key)
         ctx.shard_finished(key)
     (ctx.out / "out.json").write_text(json.dumps({"value": len(list(ctx.out.glob('shard-*.txt')))}))
+
+
+@register_stage("t_bars", kind="toy", sections=("toy",))
+def t_bars(ctx: StageContext) -> None:
+    """Toy stage with a progress bar: 20 steps over ``toy.sleep`` seconds."""
+    from tqdm import tqdm
+
+    for _ in tqdm(range(20), desc="toy", unit="step"):
+        time.sleep(ctx.runtime.toy.sleep / 20)
+    (ctx.out / "out.json").write_text(json.dumps({"value": 20}))

@@ -77,3 +77,44 @@ def test_ctrl_c_says_rerunning_resumes(tmp_path: Path) -> None:
     assert proc.returncode == 130, seen + rest
     assert "run the same command again to resume" in rest
     assert "leaked semaphore" not in rest
+
+
+def test_relayed_bars_are_counted_even_where_tqdm_is_disabled() -> None:
+    from tqdm import tqdm
+
+    from pipeline.progress import relay_bars
+
+    sent: list[dict[str, str]] = []
+    with relay_bars("probe-1", sent.append, interval=60):
+        bar = tqdm(total=10, desc="probe", unit="step", file=sys.stderr)  # its own file: the relay's wins
+        bar.update(3)
+        assert not bar.disable
+    assert sent == [{"artifact": "probe-1", "text": "probe: 3/10 step"}]  # once at the end, the open bar
+    assert tqdm(total=2, disable=True).disable  # outside a relay (or in another thread): as the caller says
+
+
+def test_a_stage_on_a_dask_worker_shows_its_own_progress(toy: Path) -> None:
+    """Progress of a stage on a Dask worker reaches the client's display (its running line), as a local
+    stage's own bar does; off a terminal it is not printed (one line per start and finish)."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.config import load_config
+    from pipeline.planner import Request, plan
+    from pipeline.runner import _run_on_dask
+
+    cfg = load_config(None, ["toy.sleep=3", "run.executor=dask"])
+    tasks, _ = plan([Request("t_bars", cfg)])
+    display = RunDisplay({t.id: t.stage for t in tasks}, {}, live=False)
+    shown: list[str | None] = []
+    follow = display.follow
+
+    def recorded(event: object) -> None:
+        follow(event)
+        shown.append(display.progress.get(tasks[0].id))
+
+    display.follow = recorded  # type: ignore[method-assign]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client, display:
+        _run_on_dask(client, tasks, cfg.run, set(), {}, display)
+    assert shown and all(text and text.startswith("toy: ") and text.endswith("/20 step") for text in shown), shown
+    assert display.progress == {}  # a finished stage shows no progress
