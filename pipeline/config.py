@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 from functools import cache, lru_cache
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
@@ -455,10 +456,11 @@ class Variants:
 
     @classmethod
     def of(cls, preset: str | None, before: Iterable[str] = (), after: Iterable[str] = ()) -> Variants:
-        """The variants of ``preset`` and overrides, made once per preset content and overrides (``gc``
-        plans every experiment; several share a preset)."""
+        """The variants of ``preset`` and overrides, made once per preset content, overrides and environment
+        (``${oc.env:...}`` values are resolved in them; ``gc`` plans every experiment, several share a preset)."""
         before, after = tuple(before), tuple(after)
-        key = (_preset_layers(preset)[0] if preset else None, tuple(SECTIONS.items()), before, after)
+        key = (_preset_layers(preset)[0] if preset else None, tuple(SECTIONS.items()), before, after,
+               tuple(sorted(os.environ.items())))
         if key not in _VARIANTS:
             _VARIANTS[key] = cls(preset, before, after)
         return _VARIANTS[key]

@@ -119,3 +119,10 @@ def test_experiment_overrides_equal_per_cell_load_config_with_command_line_overr
     fast = _planned("demo", ("projection.dim=8", "head.steps=3"))
     monkeypatch.setattr(Variants, "tree", lambda self, overrides: None)
     assert _planned("demo", ("projection.dim=8", "head.steps=3")) == fast
+
+
+def test_cell_configs_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("STEGOPIPE_ROOT", str(tmp_path / "a"))
+    first = Experiment.load("demo").plan()[0][0].cfg["run"]["root"]
+    monkeypatch.setenv("STEGOPIPE_ROOT", str(tmp_path / "b"))
+    assert (first, Experiment.load("demo").plan()[0][0].cfg["run"]["root"]) == (str(tmp_path / "a"), str(tmp_path / "b"))
