@@ -41,13 +41,16 @@ def _build(path: Path, *, index_at_start: bool = False) -> None:
 
 
 def _read_all(path: Path) -> dict[str, Any]:
-    """Every array of every sample (float32 tokens too, the cast path), and the ids."""
+    """Every array of every sample (float32 tokens too, the cast path; and the stream, whose arrays are
+    reused once dropped), and the ids."""
     from stages.store import open_token_store
 
     store = open_token_store(path)
     every = np.arange(store.n)
     out: dict[str, Any] = {name: store.get(name, every) for name in store.arrays if name != "ids"}
     out["tokens32"] = store.get_tokens(every[::-1])
+    out["stream"] = [{name: v.copy() for name, v in batch.items()}
+                     for batch in store.iter_batches(2, arrays=[name for name in store.arrays if name != "ids"])]
     out["ids"] = store.ids
     return out
 
