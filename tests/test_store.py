@@ -123,6 +123,9 @@ def test_iter_batches(tmp_path):
     assert [len(b["index"]) for b in batches] == [4, 2]
     assert batches[0]["tokens_flip"].dtype == np.float16
     np.testing.assert_array_equal(np.concatenate([b["rgb"] for b in batches]), d["rgb"][:6])
+    assert [b["ids"].tolist() for b in s.iter_batches(3, arrays=("ids",), start=1)] == [
+        ["img001", "img002", "img003"], ["img004", "img005", "img006"]]
+    assert next(s.iter_batches(2, tokens_dtype=None))["tokens"].dtype == np.float16  # None: as stored
     assert list(s.iter_batches(3, start=4, stop=4)) == []
     with pytest.raises(InputError, match="range"):
         list(s.iter_batches(2, start=5, stop=9))

@@ -243,8 +243,8 @@ class TokenStore:
         stop = self.n if stop is None else stop
         if not 0 <= start <= stop <= self.n:
             raise InputError(f"token store {self.path}: range [{start}, {stop}) is not within [0, {self.n}]")
-        dtypes = {name: np.dtype(tokens_dtype if name.startswith("tokens") else self._array(name).dtype)
-                  for name in arrays}
+        dtypes = {name: np.dtype(tokens_dtype if name.startswith("tokens") and tokens_dtype is not None
+                                 else self._array(name).dtype) for name in arrays}
         shapes = {name: tuple(self._array(name).shape[1:]) for name in dtypes}
         buffers = _Recycled(keep=4 * len(dtypes))  # two being read, one with the consumer, one being dropped
 
