@@ -111,7 +111,7 @@ nightly: install ## Cron-style nightly run of EXPERIMENT (flock, dated log in lo
 bench: install ## Run every benchmark and print one table (benchmarks/results/)
 	$(PY) benchmarks/run_all.py $(ARGS)
 
-bench-scale: install ## Paper-shaped rehearsal: every stage on N, 2N, 4N token stores, 4N = 1.2x RAM (ARGS="--n 256": small)
+bench-scale: install ## Paper-shaped rehearsal: every stage on N, 2N, 4N token stores, 4N = 1.2x RAM (ARGS="--n 2048": mid-size)
 	$(PY) benchmarks/scale.py $(ARGS)
 
 clean: ## Remove artifacts and reports (keeps .venv)

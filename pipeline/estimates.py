@@ -1,23 +1,28 @@
-"""Time estimates of missing artifacts from throughputs measured on this machine (``stegopipe plan``).
+"""Time estimates of missing artifacts from costs measured on this machine (``stegopipe plan``).
 
 A stage's *work* for one artifact is a number computed from its params, the bytes of its inputs and the
 bytes of its output (:func:`register_work`; default: the larger of the summed input bytes and the output
-bytes, i.e. time linear in the data). Its *rate* (work per second) comes, in this order, from
+bytes, i.e. time linear in the data). A stage may also split its artifacts into *kinds* that cost
+differently (e.g. ``reduce`` by ``projection.method``); each kind has its own model. The model of a
+(stage, kind) is ``seconds = startup_s + work / per_s``: a fixed start-up (model set-up, compilation, the
+first reads) plus a rate. It comes, in this order, from
 
-1. the manifests of this stage's artifacts on the same root (``wall_time_s`` and the sizes of the artifact
-   and of its inputs still on the root): the median over them;
-2. ``<root>/calibration.json``, written by ``stegopipe calibrate`` (a run of the stages on synthetic data in a
-   temporary root, measured the same way).
+1. the manifests of its artifacts on the same root (``wall_time_s`` and the sizes of the artifact and of
+   its inputs still on the root): with two or more sizes of work, the least-squares line through the
+   (work, wall) points (:func:`fit_cost`); with one size, the rate through that point less the
+   calibrated start-up;
+2. ``<root>/calibration.json``, written by ``stegopipe calibrate`` (runs of the stages at two sizes on
+   synthetic data in a temporary root, fitted the same way).
 
-The estimate is ``work / rate`` seconds, always an estimate (a linear or registered model of cost,
-measured under whatever load the machine had then), None when either side is unknown. This module knows
-no stage names; stages register their work functions.
+Every estimate is an estimate (a model of cost measured under whatever load the machine had then), None
+when the work or the model is unknown. This module knows no stage names; stages register their work.
 """
 from __future__ import annotations
 
 import json
 import statistics
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,14 +34,32 @@ CALIBRATION_FILE = "calibration.json"
 
 WorkFn = Callable[[Mapping[str, Any], int, "int | None"], "float | None"]
 """``work(params, input_bytes, output_bytes) -> work units`` (None: unknown)."""
+KindFn = Callable[[Mapping[str, Any]], str]
+"""``kind(params) -> name``: artifacts of one stage that cost differently (each kind its own model)."""
 
 WORK: dict[str, WorkFn] = {}
+KINDS: dict[str, KindFn] = {}
 _BYTES: dict[tuple[str, str], int] = {}  # (root, id) -> estimated bytes of a missing artifact seen this process
+_SPREAD = 1.2  # works differing by less than this factor are one size: no line through them
 
 
-def register_work(stage: str, work: WorkFn) -> None:
-    """Declare how a stage's cost scales (e.g. quadratic in its input for kNN, steps × batch for training)."""
+@dataclass(frozen=True)
+class CostModel:
+    """``seconds = startup_s + work / per_s``; ``per_s`` None: the time does not depend on the work."""
+
+    startup_s: float
+    per_s: float | None
+
+    def seconds(self, work: float) -> float:
+        return self.startup_s + (work / self.per_s if self.per_s else 0.0)
+
+
+def register_work(stage: str, work: WorkFn, kind: KindFn | None = None) -> None:
+    """Declare how a stage's cost scales (e.g. quadratic in its input for kNN, steps × batch for training)
+    and, optionally, which of its artifacts cost alike (``kind``)."""
     WORK[stage] = work
+    if kind is not None:
+        KINDS[stage] = kind
 
 
 def default_work(params: Mapping[str, Any], input_bytes: int, output_bytes: int | None) -> float | None:
@@ -47,6 +70,35 @@ def default_work(params: Mapping[str, Any], input_bytes: int, output_bytes: int 
 def work_of(stage: str, params: Mapping[str, Any], input_bytes: int, output_bytes: int | None) -> float | None:
     """The stage's registered work (or :func:`default_work`)."""
     return WORK.get(stage, default_work)(params, input_bytes, output_bytes)
+
+
+def model_key(stage: str, params: Mapping[str, Any]) -> str:
+    """``stage`` or ``stage/kind``: which model an artifact's time comes from (and feeds)."""
+    return f"{stage}/{KINDS[stage](params)}" if stage in KINDS else stage
+
+
+def fit_cost(points: list[tuple[float, float]], startup_s: float = 0.0) -> CostModel | None:
+    """The cost model of (work, wall seconds) points.
+
+    Works spanning at least ``_SPREAD``: the least-squares line; a negative intercept is clipped to 0
+    (rate through the origin), a slope at or below 0 means the time does not grow with the work (the mean
+    wall). One size of work: the median rate after taking off ``startup_s`` (kept below the fastest wall)."""
+    points = [(w, t) for w, t in points if w > 0 and t > 0]
+    if not points:
+        return None
+    works = [w for w, _ in points]
+    if len(points) >= 2 and max(works) >= _SPREAD * min(works):
+        mean_w, mean_t = statistics.fmean(works), statistics.fmean(t for _, t in points)
+        slope = (sum((w - mean_w) * (t - mean_t) for w, t in points)
+                 / sum((w - mean_w) ** 2 for w in works))
+        if slope <= 0:
+            return CostModel(mean_t, None)
+        intercept = mean_t - slope * mean_w
+        if intercept >= 0:
+            return CostModel(intercept, 1.0 / slope)
+        return CostModel(0.0, statistics.median(w / t for w, t in points))
+    startup = min(startup_s, 0.9 * min(t for _, t in points))
+    return CostModel(startup, statistics.median(w / (t - startup) for w, t in points))
 
 
 def _artifact_bytes(store: ArtifactStore, artifact: str) -> int | None:
@@ -66,23 +118,22 @@ def input_bytes(store: ArtifactStore, inputs: Mapping[str, str]) -> int:
 
 
 @lru_cache(maxsize=64)
-def _root_rates(root: str, stage: str) -> float | None:
-    """Median work/s of the stage's artifacts on this root (None: none measurable)."""
+def _root_points(root: str, stage: str) -> dict[str, list[tuple[float, float]]]:
+    """(work, wall) of the stage's artifacts on this root whose inputs are still there, by model key."""
     store = ArtifactStore(root)
-    rates = []
+    points: dict[str, list[tuple[float, float]]] = {}
     for artifact in store.ids(stage):
         try:
             manifest = store.manifest(artifact)
         except Exception:  # an unreadable manifest says nothing about speed
             continue
-        wall = manifest.get("wall_time_s")
-        if not wall or not all(store.exists(a) for a in (manifest.get("inputs") or {}).values()):
+        wall, params, inputs = manifest.get("wall_time_s"), manifest.get("params") or {}, manifest.get("inputs") or {}
+        if not wall or not all(store.exists(a) for a in inputs.values()):
             continue  # without its inputs on the root, its work cannot be measured
-        work = work_of(stage, manifest.get("params") or {}, input_bytes(store, manifest.get("inputs") or {}),
-                       store.size(artifact))
+        work = work_of(stage, params, input_bytes(store, inputs), store.size(artifact))
         if work:
-            rates.append(work / float(wall))
-    return statistics.median(rates) if rates else None
+            points.setdefault(model_key(stage, params), []).append((work, float(wall)))
+    return points
 
 
 def calibration(root: str | Path) -> dict[str, Any]:
@@ -91,21 +142,31 @@ def calibration(root: str | Path) -> dict[str, Any]:
         data = json.loads((Path(root) / CALIBRATION_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) and isinstance(data.get("rates"), dict) else {}
+    return data if isinstance(data, dict) and isinstance(data.get("models"), dict) else {}
 
 
-def rate(store: ArtifactStore, stage: str) -> tuple[float | None, str | None]:
-    """(work units per second, where it comes from: ``"root"`` or ``"calibration"``) of a stage."""
-    measured = _root_rates(str(store.root), stage)
+def _calibrated(root: str, key: str) -> CostModel | None:
+    stored = calibration(root).get("models", {}).get(key)
+    try:
+        return CostModel(float(stored["startup_s"]), float(stored["per_s"]) if stored["per_s"] else None)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def model(store: ArtifactStore, stage: str, params: Mapping[str, Any]) -> tuple[CostModel | None, str | None]:
+    """(cost model, where it comes from: ``"root"`` or ``"calibration"``) of an artifact of ``stage``."""
+    key = model_key(stage, params)
+    stored = _calibrated(str(store.root), key)
+    measured = fit_cost(_root_points(str(store.root), stage).get(key, []), stored.startup_s if stored else 0.0)
     if measured:
         return measured, "root"
-    stored = calibration(store.root).get("rates", {}).get(stage)
-    return (float(stored), "calibration") if stored else (None, None)
+    return (stored, "calibration") if stored else (None, None)
 
 
-def rates_of(store: ArtifactStore, stages: list[str]) -> dict[str, float]:
-    """Rates measured from the manifests on ``store`` (what ``calibrate`` stores), by stage."""
-    return {stage: r for stage in stages if (r := _root_rates(str(store.root), stage))}
+def models_of(store: ArtifactStore, stages: list[str]) -> dict[str, dict[str, Any]]:
+    """Cost models fitted from the manifests on ``store`` (what ``calibrate`` stores), by model key."""
+    return {key: asdict(fitted) for stage in stages for key, points in _root_points(str(store.root), stage).items()
+            if (fitted := fit_cost(points))}
 
 
 def estimate_seconds(store: ArtifactStore, stage: str, artifact: str, params: Mapping[str, Any],
@@ -116,7 +177,7 @@ def estimate_seconds(store: ArtifactStore, stage: str, artifact: str, params: Ma
     if output_bytes is not None:
         _BYTES[(str(store.root), artifact)] = output_bytes
     work = work_of(stage, params, input_bytes(store, inputs), output_bytes)
-    per_s, basis = rate(store, stage)
-    if not work or not per_s:
+    fitted, basis = model(store, stage, params)
+    if not work or not fitted:
         return None, None
-    return work / per_s, basis
+    return fitted.seconds(work), basis

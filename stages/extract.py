@@ -155,16 +155,36 @@ def extract_inputs(cfg: Any, args: Mapping[str, Any]) -> dict[str, Request]:
     return {"index": Request("prepare", cfg, {"split": args["split"]})}
 
 
+@lru_cache(maxsize=16)
+def _listed_samples(name: str, root: str, split: str, options: tuple[tuple[str, Any], ...]) -> int | None:
+    """Samples the dataset reader lists for ``split`` under ``root`` (None: it cannot list them)."""
+    from stages.datasets.registry import get_reader
+
+    try:
+        return len(get_reader(name, root, **dict(options)).list_samples(split))
+    except (InputError, ConfigError, OSError):
+        return None
+
+
 def extract_estimate(task: Task, store: ArtifactStore) -> int | None:
     """Bytes of the token arrays, N × h × w × D float16 (twice with tokens_flip): N from the index when it
-    exists, else from the synthetic dataset's config; None when N is not known yet."""
+    exists, else from the synthetic dataset's config or what the reader lists on disk (before prepare ran);
+    None when N is not known yet."""
+    from stages.prepare import reader_options
+
     split, dataset, cfg = task.args["split"], task.cfg["dataset"], task.cfg
     index = task.inputs.get("index")
     if index and store.exists(index):
         n = store.manifest(index).get("counts", {}).get("samples")
     elif dataset["name"] == "synthetic":
         n = dataset["synthetic"][f"n_{split}"] * (5 if split == "train" and dataset["train_crop"] == "five" else 1)
+    elif dataset.get("root"):
+        options = reader_options(View(dataset), split)
+        n = _listed_samples(dataset["name"], str(dataset["root"]), split,
+                            tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(options.items())))
     else:
+        return None
+    if n is None:
         return None
     spec, settings = BACKBONES[cfg["backbone"]["name"]], settings_of(View(cfg), split)
     grid = settings["res"] // spec.patch

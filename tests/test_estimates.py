@@ -1,5 +1,5 @@
-"""plan's time estimates (pipeline/estimates.py): rates from manifests on the root, the calibration file,
-registered work models, and the TIME column of `stegopipe plan`."""
+"""plan's time estimates (pipeline/estimates.py): cost models (start-up + rate) fitted from manifests on
+the root, the calibration file, registered work models and kinds."""
 from __future__ import annotations
 
 import json
@@ -26,11 +26,12 @@ def _publish(root: Path, stage: str, params: dict[str, Any], inputs: dict[str, s
 
 @pytest.fixture(autouse=True)
 def _fresh_caches(monkeypatch):
-    estimates._root_rates.cache_clear()
+    estimates._root_points.cache_clear()
     monkeypatch.setattr(estimates, "_BYTES", {})
     monkeypatch.setattr(estimates, "WORK", {})
+    monkeypatch.setattr(estimates, "KINDS", {})
     yield
-    estimates._root_rates.cache_clear()
+    estimates._root_points.cache_clear()
 
 
 def test_rate_from_root_manifests_and_chained_byte_estimates(tmp_path):
@@ -51,11 +52,12 @@ def test_registered_work_model_and_calibration_fallback(tmp_path):
     store = ArtifactStore(tmp_path)
     tokens = _publish(tmp_path, "tok", {"n": 1}, {}, size=100, wall=1.0)
     assert estimates.estimate_seconds(store, "pairs", "pairs-0000000000000001", {}, {"tokens": tokens}, None) == (None, None)
-    (tmp_path / estimates.CALIBRATION_FILE).write_text(json.dumps({"rates": {"pairs": 1000.0}}))
+    (tmp_path / estimates.CALIBRATION_FILE).write_text(
+        json.dumps({"models": {"pairs": {"startup_s": 0.0, "per_s": 1000.0}}}))
     seconds, basis = estimates.estimate_seconds(store, "pairs", "pairs-0000000000000001", {}, {"tokens": tokens}, None)
     assert (seconds, basis) == (pytest.approx(10.0), "calibration")  # 100² work at 1000/s
     _publish(tmp_path, "pairs", {"n": 1}, {"tokens": tokens}, size=1, wall=5.0)  # measured on the root: 2000/s
-    estimates._root_rates.cache_clear()
+    estimates._root_points.cache_clear()
     seconds, basis = estimates.estimate_seconds(store, "pairs", "pairs-0000000000000001", {}, {"tokens": tokens}, None)
     assert (seconds, basis) == (pytest.approx(5.0), "root")
 
@@ -66,7 +68,7 @@ def test_artifacts_whose_inputs_are_gone_do_not_count(tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "tok" / tokens)
-    assert estimates.rate(ArtifactStore(tmp_path), "fit") == (None, None)
+    assert estimates.model(ArtifactStore(tmp_path), "fit", {}) == (None, None)
 
 
 def test_stage_cost_models():
@@ -79,3 +81,67 @@ def test_stage_cost_models():
     assert estimates.work_of("train-head", {"head.steps": 10, "head.batch_size": 8}, 5, None) == 80.0
     assert estimates.work_of("probe", {"probe.steps": 4, "probe.batch_size": 2}, 5, None) == 8.0
     assert estimates.work_of("reduce", {}, 7, 3) == 7.0
+    assert estimates.model_key("reduce", {"projection.method": "hnne"}) == "reduce/hnne"
+    assert estimates.model_key("knn", {"knn.k": 7}) == "knn"
+
+
+def test_startup_fitted_from_two_sizes_predicts_the_next(tmp_path):
+    """A stage costing 20 s of set-up plus 1 s per 100 bytes, run at 1000 and 2000 bytes: the estimate at
+    4000 is 60 s (a rate alone, from the manifests, said 48 or 53 s)."""
+    store = ArtifactStore(tmp_path)
+    for n in (1000, 2000):
+        tokens = _publish(tmp_path, "tok", {"n": n}, {}, size=n, wall=1.0)
+        _publish(tmp_path, "fit", {"n": n}, {"tokens": tokens}, size=1, wall=20.0 + n / 100)
+    estimates.estimate_seconds(store, "tok", "tok-00000000000000cc", {}, {}, 4000)
+    seconds, basis = estimates.estimate_seconds(store, "fit", "fit-00000000000000cc", {}, {"tokens": "tok-00000000000000cc"}, None)
+    assert (seconds, basis) == (pytest.approx(60.0), "root")
+    assert estimates.model(store, "fit", {}) == (estimates.CostModel(pytest.approx(20.0), pytest.approx(100.0)), "root")
+
+
+def test_fit_cost_edge_cases():
+    fit = estimates.fit_cost
+    assert fit([]) is None
+    assert fit([(100, 10.0), (200, 9.0)]) == estimates.CostModel(9.5, None)  # no growth: a fixed time
+    assert fit([(100, 1.0), (200, 4.0)]) == estimates.CostModel(0.0, pytest.approx(75.0))  # intercept < 0: median rate
+    assert fit([(100, 10.0), (110, 12.0)]) == estimates.CostModel(0.0, pytest.approx((10 + 110 / 12) / 2))  # one size: median rate
+    # one size with a calibrated start-up: the rate is of the time after it; the start-up stays below the wall
+    assert fit([(100, 10.0)], startup_s=5.0) == estimates.CostModel(5.0, pytest.approx(20.0))
+    assert fit([(100, 10.0)], startup_s=50.0).startup_s == pytest.approx(9.0)
+    assert estimates.CostModel(9.5, None).seconds(1e9) == 9.5
+
+
+def test_kinds_get_models_of_their_own_and_calibration_gives_the_startup(tmp_path):
+    estimates.register_work("red", estimates.default_work, kind=lambda params: params["method"])
+    store = ArtifactStore(tmp_path)
+    tokens = _publish(tmp_path, "tok", {"n": 1}, {}, size=1000, wall=1.0)
+    _publish(tmp_path, "red", {"method": "slow"}, {"tokens": tokens}, size=1, wall=100.0)
+    _publish(tmp_path, "red", {"method": "fast"}, {"tokens": tokens}, size=1, wall=1.0)
+    slow, _ = estimates.estimate_seconds(store, "red", "red-0000000000000001", {"method": "slow"}, {"tokens": tokens}, None)
+    fast, _ = estimates.estimate_seconds(store, "red", "red-0000000000000002", {"method": "fast"}, {"tokens": tokens}, None)
+    assert (slow, fast) == (pytest.approx(100.0), pytest.approx(1.0))  # the median rate of both said 2 s each
+    (tmp_path / estimates.CALIBRATION_FILE).write_text(
+        json.dumps({"models": {"red/slow": {"startup_s": 60.0, "per_s": 1.0}}}))
+    big = _publish(tmp_path, "tok", {"n": 2}, {}, size=2000, wall=1.0)
+    estimates._root_points.cache_clear()
+    slow2, basis = estimates.estimate_seconds(store, "red", "red-0000000000000003", {"method": "slow"}, {"tokens": big}, None)
+    assert (slow2, basis) == (pytest.approx(60.0 + 2 * 40.0), "root")  # 40 s of the 100 were work, 60 start-up
+
+
+def test_plan_sizes_tokens_of_a_folder_dataset_before_prepare_ran(root, tmp_path):
+    """Before its index exists, extract's byte estimate counts what the reader lists on disk (the rest of the
+    DAG's estimates chain from it); before this it had none."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    data = tmp_path / "mine"
+    (data / "imgs" / "train").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 40, 3), 40 * i, np.uint8)).save(data / "imgs" / "train" / f"img{i}.png")
+    result = CliRunner().invoke(main, ["plan", "extract", "--preset", "folder", f"dataset.root={data}",
+                                       "extract.train_res=64", "--json"], catch_exceptions=False)
+    rows = {r["stage"]: r for r in json.loads(result.output)["rows"]}
+    assert rows["prepare"]["status"] == "missing"
+    assert rows["extract"]["estimate"]["bytes"] == 3 * 8 * 8 * 384 * 2  # 3 images × 8×8 tokens × 384 × fp16
