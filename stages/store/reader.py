@@ -234,9 +234,10 @@ class TokenStore:
         Each batch is read by :meth:`get` straight into its arrays, two batches at a time in background
         threads (one checksums and casts while the other waits on the disk; a shard file read mostly whole
         is read with ``POSIX_FADV_SEQUENTIAL``, the kernel's larger read-ahead); the last one may be short.
-        Token arrays are cast to ``tokens_dtype`` (float32 by default). A batch's arrays are reused for a
-        later batch once nothing references them any more (:class:`_Recycled`), so a consumer keeping a
-        batch (or a view of it) keeps its values, and one dropping it saves the allocation's page faults.
+        Token arrays are cast to ``tokens_dtype`` (float32 by default; None: as stored). A batch's arrays
+        are reused for a later batch once nothing references them any more (:class:`_Recycled`), so a
+        consumer keeping a batch (or a view of it) keeps its values, and one dropping it saves the
+        allocation's page faults.
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: must be a positive integer")
