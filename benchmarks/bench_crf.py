@@ -10,7 +10,8 @@ reference eval size: 32 images of 320×320 and 27 classes (quick: 8 images of 16
   and hold two at a time), once each. Goal ≥ 1.8×.
 * CRF 2 independent processes vs 1: two fresh processes each running half the loader items (start-up
   excluded) vs the serial loader-fed map: the speed-up the 2 cores offer right now (report). The load
-  average is noted, since other processes on the machine take their share of the cores.
+  average is noted: with Linux autogroup scheduling the cores are shared per session, so while other
+  sessions keep them busy two processes of this one get little more CPU than one would.
 * CRF pool start-up: ``crf_map(workers=2)`` on two 8×8 images (report), and the speed-up without it.
 * CRF per-image overhead: ``crf_map(workers=1)`` over the images (our wrapper: checks, bilinear resize,
   softmax, clipping, result records) vs a direct pydensecrf2 loop (softmax → ``unary_from_softmax`` →
@@ -180,7 +181,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             goal=">= 1.8",
             note=f"crf_map wall time, spawn pool start-up included, serial and pool interleaved, best of 2; "
                  f"ratio = serial/pool (speed-up); byte-identical marginals: {same}; {load_before} before, "
-                 f"{load_after} after the CRF rows (other processes share the 2 cores)"),
+                 f"{load_after} after the CRF rows (other sessions share the 2 cores; autogroup scheduling "
+                 f"gives each session a share, however many processes it runs)"),
         row(f"CRF 2 workers vs 1, loader-fed ({label})", t_pool_loader, "s", baseline=t_serial_loader,
             higher_is_better=False, goal=">= 1.8",
             note=f"as the evaluate stage calls it: crf_map(load, n_items) so workers load their own items and "
