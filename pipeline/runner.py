@@ -10,6 +10,7 @@ running stage sees), :mod:`pipeline.executor` (one task: lock, stage, validate, 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -40,6 +41,18 @@ class RemoteFailure:
     traceback: str
 
 
+def _relayed(artifact: str) -> contextlib.AbstractContextManager[None]:
+    """On a Dask worker, :func:`~pipeline.progress.relay_bars` to the client (its display shows them); else
+    (called directly) nothing."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return contextlib.nullcontext()
+    return relay_bars(artifact, lambda message: worker.log_event(TOPIC, message))
+
+
 def _execute_remote(task: Task, root: str, plugins: list[str], force: bool, device: str,
                     lock_timeout_s: float | None) -> TaskResult | RemoteFailure:
     """Dask entry point: a worker process imports the stage plugins, then runs the task, sending the state of
@@ -48,12 +61,9 @@ def _execute_remote(task: Task, root: str, plugins: list[str], force: bool, devi
     A failure is returned, not raised: a raising task makes every worker (local or remote) log its full
     traceback ("Compute Failed"); the client raises the error as one line (``--debug``: the traceback).
     """
-    from distributed import get_worker
-
-    worker = get_worker()
     try:
         load_plugins(plugins)
-        with relay_bars(task.id, lambda message: worker.log_event(TOPIC, message)):  # the client shows them
+        with _relayed(task.id):
             return execute(task, root, force=force, device=device, lock_timeout_s=lock_timeout_s)
     except Exception as exc:
         error = exc if isinstance(exc, StegopipeError) else StageError(
