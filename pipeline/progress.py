@@ -166,8 +166,8 @@ class RunDisplay:
 
     def follow(self, event: Any) -> None:
         """A progress event of a stage on a Dask worker (:func:`relay_bars`; a ``(time, message)`` pair as
-        ``Client.subscribe_topic`` hands it over): shown in its running line on a terminal, else dropped
-        (off a terminal a stage is one line when it starts and one when it finishes)."""
+        ``Client.subscribe_topic`` hands it over): kept for the stage's running line, which only a terminal
+        shows (off a terminal a stage is one line when it starts and one when it finishes)."""
         message = event[1] if isinstance(event, tuple) else event
         with self._lock:
             if message.get("artifact") in self.running:
