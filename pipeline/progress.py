@@ -56,18 +56,18 @@ def bar_text(bar: tqdm) -> str:
     return f"{state['prefix'] or ''}{': ' if state['prefix'] else ''}{count} {unit}".strip()
 
 
-_RELAYED: dict[int, list[tqdm]] = {}  # thread id -> the bars it opened while relayed
+_RELAYED: dict[int, tuple[list[tqdm], Any]] = {}  # thread id -> (the bars it opened while relayed, os.devnull)
 _TQDM_INIT = tqdm.__dict__["__init__"]  # a partialmethod with the TQDM_* environment's defaults, or a function
 
 
 def _relayed_init(self: tqdm, *args: Any, **kwargs: Any) -> None:
-    bars = _RELAYED.get(threading.get_ident())
-    if bars is not None:  # counted even where TQDM_DISABLE hides bars (a worker's stderr is no terminal)
+    relayed = _RELAYED.get(threading.get_ident())
+    if relayed is not None:  # counted even where TQDM_DISABLE hides bars (a worker's stderr is no terminal)
         kwargs.setdefault("disable", False)
-        kwargs["file"] = open(os.devnull, "w")  # noqa: SIM115 (closed by the relay)
+        kwargs["file"] = relayed[1]
     getattr(_TQDM_INIT, "func", _TQDM_INIT)(self, *args, **{**getattr(_TQDM_INIT, "keywords", {}), **kwargs})
-    if bars is not None:
-        bars.append(self)
+    if relayed is not None:
+        relayed[0].append(self)
 
 
 @contextlib.contextmanager
@@ -77,7 +77,8 @@ def relay_bars(artifact: str, send: Callable[[dict[str, str]], None], interval: 
     (:func:`bar_text`); nothing while it has none. A failing ``send`` (a lost client) is ignored."""
     tqdm.__init__ = _relayed_init  # type: ignore[method-assign]  # bars of other threads: unchanged
     bars: list[tqdm] = []
-    _RELAYED[threading.get_ident()] = bars
+    nowhere = open(os.devnull, "w")  # noqa: SIM115 (closed at the end)
+    _RELAYED[threading.get_ident()] = (bars, nowhere)
     stop = threading.Event()
     sent = ""
 
@@ -103,8 +104,7 @@ def relay_bars(artifact: str, send: Callable[[dict[str, str]], None], interval: 
         thread.join()
         report()
         del _RELAYED[threading.get_ident()]
-        for bar in bars:
-            bar.fp.close()
+        nowhere.close()
 
 
 class _HideStartLines(logging.Filter):

@@ -89,6 +89,7 @@ def test_relayed_bars_are_counted_even_where_tqdm_is_disabled() -> None:
         bar = tqdm(total=10, desc="probe", unit="step", file=sys.stderr)  # its own file: the relay's wins
         bar.update(3)
         assert not bar.disable
+        assert tqdm(total=5, disable=True).disable  # a stage that asks for no bar gets none (not relayed)
     assert sent == [{"artifact": "probe-1", "text": "probe: 3/10 step"}]  # once at the end, the open bar
     assert tqdm(total=2, disable=True).disable  # outside a relay (or in another thread): as the caller says
 
