@@ -74,7 +74,7 @@ def _relayed_init(self: tqdm, *args: Any, **kwargs: Any) -> None:
 def relay_bars(artifact: str, send: Callable[[dict[str, str]], None], interval: float = REFRESH_S) -> Iterator[None]:
     """While a stage runs in this thread (on a Dask worker): every ``interval`` seconds, and once at the end,
     ``send({"artifact": artifact, "text": ...})`` the state of the last bar it opened that is still open
-    (:func:`bar_text`); nothing while it has none. A failing ``send`` (a lost client) is ignored."""
+    (:func:`bar_text`); nothing while it has none. A failure to send (a lost client) is ignored."""
     tqdm.__init__ = _relayed_init  # type: ignore[method-assign]  # bars of other threads: unchanged
     bars: list[tqdm] = []
     nowhere = open(os.devnull, "w")  # noqa: SIM115 (closed at the end)
@@ -82,14 +82,14 @@ def relay_bars(artifact: str, send: Callable[[dict[str, str]], None], interval: 
     stop = threading.Event()
     sent = ""
 
-    def report() -> None:
+    def report() -> None:  # never an error: the stage's outcome is what counts
         nonlocal sent
-        open_bars = [b for b in list(bars) if not b.disable]
-        text = bar_text(open_bars[-1]) if open_bars else ""
-        if text and text != sent:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            open_bars = [b for b in list(bars) if not b.disable]
+            text = bar_text(open_bars[-1]) if open_bars else ""
+            if text and text != sent:
+                sent = text
                 send({"artifact": artifact, "text": text})
-            sent = text
 
     def loop() -> None:
         while not stop.wait(interval):
