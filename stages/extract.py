@@ -170,7 +170,7 @@ def extract_estimate(task: Task, store: ArtifactStore) -> int | None:
     """Bytes of the token arrays, N × h × w × D float16 (twice with tokens_flip): N from the index when it
     exists, else from the synthetic dataset's config or what the reader lists on disk (before prepare ran);
     None when N is not known yet."""
-    from stages.prepare import reader_options
+    from stages.datasets.registry import reader_options
 
     split, dataset, cfg = task.args["split"], task.cfg["dataset"], task.cfg
     index = task.inputs.get("index")

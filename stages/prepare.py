@@ -27,7 +27,7 @@ from pipeline.planner import Request
 from pipeline.registry import Need, register_needs, register_stage
 from stages.datasets.base import SPLITS, DatasetReader, SampleRef, check_sample
 from stages.datasets.index import INDEX_FILE
-from stages.datasets.registry import dataset_names, get_reader
+from stages.datasets.registry import dataset_names, get_reader, reader_options
 
 
 @dataclass
@@ -57,17 +57,6 @@ class DatasetConfig:
 
 
 register_section("dataset", DatasetConfig)
-
-
-def reader_options(dataset: Any, split: str) -> dict[str, Any]:
-    """Reader constructor options for a split (five-crop only ever applies to train)."""
-    options: dict[str, Any] = {"crop": dataset.train_crop if split == "train" else "none",
-                               "jpeg_roundtrip": bool(dataset.jpeg_roundtrip)}
-    if dataset.name == "folder":
-        options["n_classes"] = int(dataset.n_classes)
-        if dataset.class_names is not None:
-            options["class_names"] = list(dataset.class_names)
-    return options
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,3 +50,14 @@ def get_reader(name: str, root: str | Path, **options: Any) -> DatasetReader:
     if unknown:
         raise ConfigError(f"dataset {name!r} has no option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
     return cls(root, **options)
+
+
+def reader_options(dataset: Any, split: str) -> dict[str, Any]:
+    """Reader constructor options for a split (five-crop only ever applies to train)."""
+    options: dict[str, Any] = {"crop": dataset.train_crop if split == "train" else "none",
+                               "jpeg_roundtrip": bool(dataset.jpeg_roundtrip)}
+    if dataset.name == "folder":
+        options["n_classes"] = int(dataset.n_classes)
+        if dataset.class_names is not None:
+            options["class_names"] = list(dataset.class_names)
+    return options
