@@ -42,21 +42,31 @@ def _listed(items: list[str]) -> str:
 def params_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     """``key old → new`` for each leaf (dotted path) that differs between two params dicts."""
     old, new = dict(_leaves(before)), dict(_leaves(after))
+    return [_change(old, new, key) for key in _changed_keys(old, new)]
 
-    def shown(values: dict[str, Any], key: str) -> str:
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The leaves that differ between two flattened params dicts, sorted."""
+    return [key for key in sorted(set(old) | set(new)) if key not in old or key not in new or old[key] != new[key]]
+
+
+def _change(old: Mapping[str, Any], new: Mapping[str, Any], key: str) -> str:
+    def shown(values: Mapping[str, Any]) -> str:
         return _short(values[key]) if key in values else "(unset)"
 
-    return [f"{key} {shown(old, key)} → {shown(new, key)}" for key in sorted(set(old) | set(new))
-            if key not in old or key not in new or old[key] != new[key]]
+    return f"{key} {shown(old)} → {shown(new)}"
 
 
 class Explainer:
-    """Reasons for the tasks of one plan against one store (manifests read once)."""
+    """Reasons for the tasks of one plan against one store (manifests read once, each cached artifact's
+    params flattened once, each recorded fingerprint compared with this checkout's once)."""
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
         self.manifests: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self.files: dict[str, Mapping[str, Any]] = {}
+        self.flat: dict[str, dict[str, Any]] = {}
+        self.code_changes: dict[tuple[str, Any], list[str]] = {}
 
     def current_files(self, stage: str) -> Mapping[str, Any]:
         """The files (hashes and per-name hashes) of ``stage``'s fingerprint in this checkout."""
@@ -76,25 +86,29 @@ class Explainer:
             self.manifests[stage] = found
         return self.manifests[stage]
 
-    def differences(self, task: Task, manifest: Mapping[str, Any]) -> list[str]:
-        """What differs between ``task`` and a cached artifact's manifest, most telling first."""
+    def differences(self, task: Task, manifest: Mapping[str, Any], *, flat_task: Mapping[str, Any] | None = None,
+                    flat_cached: Mapping[str, Any] | None = None) -> list[str]:
+        """What differs between ``task`` and a cached artifact's manifest, most telling first (``flat_*``:
+        their params already flattened)."""
         reasons = []
         code = manifest.get("version")
         if not isinstance(code, Mapping):
             reasons.append(f"code changed: built before code fingerprints (version {code})")
         else:
             if code.get("fingerprint") != task.code.get("fingerprint"):
-                files = changed_code((manifest.get("fingerprint") or {}).get("files") or {},
-                                     self.current_files(task.stage))
+                files = self._code_changes(task.stage, manifest)
                 reasons.append(f"code changed: {_listed(files) if files else 'the fingerprint rules'}")
             if code.get("format") != task.code.get("format"):
                 reasons.append(f"format version changed: {code.get('format')} → {task.code.get('format')}")
             if code.get("packages") != task.code.get("packages"):
                 drift = params_changes(code.get("packages") or {}, task.code.get("packages") or {})
                 reasons.append(f"packages changed: {_listed(drift)}")
-        changed = params_changes(manifest.get("params") or {}, task.params)
-        if changed:
-            reasons.append(f"params changed: {_listed(changed)}")
+        old = dict(_leaves(manifest.get("params") or {})) if flat_cached is None else flat_cached
+        new = dict(_leaves(task.params)) if flat_task is None else flat_task
+        changed = _changed_keys(old, new)
+        if changed:  # only the named ones are formatted
+            named = [_change(old, new, key) for key in changed[:MAX_NAMED]]
+            reasons.append(f"params changed: {_listed(named + changed[MAX_NAMED:])}")
         inputs = manifest.get("inputs") or {}
         moved = [f"{dep} ({name})" for name, dep in sorted(task.inputs.items()) if inputs.get(name) != dep]
         moved += [f"{name} (removed)" for name in sorted(set(inputs) - set(task.inputs))]
@@ -102,10 +116,27 @@ class Explainer:
             reasons.append(f"input changed: {_listed(moved)}")
         return reasons
 
+    def _flat(self, artifact: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        if artifact not in self.flat:
+            self.flat[artifact] = dict(_leaves(manifest.get("params") or {}))
+        return self.flat[artifact]
+
+    def _code_changes(self, stage: str, manifest: Mapping[str, Any]) -> list[str]:
+        """The files (and names) that differ between a manifest's recorded fingerprint and this checkout's."""
+        key = (stage, (manifest.get("fingerprint") or {}).get("digest"))
+        if key[1] is None or key not in self.code_changes:
+            changed = changed_code((manifest.get("fingerprint") or {}).get("files") or {}, self.current_files(stage))
+            if key[1] is None:
+                return changed
+            self.code_changes[key] = changed
+        return self.code_changes[key]
+
     def why(self, task: Task) -> str | None:
         """Why ``task`` (missing here) is built although its stage has cached artifacts: the differences
         to the nearest of them; None when the stage has none on this root."""
-        found = [self.differences(task, manifest) for _, manifest in self.siblings(task.stage)]
+        flat = dict(_leaves(task.params))
+        found = [self.differences(task, manifest, flat_task=flat, flat_cached=self._flat(artifact, manifest))
+                 for artifact, manifest in self.siblings(task.stage)]
         if not found:
             return None
         # fewest differences; at a tie, one of code alone (what `stegopipe adopt` can carry forward)
