@@ -34,7 +34,7 @@ import click  # noqa: E402
 from click.shell_completion import CompletionItem  # noqa: E402
 
 from pipeline import estimates, executor, planner, registry, results, runner  # noqa: E402
-from pipeline.artifacts import ArtifactStore, stage_of  # noqa: E402
+from pipeline.artifacts import ArtifactStore, manifest_bytes, stage_of  # noqa: E402
 from pipeline.config import (SECTIONS, check_section, get_path, load_config, parse_override,  # noqa: E402
                              to_container, to_yaml)
 from pipeline.errors import ArtifactError, ConfigError, StegopipeError, did_you_mean  # noqa: E402
@@ -546,7 +546,7 @@ def ls_cmd(stage: str | None, as_json: bool, wide: bool) -> None:
             click.echo(f"warning: skipping {artifact}: {exc}", err=True)
             continue
         rows.append({"id": artifact, "stage": manifest.get("stage"), "created": manifest.get("created"),
-                     "wall_s": manifest.get("wall_time_s"), "bytes": store.size(artifact),
+                     "wall_s": manifest.get("wall_time_s"), "bytes": manifest_bytes(manifest),
                      "pinned": artifact in pinned, "label": labels.text(artifact),
                      "label_fields": labels.fields(artifact), "params": manifest.get("params", {}),
                      "inputs": manifest.get("inputs", {})})
@@ -600,7 +600,7 @@ def show_cmd(artifact: str, as_json: bool) -> None:
              ("status", status), ("params", params_summary(manifest.get("params", {}), 100))]
     for name, dep in manifest.get("inputs", {}).items():
         lines.append(("input", f"{name}: {dep}  {labels.text(dep) if store.exists(dep) else '(missing)'}".rstrip()))
-    lines += [("size", f"{human_bytes(store.size(artifact))} in {len(files)} files"),
+    lines += [("size", f"{human_bytes(manifest_bytes(manifest))} in {len(files)} files"),
               ("wall time", f"{manifest.get('wall_time_s', 0):.1f}s on {manifest.get('host')} "
                             f"({manifest.get('device')}), {_when(manifest.get('created'))}")]
     if manifest.get("headline"):
