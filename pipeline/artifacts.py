@@ -707,15 +707,18 @@ class ArtifactStore:
         return final
 
     # -- checking and housekeeping ------------------------------------------------------------
-    def verify(self, artifact: str, *, hash_max_bytes: int | None = None) -> list[str]:
+    def verify(self, artifact: str, *, hash_max_bytes: int | None = None,
+               manifest: Mapping[str, Any] | None = None) -> list[str]:
         """Check the manifest's own checksum and re-hash every file against it; returns one problem line
         per bad file (empty: intact). Files larger than ``hash_max_bytes`` (None: no limit) only get
-        their size checked."""
+        their size checked. ``manifest``: the artifact's manifest as :meth:`manifest` returned it to the
+        caller (not read again)."""
         directory = self.path(artifact)
-        try:
-            manifest = self.manifest(artifact)
-        except ArtifactError as exc:
-            return [str(exc)]
+        if manifest is None:
+            try:
+                manifest = self.manifest(artifact)
+            except ArtifactError as exc:
+                return [str(exc)]
         problems = []
         recomputed = id_from_manifest(manifest)
         if recomputed != artifact:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import specs
-from pipeline.artifacts import ArtifactStore, artifact_id, stage_of, utc_now
+from pipeline.artifacts import ArtifactStore, artifact_id, manifest_bytes, stage_of, utc_now
 from pipeline.context import InputArtifact, StageContext
 from pipeline.environment import code_version, package_versions, resolve_device
 from pipeline.errors import ArtifactError, MissingArtifactError, StageError, StegopipeError
@@ -116,33 +116,38 @@ def _missing_input(task: Task, name: str, dep: str, *, while_running: bool = Fal
         f"--no-upstream) and run again")
 
 
-def _check_input(store: ArtifactStore, task: Task, name: str, dep: str) -> None:
-    """With ``run.verify_inputs`` (default), refuse to run on a damaged input artifact: its manifest's own
-    checksum and every file's size, and the sha256 of every file when the artifact holds at most
-    ``run.verify_hash_mb`` MiB (bigger inputs, e.g. token stores at scale: ``stegopipe verify``)."""
+def _checked_input(store: ArtifactStore, task: Task, name: str, dep: str) -> dict[str, Any]:
+    """The manifest of input ``dep``, read once. With ``run.verify_inputs`` (default), refuse to run on a
+    damaged input artifact: its manifest's own checksum and every file's size, and the sha256 of every file
+    when the artifact holds at most ``run.verify_hash_mb`` MiB (bigger inputs, e.g. token stores at scale:
+    ``stegopipe verify``)."""
     run_cfg = task.cfg.get("run") or {}
-    if not run_cfg.get("verify_inputs", True):
-        return
-    problems = store.verify(dep, hash_max_bytes=0)  # the manifest's own checksum and the file sizes
-    if not problems:
-        total = sum(entry["size"] for entry in store.manifest(dep).get("files", []))
-        if total <= float(run_cfg.get("verify_hash_mb", 64.0)) * 2**20:
-            problems = store.verify(dep)
+    try:
+        manifest = store.manifest(dep)
+    except ArtifactError as exc:
+        if not run_cfg.get("verify_inputs", True):
+            raise
+        problems = [str(exc)]
+    else:
+        if not run_cfg.get("verify_inputs", True):
+            return manifest
+        small = manifest_bytes(manifest) <= float(run_cfg.get("verify_hash_mb", 64.0)) * 2**20
+        problems = store.verify(dep, hash_max_bytes=None if small else 0, manifest=manifest)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ArtifactError(
             f"stage {task.stage}: input '{name}' ({dep}) is damaged: {problems[0]}{more}; `stegopipe verify {dep}` "
             f"lists the damage; delete {store.path(dep)} and run again to rebuild it")
+    return manifest
 
 
 def load_inputs(store: ArtifactStore, task: Task) -> dict[str, InputArtifact]:
-    """``task``'s input artifacts, each present and checked (see :func:`_check_input`)."""
+    """``task``'s input artifacts, each present and checked (see :func:`_checked_input`)."""
     inputs = {}
     for name, dep in task.inputs.items():
         if not store.exists(dep):
             raise _missing_input(task, name, dep)
-        _check_input(store, task, name, dep)
-        inputs[name] = InputArtifact(dep, store.path(dep), store.manifest(dep))
+        inputs[name] = InputArtifact(dep, store.path(dep), _checked_input(store, task, name, dep))
     return inputs
 
 
