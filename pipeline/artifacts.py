@@ -247,7 +247,9 @@ def read_manifest(directory: Path, *, sealed: bool = True) -> dict[str, Any]:
             size = os.fstat(handle.fileno()).st_size
             if size > MAX_MANIFEST_BYTES:
                 raise ArtifactError(f"{path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest")
-            data = handle.read(MAX_MANIFEST_BYTES + 1)  # a file growing meanwhile is still cut off
+            data = handle.read(size + 1)  # never more than its size allows (read(n) allocates n bytes)
+            if len(data) > size:
+                raise ArtifactError(f"{path}: grew while it was read; run again")
     except (FileNotFoundError, NotADirectoryError):
         raise MissingArtifactError(f"artifact {directory.name} does not exist under "
                                    f"{directory.parent.parent}") from None
