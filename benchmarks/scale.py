@@ -26,10 +26,10 @@ smaller sizes on the root before the size runs. Limits, measured in the same run
 - disk read: ``cat`` of the 4N train store's files, page cache dropped; disk write: ``dd`` of 2 GiB with
   ``conv=fdatasync`` on the same file system;
 - sgemm: numpy float32 ``A·Bᵀ`` (4096×384) GFLOP/s, applied to the N(N+1)/2 pairs kNN needs; XᵀX: numpy
-  float64 ``XᵀX`` (65536×384) GFLOP/s, applied to the fit rows; measured at the start and after each
-  size, the best (quietest) rate is the limit;
-- decode: PIL decode + resize + crop to 224 of the first 2,000 train JPEGs on 2 threads (cold); forward:
-  the rehearsal backbone alone on batches of 16 (2 threads).
+  float64 ``XᵀX`` (65536×384) GFLOP/s, applied to the fit rows;
+- decode: PIL decode (prepare's bound), and decode + resize + crop to 224 (extract's), of the first 2,000
+  train JPEGs on 2 threads (cold); forward: the rehearsal backbone alone on batches of 16 (2 threads);
+- the CPU rates are measured at the start and after each size, and the best (quietest) is the limit.
 
 Disk: the 4N folder first, then each size's stores; the smaller sizes' stores are deleted once the 4N plan
 is made (their manifests feed it). The run refuses to start when the file system lacks the room. Progress
@@ -248,26 +248,32 @@ def gemm_rates() -> tuple[float, float]:
     return 2 * 4096 * 4096 * 384 / best32 / 1e9, 2 * 65536 * 384 * 384 / best64 / 1e9
 
 
-def decode_rate(images: Path, n: int = 2000) -> float:
-    """Images/s of PIL decode + resize (shorter side 224) + centre crop of the first ``n`` JPEGs on 2
-    threads, page cache dropped first (extract's decode on this machine's 2 cores)."""
+def decode_rates(images: Path, n: int = 2000) -> tuple[float, float]:
+    """Images/s on 2 threads of the first ``n`` JPEGs, page cache dropped first: (PIL decode alone, what
+    prepare does to validate an image; decode + resize (shorter side 224) + centre crop, extract's decode)."""
     from PIL import Image
 
-    def decode(f: Path) -> np.ndarray:
+    def decode(f: Path) -> Image.Image:
         with Image.open(f) as im:
-            rgb = im.convert("RGB")
-            w, h = rgb.size
-            scale = 224 / min(w, h)
-            rgb = rgb.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
-            left, top = (rgb.size[0] - 224) // 2, (rgb.size[1] - 224) // 2
-            return np.asarray(rgb.crop((left, top, left + 224, top + 224)))
+            return im.convert("RGB")
+
+    def decode_crop(f: Path) -> np.ndarray:
+        rgb = decode(f)
+        w, h = rgb.size
+        scale = 224 / min(w, h)
+        rgb = rgb.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+        left, top = (rgb.size[0] - 224) // 2, (rgb.size[1] - 224) // 2
+        return np.asarray(rgb.crop((left, top, left + 224, top + 224)))
 
     files = sorted(images.glob("*.jpg"))[:n]
-    drop_page_cache()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(decode, files))
-    return len(files) / (time.perf_counter() - start)
+    rates = []
+    for fn in (decode, decode_crop):
+        drop_page_cache()
+        start = time.perf_counter()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(fn, files))
+        rates.append(len(files) / (time.perf_counter() - start))
+    return rates[0], rates[1]
 
 
 def forward_rate(batches: int = 20, batch: int = 16) -> float:
@@ -298,10 +304,11 @@ def crf_sample_seconds(n: int = CRF_SAMPLE, size: int = 224) -> float:
 
 
 def limits(size: dict[str, Any], meta: dict[str, Any]) -> dict[str, float]:
-    """Lower bounds (s) of each stage at this size, from the rates of this run (NaN: none defined).
+    """Lower bounds (s) of each stage at this size, from the best rates of this run (NaN: none defined).
 
-    CPU work measured on both cores adds up (decode and forward share them); disk and CPU overlap, so a
-    stage's bound is the larger of its CPU and its disk time. kNN reads the store before it multiplies."""
+    A stage's bound is the largest of the times of its parts measured alone (they can overlap: decode,
+    forward and writes in extract; reads and the moments in reduce); kNN reads the store before it
+    multiplies, so its two parts add."""
     n, n_val, stages = size["n"], size["n_val"], size["stages"]
     disk, write = meta["disk_read_b_s"], meta["disk_write_b_s"]
     sgemm, xtx = meta["sgemm32_gflops"] * 1e9, meta["xtx64_gflops"] * 1e9
@@ -309,9 +316,9 @@ def limits(size: dict[str, Any], meta: dict[str, Any]) -> dict[str, float]:
     fit_rows = min(n, FIT_N) * 28 * 28
     fit_bytes = min(n, FIT_N) * TOKEN_BYTES
     return {
-        "prepare train": n / meta["decode_img_s"],  # every image decoded once to validate it
-        "extract train": max(n / meta["decode_img_s"] + n / meta["forward_img_s"], train / write),
-        "extract val": max(n_val / meta["decode_img_s"] + 2 * n_val / meta["forward_img_s"], val / write),
+        "prepare train": n / meta["decode_only_img_s"],  # every image decoded once to validate it
+        "extract train": max(n / meta["decode_img_s"], n / meta["forward_img_s"], train / write),
+        "extract val": max(n_val / meta["decode_img_s"], 2 * n_val / meta["forward_img_s"], val / write),
         "knn": train / disk + n * (n + 1) / 2 * 384 * 2 / sgemm,  # all pairs once: half the product
         "reduce pca": max(fit_bytes / disk, fit_rows * 384 * 384 * 2 / xtx),
         "reduce rp": max(fit_bytes / disk, fit_rows * 384 * 384 * 2 / xtx),  # standardize=fit: the same moments
@@ -372,8 +379,9 @@ def write_report(sizes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
              f"{'page cache dropped' if meta['cold'] else 'WARM: the page cache could not be dropped'}) "
              f"{meta['disk_read_b_s'] / 1e9:.2f} GB/s, disk write (`dd`, fdatasync) "
              f"{meta['disk_write_b_s'] / 1e9:.2f} GB/s, sgemm {meta['sgemm32_gflops']:.0f} GFLOP/s float32, "
-             f"XᵀX {meta['xtx64_gflops']:.0f} GFLOP/s float64 (best of {meta['gemm_measurements']} measurements), "
-             f"decode {meta['decode_img_s']:.0f} img/s, forward {meta['forward_img_s']:.0f} img/s; CRF (crf_map, "
+             f"XᵀX {meta['xtx64_gflops']:.0f} GFLOP/s float64, decode {meta['decode_only_img_s']:.0f} img/s "
+             f"(+ resize and crop {meta['decode_img_s']:.0f} img/s), forward {meta['forward_img_s']:.0f} img/s "
+             f"(best of {meta['measurements']} measurements: at the start and after each size); CRF (crf_map, "
              f"2 workers, {CRF_SAMPLE} images 224², 27 classes): {meta['crf_s_per_img']:.2f} s/image.", "",
              "| stage | " + " | ".join("wall " + format(s["n"], ",") for s in sizes)
              + " | limit (largest) | limit/wall | growth exp. | peak RSS MiB | plan estimate / actual |",
@@ -476,14 +484,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dataset: {4 * n:,} + {max(32, n // 4):,} images in {meta['dataset_s']:.0f} s", flush=True)
     if opts.dataset_only:
         return
-    if "decode_img_s" not in meta:
-        meta["load_before"] = [round(v, 1) for v in os.getloadavg()]
+    def measure_rates() -> None:  # at the start and after each size; the best (quietest) is the limit
         meta["gemm"].append(gemm_rates())
-        meta["disk_write_b_s"] = write_rate(root)
-        meta["decode_img_s"] = decode_rate(full / "imgs" / "train")
-        meta["forward_img_s"] = forward_rate()
-        meta["crf_s_per_img"] = crf_sample_seconds()
+        meta["cpu"].append([*decode_rates(full / "imgs" / "train"), forward_rate()])
         save()
+
+    if "crf_s_per_img" not in meta:
+        meta.update(load_before=[round(v, 1) for v in os.getloadavg()], gemm=[], cpu=[])
+        meta["disk_write_b_s"] = write_rate(root)
+        meta["crf_s_per_img"] = crf_sample_seconds()
+        measure_rates()
     cold = drop_page_cache()
     for factor in (1, 2, 4)[len(sizes):]:
         size_n, n_val = factor * n, max(32, factor * n // 16)
@@ -507,14 +517,15 @@ def main(argv: list[str] | None = None) -> None:
               f"{shutil.disk_usage(root).free / 1e9:.0f} GB free", flush=True)
         stages = state["partial"].setdefault(str(factor), {})
         size = rehearse(size_n, n_val, overrides, root, state["estimates"].get(str(factor), {}), cold, stages, save)
-        meta["gemm"].append(gemm_rates())  # per size: the load on a shared machine changes during a run
+        measure_rates()
         if factor == 4:  # the disk limit: the largest store, bigger than the page cache
             meta["disk_read_b_s"], meta["cold"] = cat_rate(Path(size["tokens_path"]))
         sizes.append(size)
         del state["partial"][str(factor)]
         save()
     meta.update(sgemm32_gflops=max(g[0] for g in meta["gemm"]), xtx64_gflops=max(g[1] for g in meta["gemm"]),
-                gemm_measurements=len(meta["gemm"]))
+                decode_only_img_s=max(c[0] for c in meta["cpu"]), decode_img_s=max(c[1] for c in meta["cpu"]),
+                forward_img_s=max(c[2] for c in meta["cpu"]), measurements=len(meta["gemm"]))
     for size in sizes:
         size["limits"] = limits(size, meta)
     meta["load_after"] = [round(v, 1) for v in os.getloadavg()]

@@ -41,11 +41,13 @@ def test_dataset_samples_differ_and_labels_are_hard_links(tmp_path, monkeypatch)
 def test_limits_follow_the_measured_rates():
     n, n_val = 8000, 500
     meta = {"disk_read_b_s": 1e9, "disk_write_b_s": 5e8, "sgemm32_gflops": 100.0, "xtx64_gflops": 40.0,
-            "decode_img_s": 400.0, "forward_img_s": 800.0}
+            "decode_only_img_s": 1000.0, "decode_img_s": 400.0, "forward_img_s": 800.0}
     train, val = n * scale.TOKEN_BYTES, n_val * 2 * scale.TOKEN_BYTES
     stages = {"extract train": {"bytes": train}, "extract val": {"bytes": val}}
     got = scale.limits({"n": n, "n_val": n_val, "stages": stages}, meta)
-    assert got["extract train"] == pytest.approx(max(n / 400 + n / 800, train / 5e8))
+    assert got["prepare train"] == pytest.approx(n / 1000)
+    assert got["extract train"] == pytest.approx(max(n / 400, n / 800, train / 5e8))  # parts overlap: the slowest
+    assert got["extract val"] == pytest.approx(max(n_val / 400, 2 * n_val / 800, val / 5e8))  # flip: 2 forwards
     assert got["knn"] == pytest.approx(train / 1e9 + n * (n + 1) / 2 * 768 / 100e9)
     fit = scale.FIT_N * scale.TOKEN_BYTES  # reduce reads the fit images only, not the whole store
     assert got["reduce pca"] == pytest.approx(max(fit / 1e9, scale.FIT_N * 784 * 384**2 * 2 / 40e9))
