@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ArtifactStore
+from pipeline.artifacts import ArtifactStore, manifest_bytes
 from pipeline.errors import ArtifactError
 
 CALIBRATION_FILE = "calibration.json"
@@ -130,7 +130,7 @@ def _root_points(root: str, stage: str) -> dict[str, list[tuple[float, float]]]:
         wall, params, inputs = manifest.get("wall_time_s"), manifest.get("params") or {}, manifest.get("inputs") or {}
         if not wall or not all(store.exists(a) for a in inputs.values()):
             continue  # without its inputs on the root, its work cannot be measured
-        work = work_of(stage, params, input_bytes(store, inputs), store.size(artifact))
+        work = work_of(stage, params, input_bytes(store, inputs), manifest_bytes(manifest))
         if work:
             points.setdefault(model_key(stage, params), []).append((work, float(wall)))
     return points
