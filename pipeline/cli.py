@@ -300,6 +300,7 @@ def _plan_target(target: str, overrides: tuple[str, ...], preset: str | None, cl
                       f"nor an experiment ({', '.join(experiment_names())}){did_you_mean(target, names)}")
 
 
+_PRESET = click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
 _MULTIRUN = click.option("--multirun", "-m", is_flag=True,
                          help="Sweep: every key=a,b,c override is an axis; all points are planned as one DAG.")
 _REPORT = click.option("--report", metavar="NAME", help="With -m: also a report of every point (reports/NAME).")
@@ -308,7 +309,7 @@ _REPORT = click.option("--report", metavar="NAME", help="With -m: also a report 
 @main.command("run")
 @click.argument("target", shell_complete=_complete_targets)
 @click.argument("overrides", nargs=-1)
-@click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
+@_PRESET
 @click.option("--force", "force_stages", multiple=True, help="Re-run this stage even if cached (repeatable).")
 @click.option("--no-upstream", is_flag=True, help="Run only TARGET; fail if an input artifact is missing.")
 @click.option("--executor", type=click.Choice(["auto", "local", "dask"]), help="Override run.executor.")
@@ -409,7 +410,7 @@ def plan_rows(tasks: list[planner.Task], store: ArtifactStore) -> list[dict[str,
 @main.command("plan")
 @click.argument("target", shell_complete=_complete_targets)
 @click.argument("overrides", nargs=-1)
-@click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
+@_PRESET
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: rows, needs, problems, targets.")
 @click.option("--wide", is_flag=True, help="Also every param of each artifact (not cut).")
 @_MULTIRUN
@@ -485,7 +486,7 @@ main.add_command(plan_cmd, "status")
 @main.command("adopt")
 @click.argument("target", shell_complete=_complete_targets)
 @click.argument("overrides", nargs=-1)
-@click.option("--preset", "-p", help="Config preset (configs/datasets/<name>.yaml or a YAML path).")
+@_PRESET
 @click.option("--full-below-s", type=float, default=FULL_BELOW_S, show_default=True,
               help="Recompute a stage whole when its cached run took at most this many seconds (else sample shards).")
 @click.option("--samples", type=click.IntRange(0), default=SAMPLE_SHARDS, show_default=True,
