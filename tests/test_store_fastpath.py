@@ -200,7 +200,15 @@ def test_fast_errors_name_the_sample_and_a_flipped_ids_chunk_fails(tmp_path: Pat
     with pytest.raises(InputError, match=r"array 'tokens' is corrupt \(sample 4, file .*tokens/c/1/0/0/0: "
                                          r"chunk checksum mismatch\)"):
         open_token_store(path).get_tokens([5, 4])
+    store = open_token_store(path)
+    for read in (lambda: store.get("tokens", [4]), lambda: store.get_tokens([4]),  # the single-sample path
+                 lambda: store.get("tokens", [4], out=np.empty((1, *GRID, DIM), np.float32))):
+        with pytest.raises(InputError, match=r"array 'tokens' is corrupt \(sample 4, file .*tokens/c/1/0/0/0: "
+                                             r"chunk checksum mismatch\)"):
+            read()
+    np.testing.assert_array_equal(store.get("tokens", [5]), d["tokens"][[5]])
     f.write_bytes(original)
+    np.testing.assert_array_equal(store.get_tokens([4]), d["tokens"][[4]].astype(np.float32))
     _flip_bit(path / "ids" / "c" / "2", 40)
     with pytest.raises(InputError, match=r"t\.zarr: array 'ids' is corrupt \(shard 2, samples \[6, 7\)"):
         open_token_store(path).ids

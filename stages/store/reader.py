@@ -164,13 +164,17 @@ class TokenStore:
         loop reusing one buffer (or a pinned one) saves the allocation and its page faults.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self._n):
+        # one sample (a consumer's random read): a scalar check, cheaper than numpy's two reductions
+        in_range = (0 <= int(idx[0]) < self._n if idx.size == 1
+                    else idx.size == 0 or (idx.min() >= 0 and idx.max() < self._n))
+        if not in_range:
             raise InputError(
                 f"token store {self.path}: sample indices must lie in [0, {self.n}), got min {idx.min()} max {idx.max()}"
             )
         if out is not None:
             shape = (idx.size, *self._array(name).shape[1:])
-            if out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+            flags = out.flags
+            if out.shape != shape or not flags.c_contiguous or not flags.writeable:
                 raise ConfigError(f"token store {self.path}: out= must be a writeable C-contiguous array of shape "
                                   f"{shape}, got {out.shape}")
             if dtype is not None and np.dtype(dtype) != out.dtype:
