@@ -1,6 +1,8 @@
 """Linear projections on numpy batches: numpy's BLAS path equals the torch path; bad values still raise."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -34,6 +36,18 @@ def test_non_finite_tokens_raise(bad):
 def test_finite_tokens_whose_codes_overflow_are_not_called_non_finite():
     x = np.full((2, 6), 1e300)  # finite float64; the float32 codes overflow to inf
     assert not np.isfinite(_pca().transform(x)).all()
+
+
+def test_finite_codes_whose_sum_overflows_are_returned_as_they_are():
+    """The finiteness check is by the output's sum; a sum that overflows sends it to the input check."""
+    pca = _pca()
+    x = np.random.default_rng(2).uniform(1, 2, (4000, 6)).astype(np.float32) * 1e35
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning reaches the user
+        out = pca.transform(x)
+    with np.errstate(over="ignore"):
+        assert np.isfinite(out).all() and not np.isfinite(out.sum())
+    np.testing.assert_allclose(out, pca.transform(torch.from_numpy(x)).numpy(), rtol=1e-4)
 
 
 def test_shape_errors_are_the_base_class_errors():

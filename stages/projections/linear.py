@@ -296,8 +296,8 @@ class _LinearProjection(BaseProjection):
     def transform(self, tokens: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """As :meth:`BaseProjection.transform`. A numpy batch (fitted standardisation) is projected by numpy's
         BLAS into a float32 (float64 for float64 input) result, and its finiteness is checked on the narrower
-        output: a NaN or inf token value makes every output of its row non-finite, so the input is
-        checked (the same error) only when an output is not finite."""
+        output, by its sum (one pass, no mask): a NaN or inf token value makes every output of its row, and
+        so the sum, non-finite; the input is checked (the same error) only when the sum is not finite."""
         if isinstance(tokens, torch.Tensor) or self.standardize == "batch":
             return super().transform(tokens)
         x = np.asarray(tokens)
@@ -309,8 +309,10 @@ class _LinearProjection(BaseProjection):
         out = np.matmul(x.astype(dtype, copy=False), matrix)
         if bias is not None:
             out += bias
-        if not np.isfinite(out).all():
-            check_tokens(x, self.in_dim)  # a non-finite input raises here; else finite tokens overflowed
+        with np.errstate(over="ignore"):  # a sum of finite codes may overflow: then the input check decides
+            total = out.sum()
+        if not np.isfinite(total):
+            check_tokens(x, self.in_dim)  # a non-finite input raises here; else finite values overflowed
         return out.astype(np.float32, copy=False)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
