@@ -14,6 +14,13 @@ first reads) plus a rate. It comes, in this order, from
 2. ``<root>/calibration.json``, written by ``stegopipe calibrate`` (runs of the stages at two sizes on
    synthetic data in a temporary root, fitted the same way).
 
+A stage whose time is a sum of parts that scale differently (kNN: reading the store, linear in its bytes,
+then the search, quadratic) registers *phases* (:func:`register_phases`) and records each phase's seconds
+in its manifest (``ctx.record(phase_seconds={...})``). Each phase then has its own model (``key:phase``),
+fitted on its own (work, seconds) points, and ``key:rest`` models what the phases leave out (start-up,
+writing) as a constant; the estimate is their sum. Without phase times (older manifests) or a model for
+every phase, the stage's single model applies.
+
 Every estimate is an estimate (a model of cost measured under whatever load the machine had then), None
 when the work or the model is unknown. This module knows no stage names; stages register their work.
 """
@@ -39,6 +46,10 @@ KindFn = Callable[[Mapping[str, Any]], str]
 
 WORK: dict[str, WorkFn] = {}
 KINDS: dict[str, KindFn] = {}
+PHASES: dict[str, dict[str, WorkFn]] = {}
+PHASE_SECONDS = "phase_seconds"
+"""The manifest field (``{phase: seconds}``) a phased stage records."""
+REST = "rest"
 _BYTES: dict[tuple[str, str], int] = {}  # (root, id) -> estimated bytes of a missing artifact seen this process
 _SPREAD = 1.2  # works differing by less than this factor are one size: no line through them
 
@@ -60,6 +71,14 @@ def register_work(stage: str, work: WorkFn, kind: KindFn | None = None) -> None:
     WORK[stage] = work
     if kind is not None:
         KINDS[stage] = kind
+
+
+def register_phases(stage: str, phases: Mapping[str, WorkFn]) -> None:
+    """Declare the phases of a stage's time, each with its work (e.g. kNN: ``read`` linear in the input
+    bytes, ``search`` quadratic); the stage records ``phase_seconds`` with one entry per phase."""
+    if REST in phases:
+        raise ValueError(f"phase name {REST!r} is reserved for the time outside the phases")
+    PHASES[stage] = dict(phases)
 
 
 def default_work(params: Mapping[str, Any], input_bytes: int, output_bytes: int | None) -> float | None:
@@ -130,10 +149,31 @@ def _root_points(root: str, stage: str) -> dict[str, list[tuple[float, float]]]:
         wall, params, inputs = manifest.get("wall_time_s"), manifest.get("params") or {}, manifest.get("inputs") or {}
         if not wall or not all(store.exists(a) for a in inputs.values()):
             continue  # without its inputs on the root, its work cannot be measured
-        work = work_of(stage, params, input_bytes(store, inputs), manifest_bytes(manifest))
+        key, in_bytes, out_bytes = model_key(stage, params), input_bytes(store, inputs), manifest_bytes(manifest)
+        work = work_of(stage, params, in_bytes, out_bytes)
         if work:
-            points.setdefault(model_key(stage, params), []).append((work, float(wall)))
+            points.setdefault(key, []).append((work, float(wall)))
+        for phase, (phase_work, seconds) in _phase_points(stage, params, in_bytes, out_bytes, manifest).items():
+            points.setdefault(f"{key}:{phase}", []).append((phase_work, seconds))
     return points
+
+
+def _phase_points(stage: str, params: Mapping[str, Any], in_bytes: int, out_bytes: int | None,
+                  manifest: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """{phase: (work, seconds)} of one manifest of a phased stage, ``rest`` included (work 1: a constant);
+    empty when the manifest lacks a phase's time or a work is unknown."""
+    phases, recorded = PHASES.get(stage), manifest.get(PHASE_SECONDS)
+    if not phases or not isinstance(recorded, dict):
+        return {}
+    out: dict[str, tuple[float, float]] = {}
+    for phase, work_fn in phases.items():
+        work, seconds = work_fn(params, in_bytes, out_bytes), recorded.get(phase)
+        if not work or not isinstance(seconds, (int, float)) or seconds <= 0:
+            return {}
+        out[phase] = (work, float(seconds))
+    rest = float(manifest["wall_time_s"]) - sum(seconds for _, seconds in out.values())
+    out[REST] = (1.0, max(rest, 1e-3))
+    return out
 
 
 def calibration(root: str | Path) -> dict[str, Any]:
@@ -155,7 +195,10 @@ def _calibrated(root: str, key: str) -> CostModel | None:
 
 def model(store: ArtifactStore, stage: str, params: Mapping[str, Any]) -> tuple[CostModel | None, str | None]:
     """(cost model, where it comes from: ``"root"`` or ``"calibration"``) of an artifact of ``stage``."""
-    key = model_key(stage, params)
+    return _keyed_model(store, stage, model_key(stage, params))
+
+
+def _keyed_model(store: ArtifactStore, stage: str, key: str) -> tuple[CostModel | None, str | None]:
     stored = _calibrated(str(store.root), key)
     measured = fit_cost(_root_points(str(store.root), stage).get(key, []), stored.startup_s if stored else 0.0)
     if measured:
@@ -176,8 +219,30 @@ def estimate_seconds(store: ArtifactStore, stage: str, artifact: str, params: Ma
     Call in dependency order (as ``plan`` lists tasks) so that missing inputs' estimates are known."""
     if output_bytes is not None:
         _BYTES[(str(store.root), artifact)] = output_bytes
-    work = work_of(stage, params, input_bytes(store, inputs), output_bytes)
+    in_bytes = input_bytes(store, inputs)
+    phased = _phased_seconds(store, stage, params, in_bytes, output_bytes)
+    if phased is not None:
+        return phased
+    work = work_of(stage, params, in_bytes, output_bytes)
     fitted, basis = model(store, stage, params)
     if not work or not fitted:
         return None, None
     return fitted.seconds(work), basis
+
+
+def _phased_seconds(store: ArtifactStore, stage: str, params: Mapping[str, Any], in_bytes: int,
+                    output_bytes: int | None) -> tuple[float, str] | None:
+    """(the sum of the phase models, basis) of a phased stage; None unless every phase has a work and a
+    model. The basis is ``"root"`` only when every phase's model comes from the root."""
+    if stage not in PHASES:
+        return None
+    key = model_key(stage, params)
+    works = {phase: fn(params, in_bytes, output_bytes) for phase, fn in PHASES[stage].items()} | {REST: 1.0}
+    total, bases = 0.0, set()
+    for phase, work in works.items():
+        fitted, basis = _keyed_model(store, stage, f"{key}:{phase}")
+        if not work or fitted is None:
+            return None
+        total += fitted.seconds(work)
+        bases.add(basis)
+    return total, "root" if bases == {"root"} else "calibration"

@@ -39,11 +39,14 @@ def knn_stage(ctx: StageContext) -> None:
     store = TokensArtifact(ctx.input("tokens").path).store
     start = time.perf_counter()
     descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size)
+    read_s = time.perf_counter() - start
     wanted = int(ctx.config.knn.k)
     k = min(wanted, store.n)
     nns, sims = topk_neighbors(descriptors, k, block_size=ctx.runtime.knn.block_size,
                                device=ctx.device, return_similarities=True)
+    search_s = time.perf_counter() - start - read_s
     save_nns_npz(ctx.out / KnnArtifact.NNS, nns, sims)
     notes = [f"knn.k={wanted} exceeds the {store.n} train samples; stored k={k}"] if k < wanted else []
-    ctx.record(counts={"samples": store.n, "k": k}, notes=notes,
+    ctx.record(counts={"samples": store.n, "k": k}, notes=notes,  # phases: plan's cost model (stages/costs.py)
+               phase_seconds={"read": round(read_s, 3), "search": round(search_s, 3)},
                throughput={"samples_per_s": round(store.n / max(time.perf_counter() - start, 1e-9), 1)})

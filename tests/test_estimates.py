@@ -12,13 +12,14 @@ from pipeline import estimates
 from pipeline.artifacts import MANIFEST, ArtifactStore, artifact_id, manifest_checksum
 
 
-def _publish(root: Path, stage: str, params: dict[str, Any], inputs: dict[str, str], size: int, wall: float) -> str:
+def _publish(root: Path, stage: str, params: dict[str, Any], inputs: dict[str, str], size: int, wall: float,
+             **extras: Any) -> str:
     artifact = artifact_id(stage, "1", params, inputs)
     folder = root / stage / artifact
     folder.mkdir(parents=True)
     (folder / "data.bin").write_bytes(b"\0" * size)
     manifest = {"id": artifact, "stage": stage, "params": params, "inputs": inputs, "wall_time_s": wall,
-                "files": [{"path": "data.bin", "size": size, "sha256": "0" * 64}]}
+                "files": [{"path": "data.bin", "size": size, "sha256": "0" * 64}], **extras}
     manifest["manifest_sha256"] = manifest_checksum(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return artifact
@@ -30,6 +31,7 @@ def _fresh_caches(monkeypatch):
     monkeypatch.setattr(estimates, "_BYTES", {})
     monkeypatch.setattr(estimates, "WORK", {})
     monkeypatch.setattr(estimates, "KINDS", {})
+    monkeypatch.setattr(estimates, "PHASES", {})
     yield
     estimates._root_points.cache_clear()
 
@@ -96,6 +98,52 @@ def test_startup_fitted_from_two_sizes_predicts_the_next(tmp_path):
     seconds, basis = estimates.estimate_seconds(store, "fit", "fit-00000000000000cc", {}, {"tokens": "tok-00000000000000cc"}, None)
     assert (seconds, basis) == (pytest.approx(60.0), "root")
     assert estimates.model(store, "fit", {}) == (estimates.CostModel(pytest.approx(20.0), pytest.approx(100.0)), "root")
+
+
+def _knn_like(tmp_path: Path, sizes: tuple[int, ...]) -> ArtifactStore:
+    """A stage reading its input at 1000 B/s, then searching at 1 s per 10⁶ (bytes²), plus 3 s of start-up,
+    published at ``sizes`` bytes with its phase times."""
+    estimates.register_work("pairs", lambda params, inp, out: float(inp) ** 2)
+    estimates.register_phases("pairs", {"read": estimates.default_work, "search": lambda p, inp, out: float(inp) ** 2})
+    for n in sizes:
+        tokens = _publish(tmp_path, "tok", {"n": n}, {}, size=n, wall=1.0)
+        read, search = n / 1000, n * n / 1e6
+        _publish(tmp_path, "pairs", {"n": n}, {"tokens": tokens}, size=1, wall=3.0 + read + search,
+                 phase_seconds={"read": read, "search": search})
+    return ArtifactStore(tmp_path)
+
+
+def test_phases_are_modelled_apart_and_summed(tmp_path):
+    """Mostly reading at the measured sizes, mostly searching at the estimated one: one quadratic line
+    through the walls (5 s, 9 s) takes the reads for search and says 137 s at 10,000 bytes; the phases
+    say the true 3 + 10 + 100 = 113 s."""
+    store = _knn_like(tmp_path, (1000, 2000))
+    estimates.estimate_seconds(store, "tok", "tok-0000000000000a00", {}, {}, 10_000)
+    seconds, basis = estimates.estimate_seconds(store, "pairs", "pairs-000000000000a000", {},
+                                                {"tokens": "tok-0000000000000a00"}, None)
+    assert (seconds, basis) == (pytest.approx(3.0 + 10.0 + 100.0), "root")
+    single, _ = estimates.model(store, "pairs", {})  # the stage's single model, from the walls alone
+    assert single.seconds(10_000.0 ** 2) == pytest.approx(137.0)
+
+
+def test_phases_fall_back_to_the_single_model_and_feed_the_calibration(tmp_path):
+    store = _knn_like(tmp_path, (1000, 2000))
+    models = estimates.models_of(store, ["pairs"])
+    assert set(models) == {"pairs", "pairs:read", "pairs:search", "pairs:rest"}
+    assert models["pairs:rest"]["startup_s"] + 1 / models["pairs:rest"]["per_s"] == pytest.approx(3.0)
+    bare = tmp_path / "bare"  # manifests without phase times: the single model
+    tokens = _publish(bare, "tok", {"n": 1}, {}, size=1000, wall=1.0)
+    _publish(bare, "pairs", {"n": 1}, {"tokens": tokens}, size=1, wall=5.0)
+    seconds, basis = estimates.estimate_seconds(ArtifactStore(bare), "pairs", "pairs-0000000000000001", {},
+                                                {"tokens": tokens}, None)
+    assert (seconds, basis) == (pytest.approx(5.0), "root")
+    (bare / estimates.CALIBRATION_FILE).write_text(json.dumps({"models": models}))  # now every phase has a model
+    estimates._root_points.cache_clear()
+    seconds, basis = estimates.estimate_seconds(ArtifactStore(bare), "pairs", "pairs-0000000000000001", {},
+                                                {"tokens": tokens}, None)
+    assert (seconds, basis) == (pytest.approx(3.0 + 1.0 + 1.0), "calibration")
+    with pytest.raises(ValueError, match="reserved"):
+        estimates.register_phases("x", {"rest": estimates.default_work})
 
 
 def test_fit_cost_edge_cases():
