@@ -3,8 +3,8 @@
 Stages not listed here cost in proportion to their data (the larger of their input and output bytes):
 extract (the token bytes it writes), reduce, evaluate, prepare. kNN compares every train sample with every
 other (quadratic in its input's bytes) after reading the store once (linear): two phases, timed by the
-stage and modelled apart, so a store read at disk speed is not taken for a slow search; training a head or a probe runs a fixed number of steps of a fixed
-batch size whatever the store holds. Kinds that cost differently per byte get models of their own: extract
+stage and modelled apart, so a store read at disk speed is not taken for a slow search. Training a head or
+a probe runs a fixed number of steps of a fixed batch size whatever the store holds. Kinds that cost differently per byte get models of their own: extract
 by split (val also stores flipped tokens and RGB), reduce by method, evaluate with or without the CRF.
 Each model also has a start-up term, fitted from the manifests (pipeline/estimates.py).
 """
