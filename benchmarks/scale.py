@@ -412,7 +412,8 @@ def write_report(sizes: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
               "so its fit stops growing past 5,000 images; train-head and probe run fixed steps: ≈ 0; the rest "
               "≈ 1). Peak RSS: the `stegopipe run` process (wait4), per size. limit/wall: 1 is at the limit. "
               "Plan estimates: `stegopipe plan --json` from the manifests of the smaller sizes on the same root, "
-              "before the size ran (startup + work / rate, pipeline/estimates.py)."]
+              "before the size ran (startup + work / rate, pipeline/estimates.py; kNN as the sum of its phases: "
+              "the store read, linear, the search, quadratic, and a constant rest)."]
     out = RESULTS_DIR / "scale.md"
     out.write_text("\n".join(lines) + "\n")
     return out
