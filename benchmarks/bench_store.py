@@ -18,6 +18,8 @@ much stayed resident, by ``mincore``) before each timed pass, so no process need
 of the machine keep their cache:
 
 - cold stream: ``iter_batches`` (fp16 and float32) ÷ ``cat`` of the same tokens shard files, in order;
+- kNN descriptor read: the kNN stage's read phase (``descriptors_from_store``, several reads in flight) ÷
+  two parallel ``cat`` streams of the shard files (each half);
 - random single-sample read: ``get`` of one sample (fp16, and float32 cast into a reused buffer with
   ``out=``; the store's shard indexes already read, as in any loop after its first batch) ÷ a raw ``open`` +
   ``pread`` + ``close`` of that sample's chunk at an offset known beforehand, and the float32 floor (that raw
@@ -280,6 +282,7 @@ def _resident_fraction(paths: list[Path]) -> float:
 
 def _disk_rows(scratch: Path, quick: bool) -> list[dict[str, Any]]:
     """Cold stream and random single-sample reads from disk, against ``cat`` and a raw ``pread``."""
+    from stages.stego.knn import descriptors_from_store
     from stages.store import open_token_store, shard_ranges, write_shard
 
     grid, dim, res = SIZES["ViT-S/8@224"]
@@ -311,12 +314,21 @@ def _disk_rows(scratch: Path, quick: bool) -> list[dict[str, Any]]:
                 pass
         return run
 
+    def two_cats() -> None:  # two streams in flight, as the kNN read keeps several
+        half = len(shard_files) // 2
+        cats = [subprocess.Popen(["cat", *map(str, part)], stdout=subprocess.DEVNULL)
+                for part in (shard_files[:half], shard_files[half:])]
+        if any(c.wait() for c in cats):
+            raise RuntimeError("cat failed")
+
     _evict(everything)
     resident = _resident_fraction(everything)
     for _ in range(rounds):  # interleaved; the shortest of each (interference only adds time)
         timed("cat", lambda: subprocess.run(["cat", *map(str, shard_files)], stdout=subprocess.DEVNULL, check=True))
         timed("f16", stream(np.float16))
         timed("f32", stream(np.float32))
+        timed("cat2", two_cats)
+        timed("knn", lambda: descriptors_from_store(store))
     load = _load()
     rows = [row(f"cold stream from disk, {name}", tok_mb / best[key], "MB/s", baseline=tok_mb / best["cat"],
                 goal=">= 0.8", note=f"iter_batches({SHARD}, {name}) over {tok_mb:.0f} MB of ViT-S/8 tokens ({n} "
@@ -324,6 +336,11 @@ def _disk_rows(scratch: Path, quick: bool) -> list[dict[str, Any]]:
                                     f"stayed resident) ÷ cat of the same shard files; best of {rounds}, interleaved; "
                                     f"ratio = ours/cat; {load}")
             for key, name in (("f16", "fp16"), ("f32", "float32"))]
+    rows.append(row("kNN descriptor read from disk", tok_mb / best["knn"], "MB/s", baseline=tok_mb / best["cat2"],
+                    goal=">= 0.8", note=f"the kNN stage's read phase (descriptors_from_store: 4 reads of 64 samples "
+                                        f"in flight, each pooled to a mean) over the same evicted {tok_mb:.0f} MB ÷ two "
+                                        f"parallel cats of the shard files (halves); best of {rounds}, interleaved; "
+                                        f"ratio = ours/cat×2; {load}"))
 
     index = {k: np.frombuffer(p.read_bytes()[-(16 * SHARD + 4):-4], dtype="<u8").reshape(SHARD, 2)
              for k, p in enumerate(shard_files)}

@@ -21,7 +21,8 @@ class KnnConfig:
 
     k: int = setting(STEGO_NUM_NEIGHBORS, min=1)  # neighbours per sample (column 0 is the sample itself)
     block_size: int = setting(4096, runtime=True, min=1)  # rows/columns per similarity block (memory ~ block_size²)
-    batch_size: int = setting(256, runtime=True, min=1)  # samples per read when pooling descriptors
+    batch_size: int = setting(64, runtime=True, min=1)  # samples per read when pooling descriptors
+    read_workers: int = setting(4, runtime=True, min=1)  # reads in flight (a disk streams faster with several)
 
 
 register_section("knn", KnnConfig)
@@ -38,7 +39,8 @@ def knn_stage(ctx: StageContext) -> None:
 
     store = TokensArtifact(ctx.input("tokens").path).store
     start = time.perf_counter()
-    descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size)
+    descriptors = descriptors_from_store(store, batch_size=ctx.runtime.knn.batch_size,
+                                         workers=ctx.runtime.knn.read_workers)
     read_s = time.perf_counter() - start
     wanted = int(ctx.config.knn.k)
     k = min(wanted, store.n)

@@ -12,6 +12,7 @@ from stages.stego.knn import (
     global_descriptors,
     load_nns_npz,
     save_nns_npz,
+    spatial_means,
     topk_neighbors,
 )
 from stages.store import create_token_store, shard_ranges, write_shard
@@ -178,6 +179,14 @@ def test_descriptors_from_store(tmp_path):
     np.testing.assert_allclose(got, global_descriptors(tokens.astype(np.float16)), atol=1e-6)
     for batch_size, workers in ((4, 0), (2, 3), (100, 1)):  # batches and threads do not change the result
         np.testing.assert_array_equal(descriptors_from_store(path, batch_size=batch_size, workers=workers), got)
+
+
+@pytest.mark.parametrize("shape", [(5, 28, 28, 384), (3, 7, 5, 6), (0, 2, 2, 4)])
+def test_spatial_means_equal_numpys_float16_mean_bit_for_bit(shape):
+    tokens = (np.random.default_rng(6).standard_normal(shape) * 3).astype(np.float16)
+    got = spatial_means(tokens)
+    assert got.dtype == np.float32 and got.shape == (shape[0], shape[3])
+    np.testing.assert_array_equal(got, tokens.mean(axis=(1, 2), dtype=np.float32))
 
 
 @pytest.mark.parametrize("block_size", [64, 100, 4096])

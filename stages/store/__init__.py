@@ -37,12 +37,13 @@ fsspec URLs: export, checked reads, import; imported only for a URL).
 from __future__ import annotations
 
 from stages.store.artifact import TOKENS_STORE, TokensArtifact, open_tokens
-from stages.store.fastpath import fast_path_unsupported_reason
+from stages.store.fastpath import cast_into, fast_path_unsupported_reason
 from stages.store.layout import FORMAT_NAME, FORMAT_VERSION, shard_ranges
 from stages.store.reader import TokenStore, open_token_store
 from stages.store.writer import create_token_store, resize_token_store, write_shard
 
 __all__ = [
+    "cast_into",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "TOKENS_STORE",

@@ -95,7 +95,7 @@ _CAST_SLICE = 1 << 15
 on the calling thread, so a stream's reader threads never wait on (or oversubscribe) the intra-op pool."""
 
 
-def _cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` (both C-contiguous); float16 → float32 with the CPU's conversion instructions
     through torch: exact (signalling NaNs come back quiet; stores hold no NaN), and several times faster
     than numpy's cast or a table look-up. On the main thread (a consumer's own ``get``) one copy on torch's
@@ -368,7 +368,7 @@ class _ShardFile:
         if got < self.nbytes + 4 or _crc(target) != crc:
             raise self._bad_chunk(sample, truncated=got < self.nbytes + 4)
         if cast:
-            _cast_into(out.reshape(-1), target.view(self.dtype))
+            cast_into(out.reshape(-1), target.view(self.dtype))
 
     def _read_shard(self, shard: int, samples: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         fd = self._open(shard, int(samples[0]))
@@ -420,7 +420,7 @@ class _ShardFile:
             if cast:
                 values = target.view(self.dtype).reshape(len(rows), *self.sample_shape)
                 for j, row in enumerate(rows):
-                    _cast_into(out[row], values[j])
+                    cast_into(out[row], values[j])
             return
         data = memoryview(os.pread(fd, span, offsets[0]))
         pos = 0
@@ -436,7 +436,7 @@ class _ShardFile:
             if problem is not None:
                 raise self._corrupt(sample // self.shard_size, problem, sample)
             if cast:
-                _cast_into(out[row], target.view(self.dtype).reshape(self.sample_shape))
+                cast_into(out[row], target.view(self.dtype).reshape(self.sample_shape))
 
     def encode(self, data: np.ndarray, non_finite: list[int] | None = None) -> list[Any]:
         """The bytes (a list of buffers) of a shard file holding samples ``data`` (``[k, *sample_shape]``,
