@@ -21,10 +21,12 @@ import math
 import operator
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,17 @@ def write_results(rows: Sequence[dict[str, Any]], out_dir: Path, meta: dict[str,
     md += "\n" + "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n"
     md_path.write_text(md)
     return json_path, md_path
+
+
+def cat_files(files: Sequence[str], streams: int) -> None:
+    """``cat`` ``files`` to /dev/null in ``streams`` parallel processes, each over its own share (every
+    ``streams``-th file, at most 200 files a ``cat``): the disk's rate with that many reads in flight."""
+    def cat(share: Sequence[str]) -> None:
+        for i in range(0, len(share), 200):
+            subprocess.run(["cat", *share[i:i + 200]], stdout=subprocess.DEVNULL, check=True)
+
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(cat, [files[i::streams] for i in range(streams)]))
 
 
 def timed(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> float:

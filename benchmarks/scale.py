@@ -58,7 +58,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, RESULTS_DIR
+from benchmarks.common import REPO, RESULTS_DIR, cat_files
 
 TOKEN_BYTES = 28 * 28 * 384 * 2
 BACKBONE = "vit_small_patch8_embed.rehearsal"
@@ -216,13 +216,7 @@ def cat_rate(folder: Path, streams: int = 2) -> tuple[float, bool]:
     total = sum(os.path.getsize(f) for f in files)
     cold = drop_page_cache()
     start = time.perf_counter()
-
-    def cat(share: list[str]) -> None:
-        for i in range(0, len(share), 200):
-            subprocess.run(["cat", *share[i:i + 200]], stdout=subprocess.DEVNULL, check=True)
-
-    with ThreadPoolExecutor(streams) as pool:
-        list(pool.map(cat, [files[i::streams] for i in range(streams)]))
+    cat_files(files, streams)
     return total / (time.perf_counter() - start), cold
 
 
