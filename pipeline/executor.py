@@ -122,14 +122,15 @@ def _checked_input(store: ArtifactStore, task: Task, name: str, dep: str) -> dic
     when the artifact holds at most ``run.verify_hash_mb`` MiB (bigger inputs, e.g. token stores at scale:
     ``stegopipe verify``)."""
     run_cfg = task.cfg.get("run") or {}
+    verify = run_cfg.get("verify_inputs", True)
     try:
         manifest = store.manifest(dep)
     except ArtifactError as exc:
-        if not run_cfg.get("verify_inputs", True):
+        if not verify:
             raise
         problems = [str(exc)]
     else:
-        if not run_cfg.get("verify_inputs", True):
+        if not verify:
             return manifest
         small = manifest_bytes(manifest) <= float(run_cfg.get("verify_hash_mb", 64.0)) * 2**20
         problems = store.verify(dep, hash_max_bytes=None if small else 0, manifest=manifest)
